@@ -1,0 +1,44 @@
+"""Pre-train a causal LM with DeepSpeed ZeRO-3.
+
+    deepspeed [--num_gpus N | --hostfile H] launchers/pretrain.py --config configs/run.yaml \
+        [--set optim.lr=3e-4 ...] [--resume auto|TAG]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' = newest checkpoint in run_dir if any, or a tag name")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pmp_scale.config import load_config
+    cfg = load_config(args.config, args.overrides)  # fails before any process-group work
+    from pmp_scale.engine import Trainer
+    trainer = Trainer(cfg)
+    trainer.resume(args.resume)
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""One run = one YAML file, validated into typed objects before any process-group work.
+
+Unknown keys, wrong types and impossible combinations fail with a `ConfigError` whose message
+names the offending key, so a typo in a sweep never silently trains the wrong thing.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be trained as written."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    preset: str
+    # Any field of the transformers config, e.g. {num_hidden_layers: 2}; applied after the preset.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    # Directory (or object-store URI) written by tools/prepare_data.py: <path>/{train,val,meta.json}.
+    path: str
+    tokenizer: str
+    local_cache: str | None = None  # where remote shards are cached; required for remote URIs
+    shuffle: bool = True
+    shuffle_seed: int = 17
+    # Fixed so the sample order does not depend on the world size (elastic resume).
+    num_canonical_nodes: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    micro_batch_size: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class LoggingConfig(_Strict):
+    tensorboard: bool = True
+    # Peak dense TFLOP/s of one device for MFU; null = look it up from the GPU name (none on CPU).
+    peak_tflops: float | None = None
+
+
+class PMPConfig(_Strict):
+    """Reserved for Private Mask Pre-Training; `enabled: false` trains dense."""
+    enabled: bool = False
+
+
+class RunConfig(_Strict):
+    run_dir: str
+    seed: int | None = 1234  # init seed: same seed => same θ(0) at any world size
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    pmp: PMPConfig = Field(default_factory=PMPConfig)
+    # Passed through to DeepSpeed, merged over the config pmp_scale derives (see engine.py).
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size})")
+        if self.optim.warmup_steps > self.train.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds "
+                             f"train.max_steps ({self.train.max_steps})")
+        reserved = {"train_batch_size", "train_micro_batch_size_per_gpu",
+                    "gradient_accumulation_steps", "optimizer", "scheduler"}
+        if clash := reserved & set(self.deepspeed):
+            raise ValueError(f"deepspeed.{sorted(clash)[0]} is derived from train:/optim: "
+                             "— set it there instead")
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step; the global batch must split evenly over ranks."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
+                f"world size ({world_size}) x train.micro_batch_size "
+                f"({self.train.micro_batch_size}) = {per_step}")
+        return self.train.global_batch_size // per_step
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set optim.lr=3e-4 model.overrides.num_hidden_layers=2`: dotted keys, YAML values."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[leaf] = _parse_value(value)
+    return raw
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_config(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return parse_config(apply_overrides(raw, list(overrides)))

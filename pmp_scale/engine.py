@@ -1,0 +1,319 @@
+"""DeepSpeed ZeRO-3 pre-training: components, the train step, evaluation.
+
+The train step is where PMP plugs in: after the last micro-batch's backward (gradients are
+reduced into each rank's partition) and before `engine.step()`, every `StepHook` sees the
+partitioned gradients; see `pmp_scale/mask/update.py`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .checkpoint import Checkpointer, CheckpointError, RNGState
+from .config import RunConfig
+from .data import build_loader, load_tokenizer, read_meta, DataError
+from .models import build_hf_config, build_model, count_params, flops_per_token
+from .telemetry import Telemetry, memory_gib, peak_tflops
+
+
+class StepHook(Protocol):
+    """Runs on every rank at each optimizer step, around `engine.step()`."""
+
+    def before_step(self, engine, step: int) -> None: ...
+    def after_step(self, engine, step: int) -> None: ...
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() == "cpu"
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "fp32" if on_cpu() else "bf16"
+    if precision in ("bf16", "fp16") and on_cpu() and precision == "fp16":
+        raise ValueError("train.precision fp16 is not supported on CPU ranks; use fp32 or bf16")
+    return precision
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config pmp_scale derives from the run config; `deepspeed:` overrides it."""
+    derived = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": 3,
+            # One fp32 sub-group is snapshotted by the PMP restore hook: keep them moderate.
+            "sub_group_size": 100_000_000,
+            "contiguous_gradients": True,
+            "overlap_comm": not on_cpu(),
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(derived, cfg.deepspeed)
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warm-up then cosine decay to min_lr_ratio·lr at max_steps."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on 1-D tensors (norms, biases); ZeRO-3 shapes live in `ds_shape`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _set_cpu_threads() -> None:
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def init_distributed() -> None:
+    import deepspeed
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+
+
+class TrainState:
+    """Counters that must survive a resume."""
+
+    def __init__(self):
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self):
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state):
+        self.step, self.tokens = state["step"], state["tokens"]
+
+
+class Trainer:
+    """Owns every component of a run; `train()` is the only loop."""
+
+    def __init__(self, cfg: RunConfig, hooks: list[StepHook] | None = None):
+        # Everything that can be checked without a process group is checked first.
+        self.cfg = cfg
+        self.world_size = world_size_from_env()
+        self.grad_accum = cfg.grad_accum_steps(self.world_size)
+        self.meta = read_meta(cfg.data.path)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.fingerprint() != self.meta.get("tokenizer_fingerprint"):
+            raise DataError(
+                f"tokenizer mismatch: {cfg.data.tokenizer} is not the tokenizer the data in "
+                f"{cfg.data.path} was prepared with ({self.meta.get('tokenizer_path')})")
+        self.seq_len = int(self.meta["seq_len"])
+        self.hf_config = build_hf_config(cfg.model.preset, cfg.model.overrides,
+                                         tokenizer_vocab_size=self.tokenizer.vocab_size)
+        if self.seq_len > getattr(self.hf_config, "max_position_embeddings",
+                                  getattr(self.hf_config, "n_positions", self.seq_len)):
+            raise DataError(f"data seq_len {self.seq_len} exceeds the model's context length")
+        self.precision = resolve_precision(cfg.train.precision)
+        self.hooks = list(hooks or [])
+
+        init_distributed()
+        if on_cpu():
+            _set_cpu_threads()
+        self.rank = dist.get_rank()
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError("WORLD_SIZE does not match the process group")
+        self.run_dir = Path(cfg.run_dir)
+        self.telemetry = Telemetry(self.run_dir, self.rank, cfg.logging.tensorboard)
+        self.ds_config = build_ds_config(cfg, self.world_size, self.precision)
+        self.n_params = count_params(self.hf_config)
+        self.flops_per_token = flops_per_token(self.hf_config, self.n_params, self.seq_len)
+        self.peak_tflops = peak_tflops(cfg.logging.peak_tflops)
+
+        self.engine = self._build_engine(cfg.seed)
+        self.train_loader = build_loader(
+            cfg.data.path, "train", cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
+            seed=cfg.data.shuffle_seed, num_canonical_nodes=cfg.data.num_canonical_nodes,
+            local_cache=cfg.data.local_cache, num_workers=cfg.data.num_workers)
+        self.val_batches = self._load_val_batches()
+        self.state = TrainState()
+        self.rng = RNGState()
+        self.checkpointer = Checkpointer(
+            self.engine, self.run_dir / "checkpoints", cfg.checkpoint.keep,
+            components={"train": self.state, "data": self.train_loader, "rng": self.rng},
+            fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
+                         "world_size": self.world_size, "seq_len": self.seq_len})
+
+    # --- construction -------------------------------------------------------------------
+    def _build_engine(self, seed: int):
+        import deepspeed
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        self.model = build_model(self.hf_config, seed, self.ds_config, dtype[self.precision])
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+            fused=not on_cpu())
+        schedule = lr_lambda(self.cfg)
+        engine, *_ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        return engine
+
+    def _load_val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """A fixed held-out set, read once, so every evaluation sees the same tokens."""
+        loader = build_loader(self.cfg.data.path, "val", self.cfg.train.micro_batch_size,
+                              shuffle=False, seed=0,
+                              num_canonical_nodes=self.cfg.data.num_canonical_nodes,
+                              local_cache=self.cfg.data.local_cache)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == self.cfg.train.eval_batches:
+                break
+        if not batches:
+            raise DataError(f"validation split of {self.cfg.data.path} is empty")
+        return batches
+
+    # --- steps ---------------------------------------------------------------------------
+    def _forward(self, batch) -> torch.Tensor:
+        ids = batch["input_ids"].to(self.engine.device)
+        return self.engine(input_ids=ids, labels=ids).loss
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        value = value.detach().float().to(self.engine.device)
+        dist.all_reduce(value)
+        return value.item() / self.world_size
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+        total = torch.zeros((), device=self.engine.device)
+        for micro in range(self.grad_accum):
+            loss = self._forward(next(batches))
+            self.engine.backward(loss)
+            total += loss.detach().float()
+            if micro == self.grad_accum - 1:
+                for hook in self.hooks:
+                    hook.before_step(self.engine, self.state.step)
+            self.engine.step()
+        for hook in self.hooks:
+            hook.after_step(self.engine, self.state.step)
+        return self._mean_over_ranks(total / self.grad_accum)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.engine.device)
+        for batch in self.val_batches:
+            total += self._forward(batch).float()
+        self.engine.train()
+        return self._mean_over_ranks(total / len(self.val_batches))
+
+    def _batches(self):
+        """Micro-batches forever: each pass over the loader is one epoch (state resumes)."""
+        while True:
+            yield from self.train_loader
+
+    # --- loop -------------------------------------------------------------------------------
+    def resume(self, spec: str | None) -> None:
+        """`spec`: None (fresh), "auto" (newest checkpoint if any) or a tag name."""
+        if spec is None:
+            return
+        tag = self.checkpointer.latest_tag() if spec == "auto" else spec
+        if tag is None:
+            self.telemetry.info("resume auto: no checkpoint yet, starting fresh")
+            return
+        step = self.checkpointer.load(tag)
+        self.telemetry.info(f"resumed from {tag} (step {step})")
+
+    def summary(self) -> str:
+        c = self.cfg
+        return (f"model {c.model.preset} {self.n_params / 1e6:.2f}M params | world {self.world_size}"
+                f" | global batch {c.train.global_batch_size} = micro {c.train.micro_batch_size}"
+                f" x accum {self.grad_accum} x ranks {self.world_size} | seq {self.seq_len}"
+                f" | {self.precision} | steps {c.train.max_steps}"
+                f" | peak TFLOP/s {self.peak_tflops or 'n/a'}")
+
+    def train(self) -> dict[str, float]:
+        c = self.cfg
+        self.telemetry.info(self.summary())
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.model_dump(mode="json")))
+        if self.state.step == 0:
+            val = self.evaluate()
+            self.telemetry.scalars(0, {"val/loss": val, "val/ppl": math.exp(min(val, 50))})
+            self.telemetry.info(f"step 0 | val loss {val:.4f}")
+        tokens_per_step = c.train.global_batch_size * self.seq_len
+        batches = self._batches()
+        last = {}
+        window_start, window_steps = time.perf_counter(), 0
+        while self.state.step < c.train.max_steps:
+            loss = self.train_step(batches)
+            self.state.step += 1
+            self.state.tokens += tokens_per_step
+            window_steps += 1
+            step = self.state.step
+            metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                       "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+            if step % c.train.log_every == 0 or step == c.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tps = tokens_per_step * window_steps / elapsed
+                metrics["perf/tokens_per_s"] = tps
+                metrics["perf/step_s"] = elapsed / window_steps
+                if self.peak_tflops:
+                    per_device = tps * self.flops_per_token / self.world_size
+                    metrics["perf/mfu"] = per_device / (self.peak_tflops * 1e12)
+                metrics.update({f"mem/{k}": v for k, v in memory_gib().items()})
+                self.telemetry.info(
+                    f"step {step} | loss {loss:.4f} | lr {metrics['train/lr']:.2e} | "
+                    f"gnorm {metrics['train/grad_norm']:.3f} | {tps:,.0f} tok/s"
+                    + (f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""))
+                window_start, window_steps = time.perf_counter(), 0
+            if step % c.train.eval_every == 0 or step == c.train.max_steps:
+                val = self.evaluate()
+                metrics.update({"val/loss": val, "val/ppl": math.exp(min(val, 50))})
+                self.telemetry.info(f"step {step} | val loss {val:.4f}")
+            self.telemetry.scalars(step, metrics)
+            last = metrics
+            if step % c.checkpoint.every == 0 or step == c.train.max_steps:
+                self.checkpointer.save(step)
+        self.telemetry.close()
+        return last
+
+
+__all__ = ["Trainer", "StepHook", "build_ds_config", "CheckpointError"]
