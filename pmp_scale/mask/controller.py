@@ -1,0 +1,231 @@
+"""PMP run orchestration: Stage I discovery → rewind to θ(0) → Stage II masked training.
+
+The trainer calls `before_step` / `after_step` around every optimizer step and checkpoints the
+controller like any other component. Everything here is private: θ(0), the mask and the seeds
+live under `<run>/private/` and in the (private) checkpoints, never in a release.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import PMPConfig
+from .artifact import merge_rank_slices, write_artifact
+from .bits import pack_bits, unpack_bits
+from .discovery import EarlyBird, MaskSelector
+from .select import LocalSlice
+from .sharded import PartitionLayout, ShardedMask
+from .update import MaskedUpdate, complement_drift
+
+
+def secret_seed() -> int:
+    """A seed from the OS, identical on all ranks (drawn on rank 0, broadcast)."""
+    import secrets
+    value = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64)
+    dist.broadcast(value, 0)
+    return int(value.item())
+
+
+# Telemetry groups for mask density (first match wins).
+_KINDS = [("embedding", r"embed|wte|wpe"), ("lm_head", r"lm_head"), ("norm", r"norm|ln_"),
+          ("attention", r"attn|q_proj|k_proj|v_proj|o_proj"), ("mlp", r"mlp|proj|fc")]
+
+
+def layer_kind(name: str) -> str:
+    return next((kind for kind, pattern in _KINDS if re.search(pattern, name)), "other")
+
+
+class PMPController:
+    def __init__(self, cfg: PMPConfig, engine, run_dir: str | Path, init_seed: int,
+                 reset_schedule, telemetry):
+        self.cfg = cfg
+        self.engine = engine
+        self.private_dir = Path(run_dir) / "private"
+        self.init_seed = init_seed
+        self.reset_schedule = reset_schedule
+        self.telemetry = telemetry
+        self.rank = dist.get_rank()
+        self.layout = PartitionLayout.from_engine(engine)
+        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude)
+        self.theta0 = [t.detach().cpu().clone() for t in engine.optimizer.fp32_partitioned_groups_flat]
+        self.mask_seed = cfg.mask_seed
+        self.discovery: EarlyBird | None = None
+        self.update: MaskedUpdate | None = None
+        self.mask: ShardedMask | None = None
+        self.stage2_start: int | None = None
+        if cfg.mask_ratio < 1.0 and cfg.mask_source == "earlybird":
+            self.discovery = EarlyBird(
+                self.selector, score=cfg.score, check_every=cfg.check_every,
+                iou_threshold=cfg.iou_threshold, patience=cfg.patience,
+                max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta)
+        else:
+            if cfg.mask_ratio < 1.0 and self.mask_seed is None:
+                self.mask_seed = secret_seed()
+            self._enter_stage2(self._initial_mask(), step=0, rewind=False)
+
+    # --- stages ------------------------------------------------------------------------------
+    @property
+    def stage(self) -> int:
+        return 1 if self.stage2_start is None else 2
+
+    def end_step(self, max_steps: int) -> int | None:
+        """Total optimizer steps of the run: Stage I (unknown until it stops) + max_steps."""
+        return None if self.stage2_start is None else self.stage2_start + max_steps
+
+    def _initial_mask(self) -> ShardedMask:
+        if self.cfg.mask_ratio >= 1.0:
+            return self.selector.full()
+        return self.selector.random(self.mask_seed)
+
+    def _enter_stage2(self, mask: ShardedMask, step: int, rewind: bool) -> None:
+        self.mask = mask
+        if rewind:
+            self._rewind()
+        self.update = MaskedUpdate(self.engine, mask, self.cfg.complement)
+        self.stage2_start = step
+        self._log_density(step)
+
+    @torch.no_grad()
+    def _rewind(self) -> None:
+        """All weights back to θ(0) and fresh optimizer moments and schedule (DESIGN: rewind)."""
+        zero = self.engine.optimizer
+        for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
+            flat.copy_(self.theta0[g].to(flat.device))
+            zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
+        if zero.persistent_parameters:
+            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
+        zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
+        self.reset_schedule()
+
+    # --- hooks (every rank, every optimizer step) -------------------------------------------------
+    def before_step(self, engine, step: int) -> None:
+        if self.discovery is not None and self.stage == 1:
+            record = self.discovery.observe(engine)
+            if record is not None:
+                self.telemetry.scalars(step + 1, {"pmp/iou_prev": record["iou_prev"],
+                                                  "pmp/stage": 1}, record=False)
+                if record["iou_prev"] is not None:
+                    self.telemetry.info(f"pmp discovery step {record['step']} | IoU with previous "
+                                        f"candidate {record['iou_prev']:.4f} | streak "
+                                        f"{self.discovery.streak}/{self.cfg.patience}")
+        else:
+            self.update.before_step(engine, step)
+
+    def after_step(self, engine, step: int) -> None:
+        done = step + 1
+        if self.stage == 1:
+            if self.discovery.done:
+                mask = self.discovery.finish()
+                self.telemetry.info(
+                    f"pmp discovery stopped after {self.discovery.steps} steps: "
+                    f"{self.discovery.stop_reason}; rewind={self.cfg.rewind}")
+                for record in self.discovery.trace:
+                    self.telemetry.scalars(record["step"], {"pmp/iou_final": record["iou_final"]},
+                                           record=False)
+                self._enter_stage2(mask, step=done, rewind=self.cfg.rewind == "init")
+            return
+        self.update.after_step(engine, step)
+        if done % self.cfg.drift_every == 0:
+            self.telemetry.scalars(done, {"pmp/complement_drift": self.drift(), "pmp/stage": 2})
+
+    # --- measurements ------------------------------------------------------------------------------
+    def drift(self) -> float:
+        """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode)."""
+        value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return float(value.item())
+
+    def _log_density(self, step: int) -> None:
+        kinds = sorted({layer_kind(e.name) for e in self.layout.entries})
+        counts = torch.zeros(len(kinds), 2, dtype=torch.float64)
+        for e, m in zip(self.layout.entries, self.mask.param_masks()):
+            i = kinds.index(layer_kind(e.name))
+            counts[i, 0] += m.sum().item()
+            counts[i, 1] += e.slice.length
+        dist.all_reduce(counts)
+        density = {f"pmp/density/{k}": (c[0] / c[1]).item() for k, c in zip(kinds, counts) if c[1]}
+        self.density = density
+        self.telemetry.scalars(step, {"pmp/stage": 2, **density}, record=False)
+        self.telemetry.info("pmp mask density: " + ", ".join(
+            f"{k.split('/')[-1]} {v:.1%}" for k, v in density.items()))
+
+    # --- checkpoint component ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"init_seed": self.init_seed, "mask_seed": self.mask_seed,
+                "stage2_start": self.stage2_start, "theta0": self.theta0,
+                "discovery": None if self.discovery is None else self.discovery.state_dict(),
+                "mask": None if self.mask is None else self.mask.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
+        self.theta0 = state["theta0"]
+        if self.update is not None:
+            self.update.remove()
+            self.update = None
+        if state["discovery"] is not None and self.discovery is not None:
+            self.discovery.load_state_dict(state["discovery"])
+        self.stage2_start = state["stage2_start"]
+        self.mask = None
+        if state["mask"] is not None:
+            self.mask = ShardedMask.from_state_dict(self.layout, state["mask"])
+            self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
+
+    # --- private artifacts ---------------------------------------------------------------------------
+    def write_private(self, extra_meta: dict | None = None) -> Path:
+        """`<run>/private/{mask.safetensors, mask.json[, init.safetensors]}` from rank shards.
+
+        Each rank writes its own slices to disk; rank 0 merges them one parameter at a time.
+        """
+        shard_dir = self.private_dir / "shards"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"lengths": [e.slice.length for e in self.layout.entries],
+                    "bits": [pack_bits(m) for m in self.mask.param_masks()],
+                    "theta0": self._theta0_slices() if self.cfg.save_init else None},
+                   shard_dir / f"rank{self.rank}.pt")
+        dist.barrier()
+        out = self.private_dir
+        if self.rank == 0:
+            world = self.layout.world_size
+            shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True)
+                      for r in range(world)]
+            entries = self.layout.entries
+            meta = self.metadata() | (extra_meta or {})
+
+            def packed():
+                for i, e in enumerate(entries):
+                    yield e.name, merge_rank_slices([s["bits"][i] for s in shards],
+                                                    [s["lengths"][i] for s in shards]), e.shape
+            write_artifact(out / "mask", packed(), meta, overwrite=True)
+            if self.cfg.save_init:
+                from safetensors.torch import save_file
+                full = {e.name: torch.cat([s["theta0"][i] for s in shards]).reshape(e.shape)
+                        for i, e in enumerate(entries)}
+                save_file(full, str(out / "mask" / "init.safetensors"))
+        dist.barrier()
+        return out / "mask"
+
+    def _theta0_slices(self) -> list[torch.Tensor]:
+        return [self.theta0[e.sub_group][e.offset:e.offset + e.slice.length].float().clone()
+                for e in self.layout.entries]
+
+    def metadata(self) -> dict:
+        d = self.discovery
+        return {
+            "mask_ratio": self.cfg.mask_ratio, "mask_source": self.cfg.mask_source,
+            "score": self.cfg.score, "topk_scope": self.cfg.topk_scope,
+            "exclude": self.cfg.exclude, "complement": self.cfg.complement,
+            "init_seed": self.init_seed, "mask_seed": self.mask_seed,
+            "world_size": self.layout.world_size,
+            "discovery": None if d is None else {
+                "steps": d.steps, "stop_reason": d.stop_reason, "trace": d.trace,
+                "check_every": self.cfg.check_every, "iou_threshold": self.cfg.iou_threshold,
+                "patience": self.cfg.patience, "warmup_max_steps": self.cfg.warmup_max_steps},
+            "stage2_start_step": self.stage2_start,
+            "density": getattr(self, "density", None),
+        }
+
+
+__all__ = ["PMPController", "secret_seed", "layer_kind", "LocalSlice", "unpack_bits"]

@@ -1,0 +1,148 @@
+"""Stage I: early-bird mask discovery during dense warm-up, entirely on partitioned gradients.
+
+Every `check_every` steps each element is scored by gradient magnitude (`step`: |g| of that
+step, the paper's criterion; `ema`: a running mean of |g|) and the candidate mask is the exact
+top-k over all ranks (`select.topk_mask`: no rank ever sees another rank's scores). Discovery
+stops when consecutive candidates agree (IoU ≥ threshold for `patience` checks in a row) or
+at `warmup_max_steps`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .select import topk_mask, random_scores, iou
+from .sharded import PartitionLayout, ShardedMask
+
+
+def target_counts(layout: PartitionLayout, ratio: float, scope: str,
+                  excluded: list[bool]) -> tuple[list[int] | None, dict[int, int]]:
+    """Groups per trainable entry and k per group; k = round(ρ·N), N excluding padding."""
+    trainable = [e for e, x in zip(layout.entries, excluded) if not x]
+    if scope == "global":
+        n = sum(e.slice.numel for e in trainable)
+        return None, {0: math.floor(ratio * n + 0.5)}
+    return ([e.slice.index for e in trainable],
+            {e.slice.index: math.floor(ratio * e.slice.numel + 0.5) for e in trainable})
+
+
+class MaskSelector:
+    """Turns per-element scores into a ShardedMask with the run's ratio, scope and exclusions."""
+
+    def __init__(self, layout: PartitionLayout, ratio: float, scope: str, exclude: list[str]):
+        self.layout = layout
+        self.ratio = ratio
+        self.excluded = layout.select(exclude)
+        self.groups, self.k = target_counts(layout, ratio, scope, self.excluded)
+        self.trainable = [i for i, x in enumerate(self.excluded) if not x]
+
+    def from_scores(self, scores: list[torch.Tensor]) -> ShardedMask:
+        """`scores[i]` for every layout entry (excluded entries ignored: always trainable)."""
+        chosen = topk_mask([scores[i] for i in self.trainable],
+                           [self.layout.entries[i].slice for i in self.trainable],
+                           self.k if self.groups is not None else self.k[0], self.groups)
+        masks = [torch.ones(e.slice.length, dtype=torch.bool) for e in self.layout.entries]
+        for i, m in zip(self.trainable, chosen):
+            masks[i] = m
+        return ShardedMask.from_param_masks(self.layout, masks)
+
+    def random(self, seed: int) -> ShardedMask:
+        """Uniform mask of exactly k elements, identical at any world size."""
+        scores = random_scores([e.slice for e in self.layout.entries], seed)
+        return self.from_scores(scores)
+
+    def full(self) -> ShardedMask:
+        return ShardedMask.full(self.layout)
+
+
+def local_grad_slices(engine, layout: PartitionLayout) -> list[torch.Tensor]:
+    """Views of each entry's real local elements in ZeRO-3's partitioned gradient buffer."""
+    buf = engine.optimizer.grad_partitions_flat_buffer
+    starts = [0]
+    for n in layout.sub_group_sizes:
+        starts.append(starts[-1] + n)
+    return [buf[starts[e.sub_group] + e.offset:starts[e.sub_group] + e.offset + e.slice.length]
+            for e in layout.entries]
+
+
+class EarlyBird:
+    """The discovery state machine; its state is checkpointed so Stage I resumes exactly."""
+
+    def __init__(self, selector: MaskSelector, *, score: str, check_every: int,
+                 iou_threshold: float, patience: int, max_steps: int, ema_beta: float = 0.9):
+        self.selector = selector
+        self.score, self.check_every = score, check_every
+        self.iou_threshold, self.patience, self.max_steps = iou_threshold, patience, max_steps
+        self.ema_beta = ema_beta
+        self.ema: list[torch.Tensor] | None = None
+        self.candidate: ShardedMask | None = None
+        self.history: list[ShardedMask] = []  # every candidate, for IoU with the final mask
+        self.streak = 0
+        self.steps = 0
+        self.trace: list[dict] = []
+        self.stop_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @torch.no_grad()
+    def observe(self, engine) -> dict | None:
+        """Call at each Stage I accumulation boundary (gradients reduced, before the step)."""
+        grads = local_grad_slices(engine, self.selector.layout)
+        if self.score == "ema":
+            mags = [g.float().abs() for g in grads]
+            if self.ema is None:
+                self.ema = mags
+            else:
+                for e, m in zip(self.ema, mags):
+                    e.mul_(self.ema_beta).add_(m, alpha=1 - self.ema_beta)
+        self.steps += 1
+        record = None
+        if self.steps % self.check_every == 0:
+            scores = self.ema if self.score == "ema" else [g.float().abs() for g in grads]
+            candidate = self.selector.from_scores(scores)
+            record = {"step": self.steps, "iou_prev": None}
+            if self.candidate is not None:
+                value = iou(self.candidate.bits, candidate.bits)
+                record["iou_prev"] = value
+                self.streak = self.streak + 1 if value >= self.iou_threshold else 0
+            self.candidate = candidate
+            self.history.append(candidate)
+            self.trace.append(record)
+            if self.streak >= self.patience:
+                self.stop_reason = "converged"
+        if not self.done and self.steps >= self.max_steps:
+            self.stop_reason = "step_limit"
+            if self.candidate is None or self.steps % self.check_every:
+                scores = self.ema if self.score == "ema" else [g.float().abs() for g in grads]
+                self.candidate = self.selector.from_scores(scores)
+                self.history.append(self.candidate)
+                self.trace.append({"step": self.steps, "iou_prev": None})
+        return record
+
+    def finish(self) -> ShardedMask:
+        """The final mask; fills in every candidate's IoU with it, then drops the history."""
+        final = self.candidate
+        for record, cand in zip(self.trace, self.history):
+            record["iou_final"] = iou(cand.bits, final.bits)
+        self.history = []
+        self.ema = None
+        return final
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "streak": self.streak, "trace": self.trace,
+                "stop_reason": self.stop_reason,
+                "candidate": None if self.candidate is None else self.candidate.state_dict(),
+                "history": [c.state_dict() for c in self.history],
+                "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = self.selector.layout
+        self.steps, self.streak = state["steps"], state["streak"]
+        self.trace, self.stop_reason = state["trace"], state["stop_reason"]
+        self.candidate = (None if state["candidate"] is None
+                          else ShardedMask.from_state_dict(layout, state["candidate"]))
+        self.history = [ShardedMask.from_state_dict(layout, s) for s in state["history"]]
+        self.ema = state["ema"]

@@ -1,0 +1,131 @@
+"""Private mask artifact: merge, re-slice for other world sizes, round trip, corruption."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pmp_scale.mask import (LocalSlice, MaskArtifactError, merge_rank_slices, pack_bits, read_artifact,
+                            reslice_artifact, slice_for_rank, write_artifact)
+
+SHAPES = {"embed.weight": (37, 11), "norm.weight": (3,), "bias": (1,), "layers.0.w": (2, 4), "lm_head": (1001,)}
+
+
+@pytest.fixture
+def full_masks() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.rand(shape, generator=g) < 0.6 for name, shape in SHAPES.items()}
+
+
+def _numpy_packed(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.flatten().numpy()))
+
+
+def _rank_slices(mask: torch.Tensor, world_size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Packed per-rank ZeRO-3 slices, each packed from its own bit 0, as the engine saves them."""
+    flat = mask.flatten()
+    slices = [LocalSlice.for_rank(0, flat.numel(), r, world_size) for r in range(world_size)]
+    return [pack_bits(flat[s.start: s.start + s.length]) for s in slices], [s.length for s in slices]
+
+
+def _write(path, full_masks, **kw):
+    items = ((n, _numpy_packed(m), tuple(m.shape)) for n, m in full_masks.items())
+    write_artifact(path, items, {"rho": 0.6, "source": "test"}, **kw)
+
+
+def test_merge_of_rank_slices_equals_numpy_packbits(full_masks):
+    for name, mask in full_masks.items():
+        bits, lengths = _rank_slices(mask, 2)
+        assert torch.equal(merge_rank_slices(bits, lengths), _numpy_packed(mask)), name
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_reslice_then_merge_is_byte_identical(tmp_path, full_masks, world_size):
+    _write(tmp_path / "mask", full_masks)
+    per_rank = [reslice_artifact(tmp_path / "mask", list(SHAPES), r, world_size) for r in range(world_size)]
+    for name, mask in full_masks.items():
+        numel = mask.numel()
+        pieces = [p[name] for p in per_rank]
+        assert [len(p) for p in pieces] == [LocalSlice.for_rank(0, numel, r, world_size).length
+                                           for r in range(world_size)]
+        merged = merge_rank_slices([pack_bits(p) for p in pieces], [len(p) for p in pieces])
+        assert torch.equal(merged, _numpy_packed(mask)), name
+        assert all(torch.equal(slice_for_rank(merged, numel, r, world_size), pieces[r])
+                   for r in range(world_size))
+
+
+def test_write_read_round_trip(tmp_path, full_masks):
+    _write(tmp_path / "mask", full_masks)
+    tensors, meta = read_artifact(tmp_path / "mask")
+    assert list(tensors) == list(SHAPES)
+    for name, mask in full_masks.items():
+        assert torch.equal(tensors[name], _numpy_packed(mask))
+    # a standard safetensors reader accepts the streamed file
+    assert set(load_file(tmp_path / "mask" / "mask.safetensors")) == set(SHAPES)
+    assert meta["rho"] == 0.6 and meta["source"] == "test" and meta["format_version"] == 1
+    assert meta["shapes"] == {n: list(s) for n, s in SHAPES.items()}
+    assert meta["selected"] == {n: int(m.sum()) for n, m in full_masks.items()}
+    assert meta["total_selected"] == sum(int(m.sum()) for m in full_masks.values())
+    assert meta["total_numel"] == sum(m.numel() for m in full_masks.values())
+
+
+def test_write_refuses_to_overwrite_and_is_atomic(tmp_path, full_masks):
+    _write(tmp_path / "mask", full_masks)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        _write(tmp_path / "mask", full_masks)
+    smaller = {"bias": full_masks["bias"]}
+    _write(tmp_path / "mask", smaller, overwrite=True)
+    assert list(read_artifact(tmp_path / "mask")[0]) == ["bias"]
+
+    def failing():
+        yield "bias", _numpy_packed(full_masks["bias"]), (1,)
+        raise RuntimeError("engine died mid-stream")
+    with pytest.raises(RuntimeError, match="mid-stream"):
+        write_artifact(tmp_path / "other", failing(), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask"]  # no partial dir, no temp left
+
+
+def test_write_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="padding bits"):
+        write_artifact(tmp_path / "a", [("w", torch.tensor([0xFF], dtype=torch.uint8), (3,))], {})
+    with pytest.raises(ValueError, match="expected \\[2\\]"):
+        write_artifact(tmp_path / "a", [("w", torch.zeros(1, dtype=torch.uint8), (9,))], {})
+    with pytest.raises(ValueError, match="duplicate"):
+        write_artifact(tmp_path / "a", [("w", torch.zeros(1, dtype=torch.uint8), (2,))] * 2, {})
+
+
+def _corrupt(path, edit):
+    tensors = load_file(path / "mask.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "mask.safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.update({"lm_head": t["lm_head"][:-1]}), r"'lm_head' \[1001\]: shape \[125\], expected \[126\]"),
+    (lambda t: t.pop("norm.weight"), r"missing \['norm.weight'\]"),
+    (lambda t: t.update({"extra": torch.zeros(1, dtype=torch.uint8)}), r"unexpected \['extra'\]"),
+    (lambda t: t.update({"bias": t["bias"].to(torch.int16)}), r"'bias' \[1\]: dtype I16, expected uint8"),
+    (lambda t: t.update({"norm.weight": torch.tensor([0xFF], dtype=torch.uint8)}), "padding bits"),
+])
+def test_corrupt_artifact_raises_mask_artifact_error(tmp_path, full_masks, edit, message):
+    _write(tmp_path / "mask", full_masks)
+    _corrupt(tmp_path / "mask", edit)
+    with pytest.raises(MaskArtifactError, match=message) as err:
+        read_artifact(tmp_path / "mask")
+    assert "mask.safetensors" in str(err.value)
+    with pytest.raises(ValueError):  # MaskArtifactError is a ValueError
+        reslice_artifact(tmp_path / "mask", list(SHAPES), 0, 2)
+
+
+def test_bad_metadata_and_missing_names(tmp_path, full_masks):
+    _write(tmp_path / "mask", full_masks)
+    with pytest.raises(MaskArtifactError, match="no mask for \\['absent'\\]"):
+        reslice_artifact(tmp_path / "mask", ["bias", "absent"], 0, 1)
+    meta_path = tmp_path / "mask" / "mask.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format_version": 2}))
+    with pytest.raises(MaskArtifactError, match="mask.json: expected format_version 1"):
+        read_artifact(tmp_path / "mask")
+    meta_path.unlink()
+    with pytest.raises(MaskArtifactError, match="mask.json: cannot read"):
+        read_artifact(tmp_path / "mask")
