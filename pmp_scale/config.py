@@ -71,13 +71,30 @@ class LoggingConfig(_Strict):
 
 
 class PMPConfig(_Strict):
-    """Reserved for Private Mask Pre-Training; `enabled: false` trains dense."""
+    """Private Mask Pre-Training; `enabled: false` trains dense without any mask machinery."""
     enabled: bool = False
+    mask_ratio: float = Field(0.7, gt=0, le=1)  # ρ; 1.0 = dense baseline through the PMP path
+    mask_source: Literal["earlybird", "random"] = "earlybird"
+    mask_seed: int | None = None  # random masks; null = drawn from the OS, kept private
+    score: Literal["step", "ema"] = "step"  # |g| of the check step (paper) or its running mean
+    ema_beta: float = Field(0.9, ge=0, lt=1)
+    check_every: int = Field(10, ge=1)
+    iou_threshold: float = Field(0.99, gt=0, le=1)
+    patience: int = Field(5, ge=1)
+    warmup_max_steps: int = Field(500, ge=1)
+    topk_scope: Literal["global", "per_tensor"] = "global"
+    exclude: list[str] = Field(default_factory=list)  # fnmatch patterns: always trainable
+    rewind: Literal["init", "none"] = "init"
+    complement: Literal["frozen", "decay"] = "frozen"
+    save_init: bool = False  # also write θ(0) as HF-named fp32 safetensors (small models)
+    drift_every: int = Field(50, ge=1)  # steps between complement-drift measurements
 
 
 class RunConfig(_Strict):
     run_dir: str
-    seed: int | None = 1234  # init seed: same seed => same θ(0) at any world size
+    # Init seed: same seed => same θ(0) at any world size. null = drawn from the OS; a PMP run
+    # keeps it only in its private artifacts (a public seed would reveal the frozen complement).
+    seed: int | None = 1234
     model: ModelConfig
     data: DataConfig
     train: TrainConfig

@@ -166,7 +166,11 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.hf_config, self.n_params, self.seq_len)
         self.peak_tflops = peak_tflops(cfg.logging.peak_tflops)
 
-        self.engine = self._build_engine(cfg.seed)
+        self.init_seed = cfg.seed
+        if self.init_seed is None:
+            from .mask.controller import secret_seed
+            self.init_seed = secret_seed()
+        self.engine = self._build_engine(self.init_seed)
         self.train_loader = build_loader(
             cfg.data.path, "train", cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
             seed=cfg.data.shuffle_seed, num_canonical_nodes=cfg.data.num_canonical_nodes,
@@ -174,9 +178,17 @@ class Trainer:
         self.val_batches = self._load_val_batches()
         self.state = TrainState()
         self.rng = RNGState()
+        components = {"train": self.state, "data": self.train_loader, "rng": self.rng}
+        self.pmp = None
+        if cfg.pmp.enabled:
+            from .mask.controller import PMPController
+            self.pmp = PMPController(cfg.pmp, self.engine, self.run_dir, self.init_seed,
+                                     self._reset_schedule, self.telemetry)
+            self.hooks.append(self.pmp)
+            components["pmp"] = self.pmp
         self.checkpointer = Checkpointer(
             self.engine, self.run_dir / "checkpoints", cfg.checkpoint.keep,
-            components={"train": self.state, "data": self.train_loader, "rng": self.rng},
+            components=components,
             fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
                          "world_size": self.world_size, "seq_len": self.seq_len})
 
@@ -186,14 +198,22 @@ class Trainer:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.model = build_model(self.hf_config, seed, self.ds_config, dtype[self.precision])
         o = self.cfg.optim
+        self.schedule = lr_lambda(self.cfg)
         optimizer = torch.optim.AdamW(
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
             fused=not on_cpu())
-        schedule = lr_lambda(self.cfg)
         engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
         return engine
+
+    def _reset_schedule(self) -> None:
+        """Restart warm-up + cosine (PMP rewinds to θ(0) after Stage I: Stage II starts afresh)."""
+        sched = self.engine.lr_scheduler
+        sched.last_epoch = 0
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * self.schedule(0)
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def _load_val_batches(self) -> list[dict[str, torch.Tensor]]:
         """A fixed held-out set, read once, so every evaluation sees the same tokens."""
@@ -269,7 +289,8 @@ class Trainer:
                 f" | {self.precision} | steps {c.train.max_steps}"
                 f" | peak TFLOP/s {self.peak_tflops or 'n/a'}")
 
-    def train(self) -> dict[str, float]:
+    def train(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to the end (or only up to step `stop_at`, then checkpoint and return)."""
         c = self.cfg
         self.telemetry.info(self.summary())
         if self.rank == 0:
@@ -282,7 +303,7 @@ class Trainer:
         batches = self._batches()
         last = {}
         window_start, window_steps = time.perf_counter(), 0
-        while self.state.step < c.train.max_steps:
+        while not self._finished():
             loss = self.train_step(batches)
             self.state.step += 1
             self.state.tokens += tokens_per_step
@@ -290,7 +311,10 @@ class Trainer:
             step = self.state.step
             metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                        "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
-            if step % c.train.log_every == 0 or step == c.train.max_steps:
+            if self.pmp is not None:
+                metrics["pmp/stage"] = self.pmp.stage
+            last_step = self._finished()
+            if step % c.train.log_every == 0 or last_step:
                 elapsed = time.perf_counter() - window_start
                 tps = tokens_per_step * window_steps / elapsed
                 metrics["perf/tokens_per_s"] = tps
@@ -304,16 +328,28 @@ class Trainer:
                     f"gnorm {metrics['train/grad_norm']:.3f} | {tps:,.0f} tok/s"
                     + (f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""))
                 window_start, window_steps = time.perf_counter(), 0
-            if step % c.train.eval_every == 0 or step == c.train.max_steps:
+            if step % c.train.eval_every == 0 or last_step:
                 val = self.evaluate()
                 metrics.update({"val/loss": val, "val/ppl": math.exp(min(val, 50))})
                 self.telemetry.info(f"step {step} | val loss {val:.4f}")
             self.telemetry.scalars(step, metrics)
             last = metrics
-            if step % c.checkpoint.every == 0 or step == c.train.max_steps:
+            if step % c.checkpoint.every == 0 or last_step or step == stop_at:
                 self.checkpointer.save(step)
+            if step == stop_at:
+                self.telemetry.close()
+                return last
+        if self.pmp is not None:
+            path = self.pmp.write_private()
+            self.telemetry.info(f"pmp private artifacts written to {path} (keep them secret)")
         self.telemetry.close()
         return last
+
+    def _finished(self) -> bool:
+        end = self.cfg.train.max_steps
+        if self.pmp is not None:
+            end = self.pmp.end_step(end)
+        return end is not None and self.state.step >= end
 
 
 __all__ = ["Trainer", "StepHook", "build_ds_config", "CheckpointError"]
