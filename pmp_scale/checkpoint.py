@@ -10,7 +10,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -53,9 +53,13 @@ def tag_for(step: int) -> str:
 
 class Checkpointer:
     def __init__(self, engine, directory: str | Path, keep: int,
-                 components: dict[str, Stateful], fingerprint: dict[str, Any]):
-        """`fingerprint` describes what the checkpoint must match on resume (model, world size…)."""
+                 components: dict[str, Stateful], fingerprint: dict[str, Any],
+                 describe: Callable[[Path], None] | None = None):
+        """`fingerprint`: what a checkpoint must match on resume (model, world size…).
+        `describe(dir)`: writes the model's HF config + tokenizer into `<tag>/hf` on rank 0, so
+        a tag is self-contained for the release tools."""
         self.engine = engine
+        self.describe = describe
         self.directory = Path(directory)
         self.keep = keep
         self.components = components
@@ -66,9 +70,11 @@ class Checkpointer:
         client_state = {"pmp_step": step, "pmp_fingerprint": self.fingerprint,
                         "pmp_components": {k: c.state_dict() for k, c in self.components.items()}}
         self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        dist.barrier()
         if dist.get_rank() == 0:
+            if self.describe is not None:
+                self.describe(self.directory / tag / "hf")
             self._prune()
+        dist.barrier()
         return tag
 
     def latest_tag(self) -> str | None:

@@ -190,7 +190,15 @@ class Trainer:
             self.engine, self.run_dir / "checkpoints", cfg.checkpoint.keep,
             components=components,
             fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
-                         "world_size": self.world_size, "seq_len": self.seq_len})
+                         "world_size": self.world_size, "seq_len": self.seq_len},
+            describe=self._describe_model)
+
+    def _describe_model(self, out_dir: Path) -> None:
+        """HF config (no training or PMP keys) + tokenizer files, as a release needs them."""
+        from transformers import GenerationConfig
+        self.hf_config.save_pretrained(out_dir)
+        GenerationConfig.from_model_config(self.hf_config).save_pretrained(out_dir)
+        self.tokenizer.save_hf(out_dir)
 
     # --- construction -------------------------------------------------------------------
     def _build_engine(self, seed: int):

@@ -76,7 +76,6 @@ def build_hf_config(preset: str, overrides: dict[str, Any] | None = None,
             f"but model vocab_size is {fields['vocab_size']} (preset {preset!r}); use a matching "
             "tokenizer or set model.overrides.vocab_size")
     cfg = AutoConfig.for_model(model_type, **fields)
-    cfg.torch_dtype = torch.float32
     return cfg
 
 
@@ -120,8 +119,11 @@ def build_model(cfg: PretrainedConfig, seed: int, ds_config: dict,
     Must run after `deepspeed.init_distributed`. One module's parameters are gathered at a time,
     so peak memory is the largest module, not the model.
     """
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        model = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+    # The dtype comes from ds_config's bf16/fp16 flags. Do not pass zero.Init(dtype=...): in
+    # DeepSpeed 0.19 an explicit dtype is replaced by bf16 on accelerators without fp16 (CPU),
+    # an operator-precedence slip in `Init._set_dtype`.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     rank = torch.distributed.get_rank()
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

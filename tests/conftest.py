@@ -1,0 +1,77 @@
+"""Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data" / "corpus"
+SCENARIOS = REPO / "tests" / "dist" / "scenarios.py"
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A 512-piece SentencePiece model and seq-64 MDS shards from two of the books."""
+    from pmp_scale.data import prepare_dataset, train_sentencepiece
+    root = tmp_path_factory.mktemp("tiny_data")
+    books = [str(CORPUS / "persuasion.txt.gz"), str(CORPUS / "northangerabbey.txt.gz")]
+    model = train_sentencepiece(books, str(root / "spm"), vocab_size=512)
+    prepare_dataset(books, model, root / "mds", seq_len=64, val_fraction=0.05, progress=False)
+    return {"data": str(root / "mds"), "tokenizer": model}
+
+
+def _shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
+def launch(script: Path | str, args: list[str], world_size: int, cwd=None,
+           timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `script` on `world_size` CPU ranks with the deepspeed launcher.
+
+    DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm file per rank per run; remove ours.
+    """
+    before = _shm_files()
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    port = str(29500 + (os.getpid() % 1000))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
+           "--master_port", port, str(script), *args]
+    try:
+        return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    finally:
+        for f in _shm_files() - before:
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
+
+
+def run_scenarios(out: Path, data: dict, names: list[str], world_size: int) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = launch(SCENARIOS, ["--out", str(out), "--data", data["data"],
+                              "--tokenizer", data["tokenizer"], "--scenarios", ",".join(names)],
+                  world_size)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scenarios {names} failed at world size {world_size}:\n"
+                           f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def dist_results(tmp_path_factory, tiny_data):
+    """All shared multi-rank runs: two launches at W=2 (the second resumes the first's
+    stopped run in a fresh process) and one at W=1."""
+    out = tmp_path_factory.mktemp("dist")
+    run_scenarios(out, tiny_data, ["partition", "theta0", "resume_first_half", "pmp_frozen",
+                                   "pmp_earlybird", "pmp_random_mask"], 2)
+    run_scenarios(out, tiny_data, ["resume_second_half"], 2)
+    run_scenarios(out, tiny_data, ["theta0", "pmp_random_mask"], 1)
+    return out

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The demo, from a fresh clone: virtualenv, tokenizer + MDS shards from the embedded corpus,
+# then a dense and a PMP pre-training run of the same ~5M-parameter Llama with DeepSpeed ZeRO-3
+# (2 CPU ranks when there is no GPU), and a comparison of the two.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup_env.sh
+PY=.venv/bin/python
+export PATH="$PWD/.venv/bin:$PATH"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    NPROC=$(nvidia-smi -L | wc -l)
+else
+    export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+    NPROC=2
+fi
+
+if [ ! -f data/demo/mds/meta.json ]; then
+    $PY tools/train_tokenizer.py --input 'data/corpus/*.txt.gz' --vocab-size 4096 \
+        --out data/demo/spm4k
+    $PY tools/prepare_data.py --input 'data/corpus/*.txt.gz' --tokenizer data/demo/spm4k.model \
+        --out data/demo/mds --seq-len 256 --val-fraction 0.05
+fi
+
+for run in demo demo_pmp; do
+    deepspeed --num_gpus "$NPROC" launchers/pretrain.py --config "configs/$run.yaml" --resume auto
+done
+$PY tools/compare_runs.py runs/demo runs/demo_pmp
