@@ -41,4 +41,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("streaming").setLevel(logging.WARNING)  # its defaults notices, per loader
     sys.exit(main())

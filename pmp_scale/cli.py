@@ -22,7 +22,9 @@ def fail_cleanly(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except user_errors() as err:
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is bad input
+            if not isinstance(err, user_errors()):
+                raise
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {err}", file=sys.stderr, flush=True)
             return EXIT_BAD_INPUT

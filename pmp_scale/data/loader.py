@@ -1,0 +1,141 @@
+"""Stream prepared MDS shards into training batches with resumable, rank-aware order.
+
+mosaicml-streaming does the sharding across ranks, deterministic shuffling, and mid-epoch resume
+(its order depends on `num_canonical_nodes` and the seed, not on the number of ranks). It reads
+RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """The data is missing, malformed, or does not fit the run."""
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in str(uri)
+
+
+def _join(uri: str, *parts: str) -> str:
+    if _is_remote(uri):
+        return "/".join([str(uri).rstrip("/"), *parts])
+    return os.path.join(uri, *parts)
+
+
+def read_meta(data_uri: str) -> dict:
+    """meta.json of a prepared dataset: a local directory or a remote URI (s3://, gs://, ...)."""
+    data_uri = os.fspath(data_uri)
+    if _is_remote(data_uri):
+        from streaming.base.storage import CloudDownloader
+
+        url = _join(data_uri, "meta.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "meta.json")
+            try:
+                CloudDownloader.direct_download(url, local)
+            except Exception as err:  # each cloud client raises its own types
+                raise DataError(f"cannot fetch {url}: {err}") from err
+            meta = json.loads(Path(local).read_text())
+    else:
+        path = Path(data_uri)
+        if not path.is_dir():
+            raise DataError(f"data directory not found: {path} (run tools/prepare_data.py first)")
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise DataError(f"{meta_file} not found: {path} is not a prepared dataset "
+                            f"(run tools/prepare_data.py)")
+        meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{data_uri}: data format version {meta.get('format_version')}, this "
+                        f"code reads version {FORMAT_VERSION}; prepare the data again")
+    return meta
+
+
+def _collate(samples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
+    tokens = np.stack([s["tokens"] for s in samples])
+    if tokens.shape[1] != seq_len:
+        raise DataError(f"sample of {tokens.shape[1]} tokens in data prepared for {seq_len}")
+    return {"input_ids": torch.from_numpy(tokens.astype(np.int64))}
+
+
+def _export_local_world_size() -> None:
+    # The deepspeed launcher exports LOCAL_SIZE; streaming reads torchrun's LOCAL_WORLD_SIZE and
+    # otherwise makes every rank on a machine a local leader (FileExistsError on '/000000_locals').
+    if "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+
+
+_stale_shm_cleaned = False
+
+
+def _clean_stale_shm_once() -> None:
+    """Unlink shared memory left by crashed runs, once per process.
+
+    Streaming's cleaner unlinks *every* streaming segment on the machine (local rank 0 does it,
+    the others wait at a barrier, so all ranks must call it). A second call in this process would
+    destroy the segments of the loaders built before it, hence once. Consequence: two training
+    jobs must not start on one machine at the same time.
+    """
+    global _stale_shm_cleaned
+    if not _stale_shm_cleaned:
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        _stale_shm_cleaned = True
+
+
+def default_cache_dir(data_uri: str) -> str:
+    """Where shards of a remote dataset are cached when no local_cache is given: stable per URI,
+    so a restarted run reuses the shards it already downloaded."""
+    digest = hashlib.blake2s(str(data_uri).encode(), digest_size=8).hexdigest()
+    return os.path.join(tempfile.gettempdir(), "pmp_scale-data", digest)
+
+
+def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: bool, seed: int,
+                 num_canonical_nodes: int | None = None, local_cache: str | None = None,
+                 num_workers: int = 0, drop_last: bool = True):
+    """A `streaming.StreamingDataLoader` yielding {"input_ids": LongTensor[B, seq_len]}.
+
+    A local directory is read in place (compressed shards are decompressed beside themselves, so
+    it must be writable). A remote URI (s3://, gs://, ...), or any path when `local_cache` is
+    given, is copied shard by shard into `local_cache`/<split> (default: `default_cache_dir`).
+
+    Iterating again after an epoch ends starts the next epoch (a new order when shuffling).
+    Mid-epoch resume: `state = loader.state_dict()` (on any rank; it counts samples of all ranks),
+    and on a NEW loader call `loader.load_state_dict(state)` BEFORE its first iteration; loaded
+    after the dataset has started an epoch it is silently ignored for that epoch. The order is
+    fixed by (seed, num_canonical_nodes); keep both when resuming, even on another world size.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    data_uri = os.fspath(data_uri)
+    meta = read_meta(data_uri)
+    _export_local_world_size()
+    _clean_stale_shm_once()
+    from streaming import StreamingDataLoader, StreamingDataset
+
+    if local_cache is not None or _is_remote(data_uri):
+        cache = os.fspath(local_cache) if local_cache is not None else default_cache_dir(data_uri)
+        remote, local = _join(data_uri, split), os.path.join(cache, split)
+    else:
+        remote, local = None, os.path.join(data_uri, split)
+    dataset = StreamingDataset(remote=remote, local=local, batch_size=micro_batch_size,
+                               shuffle=shuffle, shuffle_seed=seed,
+                               num_canonical_nodes=num_canonical_nodes)
+    return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
+                               drop_last=drop_last,
+                               collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
