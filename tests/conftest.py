@@ -75,3 +75,19 @@ def dist_results(tmp_path_factory, tiny_data):
     run_scenarios(out, tiny_data, ["resume_second_half"], 2)
     run_scenarios(out, tiny_data, ["theta0", "pmp_random_mask"], 1)
     return out
+
+
+@pytest.fixture(scope="session")
+def launcher_run(tmp_path_factory, tiny_data):
+    """The real entry point: `deepspeed --num_gpus 2 launchers/pretrain.py --config ...`."""
+    import yaml
+    root = tmp_path_factory.mktemp("launcher")
+    cfg = {"run_dir": str(root / "run"), "seed": 3, "model": {"preset": "gpt2-tiny"},
+           "data": {"path": tiny_data["data"], "tokenizer": tiny_data["tokenizer"]},
+           "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 4,
+                     "log_every": 2, "eval_every": 2, "eval_batches": 2},
+           "optim": {"lr": 3e-3, "warmup_steps": 1}, "checkpoint": {"every": 2, "keep": 1}}
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    proc = launch(REPO / "launchers" / "pretrain.py",
+                  ["--config", str(root / "run.yaml"), "--set", "optim.lr=2e-3"], 2)
+    return {"proc": proc, "run_dir": root / "run"}

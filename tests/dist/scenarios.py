@@ -168,6 +168,40 @@ def pmp_random_mask(args):
     Trainer(cfg).train()
 
 
+# --- issue: release tools -------------------------------------------------------------------------
+@scenario
+def release_source(args):
+    """A tied-embedding GPT-2 PMP run: its final params and logits, for the release round trip."""
+    cfg = config(args, "release_source", model={"preset": "gpt2-tiny"}, train={"max_steps": 4},
+                 pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
+                      "save_init": True})
+    t = Trainer(cfg)
+    t.train()
+    ids = torch.arange(2 * 16).reshape(2, 16) % t.hf_config.vocab_size
+    t.engine.eval()
+    with torch.no_grad():
+        logits = t.engine(input_ids=ids.to(t.engine.device)).logits.float().cpu()
+    save0({"params": gathered(t.model), "input_ids": ids, "logits": logits},
+          Path(args.out) / "release_source_final.pt")
+
+
+@scenario
+def big_presets(args):
+    """llama-1.1b and llama-7b under zero.Init: each rank only ever holds its partitions."""
+    import psutil
+    from pmp_scale.models import build_hf_config, build_model
+    ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+          "zero_optimization": {"stage": 3}}
+    result = {}
+    for preset in ("llama-1.1b", "llama-7b"):
+        model = build_model(build_hf_config(preset), seed=1, ds_config=ds, dtype=torch.bfloat16)
+        result[preset] = {
+            "params": {n: [p.ds_numel, p.ds_tensor.numel()] for n, p in model.named_parameters()},
+            "rss_bytes": psutil.Process().memory_info().rss}
+        del model
+    Path(args.out, f"big_presets_rank{rank()}.json").write_text(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
