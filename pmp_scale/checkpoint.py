@@ -6,6 +6,7 @@ The train loop never pickles anything itself: it hands its components to `Checkp
 """
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -44,6 +45,7 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"])
 
 
+DESCRIPTOR = "pmp_scale.json"  # what the checkpoint is: checked before DeepSpeed loads it
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -67,10 +69,11 @@ class Checkpointer:
 
     def save(self, step: int) -> str:
         tag = tag_for(step)
-        client_state = {"pmp_step": step, "pmp_fingerprint": self.fingerprint,
-                        "pmp_components": {k: c.state_dict() for k, c in self.components.items()}}
+        client_state = {"pmp_step": step, "pmp_components": {k: c.state_dict() for k, c in self.components.items()}}
         self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
         if dist.get_rank() == 0:
+            (self.directory / tag / DESCRIPTOR).write_text(
+                json.dumps({"step": step, **self.fingerprint}, indent=1))
             if self.describe is not None:
                 self.describe(self.directory / tag / "hf")
             self._prune()
@@ -83,17 +86,21 @@ class Checkpointer:
 
     def load(self, tag: str) -> int:
         """Restore everything saved under `tag`; returns the step to continue from."""
-        if not (self.directory / tag).is_dir():
-            raise CheckpointError(f"checkpoint {self.directory / tag} does not exist")
-        path, client = self.engine.load_checkpoint(str(self.directory), tag=tag)
-        if path is None or client is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {self.directory / tag}")
-        saved = client.get("pmp_fingerprint", {})
-        for key, want in self.fingerprint.items():
+        where = self.directory / tag
+        if not where.is_dir():
+            raise CheckpointError(f"checkpoint {where} does not exist")
+        descriptor = where / DESCRIPTOR
+        if not descriptor.is_file():
+            raise CheckpointError(f"{where} is not a pmp_scale checkpoint (no {DESCRIPTOR})")
+        saved = json.loads(descriptor.read_text())
+        for key, want in self.fingerprint.items():  # before DeepSpeed reads anything
             if saved.get(key) != want:
                 raise CheckpointError(
-                    f"checkpoint {self.directory / tag} does not match this run: {key} is "
+                    f"checkpoint {where} does not match this run: {key} is "
                     f"{saved.get(key)!r} there but {want!r} here")
+        path, client = self.engine.load_checkpoint(str(self.directory), tag=tag)
+        if path is None or client is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {where}")
         states = client["pmp_components"]
         for name, component in self.components.items():
             if name not in states:

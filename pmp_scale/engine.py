@@ -190,7 +190,8 @@ class Trainer:
             self.engine, self.run_dir / "checkpoints", cfg.checkpoint.keep,
             components=components,
             fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
-                         "world_size": self.world_size, "seq_len": self.seq_len},
+                         "world_size": self.world_size, "seq_len": self.seq_len,
+                         "pmp": cfg.pmp.enabled},
             describe=self._describe_model)
 
     def _describe_model(self, out_dir: Path) -> None:

@@ -95,6 +95,9 @@ class PMPController:
         for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
             flat.copy_(self.theta0[g].to(flat.device))
             zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
+        # Persistent (small) parameters stay gathered between steps and all_gather skips
+        # gathered ones: release everything first, or they would keep their Stage I values.
+        zero._partition_all_parameters()
         if zero.persistent_parameters:
             zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
         zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
