@@ -3,10 +3,17 @@
 Each rank's `zero_pp_rank_R_*_model_states.pt` carries that rank's client state, so per-rank
 things (RNG streams, data-loader position, mask slices) live with the rank that owns them.
 The train loop never pickles anything itself: it hands its components to `Checkpointer`.
+
+A tag counts only once it is complete: every rank's files are written, fsync'ed and hashed,
+then rank 0 writes `complete.json` (per-file checksums) and only then moves `latest`. Resume
+verifies the checksums and falls back, with a warning, to the newest tag that verifies — so a
+crash while saving, or a corrupt file (a mask slice included), never resumes silently.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -16,6 +23,15 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .faults import fault_point
+
+log = logging.getLogger("pmp_scale")
+
+DESCRIPTOR = "pmp_scale.json"  # what the checkpoint is: checked before DeepSpeed loads it
+MARKER = "complete.json"       # written last: the tag is complete and these are its checksums
+_TAG = re.compile(r"^step(\d{8})$")
+_RANK_FILE = re.compile(r"(?:^|_)rank_(\d+)_")
 
 
 class CheckpointError(RuntimeError):
@@ -45,12 +61,34 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"])
 
 
-DESCRIPTOR = "pmp_scale.json"  # what the checkpoint is: checked before DeepSpeed loads it
-_TAG = re.compile(r"^step(\d{8})$")
-
-
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
+
+
+def file_digest(path: Path) -> str:
+    """xxh3-128 of the file (fast: checkpoints are large); also fsyncs it to disk."""
+    import xxhash
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _owner(relative: str, world_size: int) -> int:
+    """Rank that hashes a file: its DeepSpeed rank for per-rank files, else rank 0."""
+    m = _RANK_FILE.search(Path(relative).name)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class Checkpointer:
@@ -67,22 +105,119 @@ class Checkpointer:
         self.components = components
         self.fingerprint = fingerprint
 
+    # --- save ----------------------------------------------------------------------------------
     def save(self, step: int) -> str:
+        """Write tag `step` completely or not at all (a failed save leaves older tags intact)."""
+        try:
+            return self._save(step)
+        except OSError as err:
+            where = self.directory / tag_for(step)
+            shutil.rmtree(where, ignore_errors=True)
+            previous = [t for t in self.tags() if (self.directory / t / MARKER).is_file()]
+            raise CheckpointError(
+                f"could not write checkpoint {where}: {err.strerror or err}; the partial tag was "
+                f"removed and the newest complete checkpoint ({previous[-1] if previous else 'none'})"
+                " is intact — free space or change run_dir, then --resume auto") from err
+
+    def _save(self, step: int) -> str:
         tag = tag_for(step)
-        client_state = {"pmp_step": step, "pmp_components": {k: c.state_dict() for k, c in self.components.items()}}
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        if dist.get_rank() == 0:
-            (self.directory / tag / DESCRIPTOR).write_text(
-                json.dumps({"step": step, **self.fingerprint}, indent=1))
+        where = self.directory / tag
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank == 0 and where.exists():  # a stale, incomplete attempt at this step
+            shutil.rmtree(where)
+        dist.barrier()
+        client_state = {"pmp_step": step, "pmp_components":
+                        {k: c.state_dict() for k, c in self.components.items()}}
+        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
+                                    save_latest=False)
+        fault_point(f"save_files:{step}")
+        if rank == 0:
+            (where / DESCRIPTOR).write_text(json.dumps({"step": step, **self.fingerprint},
+                                                       indent=1))
             if self.describe is not None:
-                self.describe(self.directory / tag / "hf")
+                self.describe(where / "hf")
+        dist.barrier()
+        mine = {f: file_digest(where / f) for f in self._files(where)
+                if _owner(f, world) == rank}
+        gathered: list[dict] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        if rank == 0:
+            digests = {k: v for part in gathered for k, v in part.items()}
+            _atomic_write(where / MARKER, json.dumps(
+                {"step": step, "world_size": world, "files": digests}, indent=1))
+            fault_point(f"save_marker:{step}")
+            _atomic_write(self.directory / "latest", tag)
             self._prune()
         dist.barrier()
         return tag
 
-    def latest_tag(self) -> str | None:
-        latest = self.directory / "latest"
-        return latest.read_text().strip() if latest.is_file() else None
+    @staticmethod
+    def _files(where: Path) -> list[str]:
+        return sorted(str(p.relative_to(where)) for p in where.rglob("*")
+                      if p.is_file() and p.name != MARKER)
+
+    def _prune(self) -> None:
+        """Keep the newest `keep` complete tags; drop older ones and stale incomplete ones."""
+        tags = self.tags()
+        complete = [t for t in tags if (self.directory / t / MARKER).is_file()]
+        keep = set(complete[-self.keep:])
+        newest = complete[-1] if complete else None
+        for t in tags:
+            if t not in keep and (t in complete or (newest and t < newest)):
+                shutil.rmtree(self.directory / t, ignore_errors=True)
+
+    # --- resume --------------------------------------------------------------------------------
+    def tags(self) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and _TAG.match(p.name))
+
+    def _problem(self, tag: str) -> str | None:
+        """Why `tag` cannot be resumed from (None: it verifies). Every rank checks its files."""
+        where = self.directory / tag
+        marker = where / MARKER
+        rank, world = dist.get_rank(), dist.get_world_size()
+        problem = None
+        if not marker.is_file():
+            problem = "incomplete (no completion marker: the save was interrupted)"
+        else:
+            files = json.loads(marker.read_text())["files"]
+            for name, digest in sorted(files.items()):
+                if _owner(name, world) != rank and rank != 0:
+                    continue
+                path = where / name
+                if not path.is_file():
+                    problem = f"file {name} is missing"
+                elif _owner(name, world) == rank and file_digest(path) != digest:
+                    problem = f"file {name} is corrupt (checksum mismatch)"
+                if problem:
+                    break
+        problems: list[str | None] = [None] * world
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p), None)
+
+    def resumable_tag(self) -> str | None:
+        """Newest tag that verifies; warns about each newer one that does not."""
+        skipped = []
+        for tag in reversed(self.tags()):
+            problem = self._problem(tag)
+            if problem is None:
+                for bad, why in skipped:
+                    self._warn(f"checkpoint {bad} skipped: {why}; resuming from {tag} instead")
+                return tag
+            skipped.append((tag, problem))
+        corrupt = [f"{t}: {why}" for t, why in skipped if not why.startswith("incomplete")]
+        if corrupt:
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies ("
+                                  + "; ".join(corrupt) + "); refusing to start over silently")
+        for bad, why in skipped:
+            self._warn(f"checkpoint {bad} skipped: {why}")
+        return None
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        if dist.get_rank() == 0:
+            log.warning(message)
 
     def load(self, tag: str) -> int:
         """Restore everything saved under `tag`; returns the step to continue from."""
@@ -104,11 +239,6 @@ class Checkpointer:
         states = client["pmp_components"]
         for name, component in self.components.items():
             if name not in states:
-                raise CheckpointError(f"checkpoint {self.directory / tag} has no {name!r} state")
+                raise CheckpointError(f"checkpoint {where} has no {name!r} state")
             component.load_state_dict(states[name])
         return int(client["pmp_step"])
-
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.directory.iterdir() if p.is_dir() and _TAG.match(p.name))
-        for old in tags[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)

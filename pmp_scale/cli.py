@@ -6,6 +6,7 @@ import os
 import sys
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -13,8 +14,20 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .mask.artifact import MaskArtifactError
+    from .mask.sharded import MaskLayoutError
     from .models import ModelConfigError
-    return (ConfigError, DataError, ModelConfigError, CheckpointError, FileNotFoundError)
+    return (ConfigError, DataError, ModelConfigError, CheckpointError, MaskArtifactError,
+            MaskLayoutError, FileNotFoundError, FileExistsError)
+
+
+def _exit_code(err: Exception) -> int | None:
+    from .engine import NonFiniteError
+    if isinstance(err, NonFiniteError):
+        return EXIT_DIVERGED
+    if isinstance(err, user_errors()):
+        return EXIT_BAD_INPUT
+    return None
 
 
 def fail_cleanly(main):
@@ -22,10 +35,11 @@ def fail_cleanly(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - re-raised unless it is bad input
-            if not isinstance(err, user_errors()):
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is an expected failure
+            code = _exit_code(err)
+            if code is None:
                 raise
             if os.environ.get("RANK", "0") == "0":
                 print(f"error: {err}", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
+            return code
     return wrapper

@@ -47,6 +47,9 @@ class TrainConfig(_Strict):
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Non-finite loss or gradient: skip the step (DeepSpeed's overflow path: weights and moments
+    # untouched) and count it; stop, with a checkpoint, after this many in a row.
+    nonfinite_max_in_a_row: int = Field(5, ge=1)
 
 
 class OptimConfig(_Strict):
@@ -62,6 +65,8 @@ class OptimConfig(_Strict):
 class CheckpointConfig(_Strict):
     every: int = Field(100, ge=1)
     keep: int = Field(3, ge=1)
+    # After SIGTERM/SIGINT: seconds to finish the step and write the checkpoint before exiting.
+    preempt_grace_s: float = Field(300, gt=0)
 
 
 class LoggingConfig(_Strict):

@@ -17,11 +17,17 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, CheckpointError, RNGState
+from .checkpoint import Checkpointer, CheckpointError, RNGState, tag_for
+from .preemption import Preemption
+from .faults import fault_point
 from .config import RunConfig
-from .data import build_loader, load_tokenizer, read_meta, DataError
+from .data import DataError, batches, build_loader, load_tokenizer, read_meta
 from .models import build_hf_config, build_model, count_params, flops_per_token
 from .telemetry import Telemetry, memory_gib, peak_tflops
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 class StepHook(Protocol):
@@ -122,12 +128,14 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.tokens = 0
+        self.skipped = 0      # steps skipped for a non-finite loss or gradient
+        self.bad_streak = 0   # ... of which consecutive, up to now
 
     def state_dict(self):
-        return {"step": self.step, "tokens": self.tokens}
+        return dict(vars(self))
 
     def load_state_dict(self, state):
-        self.step, self.tokens = state["step"], state["tokens"]
+        vars(self).update(state)
 
 
 class Trainer:
@@ -230,14 +238,14 @@ class Trainer:
                               shuffle=False, seed=0,
                               num_canonical_nodes=self.cfg.data.num_canonical_nodes,
                               local_cache=self.cfg.data.local_cache)
-        batches = []
-        for batch in loader:
-            batches.append(batch)
-            if len(batches) == self.cfg.train.eval_batches:
+        held_out = []
+        for batch in batches(loader, epochs=1):
+            held_out.append(batch)
+            if len(held_out) == self.cfg.train.eval_batches:
                 break
-        if not batches:
+        if not held_out:
             raise DataError(f"validation split of {self.cfg.data.path} is empty")
-        return batches
+        return held_out
 
     # --- steps ---------------------------------------------------------------------------
     def _forward(self, batch) -> torch.Tensor:
@@ -252,17 +260,39 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
         total = torch.zeros((), device=self.engine.device)
+        finite = True
         for micro in range(self.grad_accum):
             loss = self._forward(next(batches))
             self.engine.backward(loss)
             total += loss.detach().float()
             if micro == self.grad_accum - 1:
-                for hook in self.hooks:
-                    hook.before_step(self.engine, self.state.step)
+                fault_point(f"backward:{self.state.step + 1}")
+                finite = self._all_finite(total)
+                if finite:
+                    for hook in self.hooks:
+                        hook.before_step(self.engine, self.state.step)
+                else:  # DeepSpeed's own overflow path: no optimizer step, no moment update
+                    self.engine.optimizer.overflow = True
             self.engine.step()
-        for hook in self.hooks:
-            hook.after_step(self.engine, self.state.step)
+        if finite:
+            self.state.bad_streak = 0
+            for hook in self.hooks:
+                hook.after_step(self.engine, self.state.step)
+        else:
+            self.engine.optimizer.overflow = False
+            self.state.skipped += 1
+            self.state.bad_streak += 1
         return self._mean_over_ranks(total / self.grad_accum)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and this rank's gradient partition finite on every rank (fp16 has its own)."""
+        if self.precision == "fp16":
+            return True
+        grads = self.engine.optimizer.grad_partitions_flat_buffer
+        ok = torch.isfinite(loss) & torch.isfinite(grads).all()
+        flag = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -275,15 +305,14 @@ class Trainer:
 
     def _batches(self):
         """Micro-batches forever: each pass over the loader is one epoch (state resumes)."""
-        while True:
-            yield from self.train_loader
+        return batches(self.train_loader)
 
     # --- loop -------------------------------------------------------------------------------
     def resume(self, spec: str | None) -> None:
         """`spec`: None (fresh), "auto" (newest checkpoint if any) or a tag name."""
         if spec is None:
             return
-        tag = self.checkpointer.latest_tag() if spec == "auto" else spec
+        tag = self.checkpointer.resumable_tag() if spec == "auto" else spec
         if tag is None:
             self.telemetry.info("resume auto: no checkpoint yet, starting fresh")
             return
@@ -310,6 +339,15 @@ class Trainer:
             self.telemetry.info(f"step 0 | val loss {val:.4f}")
         tokens_per_step = c.train.global_batch_size * self.seq_len
         batches = self._batches()
+        preemption = Preemption(c.checkpoint.preempt_grace_s)
+        try:
+            return self._loop(batches, tokens_per_step, preemption, stop_at)
+        finally:
+            preemption.close()
+            self.telemetry.close()
+
+    def _loop(self, batches, tokens_per_step, preemption, stop_at) -> dict[str, float]:
+        c = self.cfg
         last = {}
         window_start, window_steps = time.perf_counter(), 0
         while not self._finished():
@@ -318,8 +356,10 @@ class Trainer:
             self.state.tokens += tokens_per_step
             window_steps += 1
             step = self.state.step
+            fault_point(f"step:{step}")
             metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                       "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0)}
+                       "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                       "train/skipped_steps": self.state.skipped}
             if self.pmp is not None:
                 metrics["pmp/stage"] = self.pmp.stage
             last_step = self._finished()
@@ -343,15 +383,28 @@ class Trainer:
                 self.telemetry.info(f"step {step} | val loss {val:.4f}")
             self.telemetry.scalars(step, metrics)
             last = metrics
-            if step % c.checkpoint.every == 0 or last_step or step == stop_at:
+            if self.state.bad_streak:
+                self.telemetry.info(f"step {step} skipped: non-finite loss or gradient "
+                                    f"({self.state.bad_streak} in a row)")
+            diverged = self.state.bad_streak >= c.train.nonfinite_max_in_a_row
+            preempted = preemption.requested()
+            if (step % c.checkpoint.every == 0 or last_step or step == stop_at
+                    or diverged or preempted):
                 self.checkpointer.save(step)
+            if diverged:
+                raise NonFiniteError(
+                    f"training stopped: non-finite loss or gradient in {self.state.bad_streak} "
+                    f"consecutive steps up to step {step}; the checkpoint {tag_for(step)} holds "
+                    "the last good weights (skipped steps change nothing); lower optim.lr or "
+                    "inspect the data, then --resume auto")
+            if preempted:
+                self.telemetry.info(f"preempted: checkpoint {tag_for(step)} written, exiting")
+                return last
             if step == stop_at:
-                self.telemetry.close()
                 return last
         if self.pmp is not None:
             path = self.pmp.write_private()
             self.telemetry.info(f"pmp private artifacts written to {path} (keep them secret)")
-        self.telemetry.close()
         return last
 
     def _finished(self) -> bool:

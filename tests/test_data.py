@@ -299,3 +299,22 @@ def test_clis(slice_txt, tmp_path, capsys, monkeypatch):
     assert prepare_data.main(args) == 2  # refuses to overwrite: one clear line, no traceback
     assert "--overwrite" in capsys.readouterr().err
     assert prepare_data.main(args + ["--overwrite"]) == 0
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path, tiny_data):
+    """A flipped byte in a compressed shard fails its checksum when the shard is loaded."""
+    import shutil
+    from pmp_scale.data import DataError, batches, build_loader
+    data = tmp_path / "mds"
+    shutil.copytree(tiny_data["data"], data)
+    for raw in data.glob("train/*.mds"):
+        raw.unlink()  # decompressed copies from earlier reads
+    shard = sorted(data.glob("train/*.mds.zstd"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    loader = build_loader(str(data), "train", 2, shuffle=False, seed=0)
+    with pytest.raises(DataError, match=r"corrupt data shard: .*shard\.00000\.mds\.zstd does not "
+                                        r"match the checksum in its index\.json"):
+        for _ in batches(loader, epochs=1):
+            pass

@@ -1,9 +1,9 @@
 """Data pipeline: tokenizers, text -> packed MDS shards, and resumable streaming loaders."""
-from .loader import DataError, build_loader, read_meta
+from .loader import DataError, batches, build_loader, read_meta
 from .prepare import iter_texts, prepare_dataset
 from .tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [
-    "DataError", "Tokenizer", "build_loader", "iter_texts", "load_tokenizer", "prepare_dataset",
+    "DataError", "Tokenizer", "batches", "build_loader", "iter_texts", "load_tokenizer", "prepare_dataset",
     "read_meta", "train_sentencepiece",
 ]

@@ -133,9 +133,41 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
         remote, local = _join(data_uri, split), os.path.join(cache, split)
     else:
         remote, local = None, os.path.join(data_uri, split)
+    # Every compressed shard is checked against index.json when it is (down)loaded: a
+    # corrupt shard fails loudly (see `batches`) instead of feeding garbage tokens.
     dataset = StreamingDataset(remote=remote, local=local, batch_size=micro_batch_size,
                                shuffle=shuffle, shuffle_seed=seed,
-                               num_canonical_nodes=num_canonical_nodes)
+                               num_canonical_nodes=num_canonical_nodes, validate_hash="xxh64")
+    _record_background_failures(dataset)
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
                                drop_last=drop_last,
                                collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
+
+
+def _record_background_failures(dataset) -> None:
+    """Streaming prepares shards in a thread whose exception it only logs, then ends the epoch
+    early as if the data had run out; keep the exception so `batches` can raise it."""
+    original = dataset.on_exception
+
+    def on_exception(future):
+        if future.exception() is not None:
+            dataset.pmp_failure = future.exception()
+        original(future)
+    dataset.on_exception = on_exception
+
+
+def batches(loader, epochs: int | None = None):
+    """Batches across epochs (each pass over the loader is one epoch; state resumes). A shard
+    that failed to load (e.g. its checksum) becomes a DataError naming it."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        yield from loader
+        failure = getattr(loader.dataset, "pmp_failure", None)
+        if failure is not None:
+            message = str(failure)
+            if message.startswith("Checksum failure: "):
+                raise DataError(f"corrupt data shard: {message.split(': ', 1)[1]} does not "
+                                "match the checksum in its index.json; restore it or re-run "
+                                "tools/prepare_data.py")
+            raise DataError(f"data shard could not be loaded: {message}") from failure
+        epoch += 1

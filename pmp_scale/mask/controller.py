@@ -21,10 +21,17 @@ from .sharded import PartitionLayout, ShardedMask
 from .update import MaskedUpdate, complement_drift
 
 
+def _device() -> str:
+    """Where collectives' tensors must live (NCCL needs GPU tensors)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().current_device_name()
+
+
 def secret_seed() -> int:
     """A seed from the OS, identical on all ranks (drawn on rank 0, broadcast)."""
     import secrets
-    value = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64)
+    value = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64,
+                         device=_device())
     dist.broadcast(value, 0)
     return int(value.item())
 
@@ -137,7 +144,8 @@ class PMPController:
     # --- measurements ------------------------------------------------------------------------------
     def drift(self) -> float:
         """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode)."""
-        value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)])
+        value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)],
+                             device=_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value.item())
 
@@ -148,7 +156,9 @@ class PMPController:
             i = kinds.index(layer_kind(e.name))
             counts[i, 0] += m.sum().item()
             counts[i, 1] += e.slice.length
+        counts = counts.to(_device())
         dist.all_reduce(counts)
+        counts = counts.cpu()
         density = {f"pmp/density/{k}": (c[0] / c[1]).item() for k, c in zip(kinds, counts) if c[1]}
         self.density = density
         self.telemetry.scalars(step, {"pmp/stage": 2, **density}, record=False)
