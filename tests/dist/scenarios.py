@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import deepspeed  # noqa: E402
 
+from pmp_scale.cli import fail_cleanly  # noqa: E402
 from pmp_scale.config import parse_config  # noqa: E402
 from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
 
@@ -113,6 +114,66 @@ def resume_second_half(args):
     save0(gathered(t.model), Path(args.out) / "dense_resumed_params.pt")
 
 
+def _pmp_resume_cfg(args, name):
+    """Early-bird discovery (stops at step 6) then 6 masked steps: 12 steps in all."""
+    return config(args, name, train={"max_steps": 6},
+                  pmp={"enabled": True, "mask_ratio": 0.6, "check_every": 2, "patience": 2,
+                       "warmup_max_steps": 6, "score": "ema"})
+
+
+@scenario
+def pmp_rewind(args):
+    """Right after discovery (step 6) every weight is back at θ(0), persistent ones too."""
+    t = Trainer(_pmp_resume_cfg(args, "pmp_rewind"))
+    before = gathered(t.model)
+    val0 = t.evaluate()
+    t.train(stop_at=6)
+    assert t.pmp.stage == 2 and t.pmp.stage2_start == 6
+    save0({"before": before, "after": gathered(t.model), "val0": val0, "val": t.evaluate(),
+           "persistent": len(t.engine.optimizer.persistent_parameters)},
+          Path(args.out) / "pmp_rewind.pt")
+
+
+@scenario
+def pmp_resume_first_half(args):
+    full = Trainer(_pmp_resume_cfg(args, "pmp_full"))
+    full.train()
+    save0(losses(full.run_dir), Path(args.out) / "pmp_full_losses.pt")
+    save0(gathered(full.model), Path(args.out) / "pmp_full_params.pt")
+    Trainer(_pmp_resume_cfg(args, "pmp_in_stage1")).train(stop_at=3)   # mid discovery
+    Trainer(_pmp_resume_cfg(args, "pmp_in_stage2")).train(stop_at=9)   # mid masked training
+
+
+@scenario
+def pmp_resume_second_half(args):
+    for name in ("pmp_in_stage1", "pmp_in_stage2"):
+        t = Trainer(_pmp_resume_cfg(args, name))
+        t.resume("auto")
+        t.train()
+        save0(losses(t.run_dir), Path(args.out) / f"{name}_losses.pt")
+        save0(gathered(t.model), Path(args.out) / f"{name}_params.pt")
+    _refused(args, "model", model={"preset": "gpt2-tiny"})
+
+
+@scenario
+def pmp_resume_refused(args):
+    """Run at another world size than the checkpoint's."""
+    _refused(args, "world")
+
+
+def _refused(args, what, **over):
+    """A checkpoint of another model / world size is refused before DeepSpeed reads it."""
+    cfg = _pmp_resume_cfg(args, "pmp_full")
+    if over:
+        cfg = config(args, "pmp_full", pmp=cfg.pmp.model_dump(), **over)
+    try:
+        Trainer(cfg).resume("auto")
+        message = None
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        message = f"{type(err).__name__}: {err}"
+    save0(message, Path(args.out) / f"pmp_refused_{what}.pt")
+
+
 # --- issue: PMP core ----------------------------------------------------------------------------
 def _pmp_run(args, name, precision="fp32", steps=50, **pmp):
     cfg = config(args, name, train={"max_steps": steps, "precision": precision},
@@ -202,7 +263,117 @@ def big_presets(args):
     Path(args.out, f"big_presets_rank{rank()}.json").write_text(json.dumps(result))
 
 
-def main() -> None:
+# --- issue: fault tolerance -------------------------------------------------------------------
+def _fault_cfg(args, name, **over):
+    """PMP, discovery stops at step 6, then 6 masked steps; a checkpoint every 2 steps."""
+    sections = {"train": {"max_steps": 6}, "checkpoint": {"every": 2, "keep": 2},
+                "pmp": {"enabled": True, "mask_ratio": 0.6, "check_every": 2, "patience": 9,
+                        "warmup_max_steps": 6}}
+    for key, value in over.items():
+        sections.setdefault(key, {}).update(value)
+    return config(args, name, **sections)
+
+
+def _run_to_end(args, name, **over):
+    """Resume if possible, train; once the run is complete, record its final state."""
+    t = Trainer(_fault_cfg(args, name, **over))
+    t.resume("auto")
+    t.train()
+    if t._finished():
+        save0({"losses": losses(t.run_dir), "params": gathered(t.model),
+               "resumed_from": getattr(t, "resumed_from", None)},
+              Path(args.out) / f"{name}_final.pt")
+    return t
+
+
+@scenario
+def fault_reference(args):
+    _run_to_end(args, "fault_ref")
+
+
+@scenario
+def fault_chain(args):
+    """Run under PMP_FAULT (a rank SIGKILLs itself somewhere); relaunched until complete."""
+    _run_to_end(args, "fault_chain")
+
+
+@scenario
+def sigterm_run(args):
+    """Under PMP_FAULT=rank1:step:5:TERM every rank checkpoints step 5 and returns."""
+    t = _run_to_end(args, "sigterm")
+    save0(t.state.step, Path(args.out) / f"sigterm_stopped_at_{t.state.step}")
+
+
+@scenario
+def nonfinite(args):
+    """NaN losses at steps 3-4: skipped, weights untouched; at 3-4-5... (2 allowed): stop."""
+    class NaNTrainer(Trainer):
+        bad_steps: set = set()
+        snapshots: dict = {}
+
+        def _forward(self, batch):
+            loss = super()._forward(batch)
+            return loss * float("nan") if self.state.step + 1 in self.bad_steps else loss
+
+        def train_step(self, batches):
+            loss = super().train_step(batches)
+            self.snapshots[self.state.step + 1] = gathered(self.model)
+            return loss
+
+    skip = NaNTrainer(_fault_cfg(args, "nan_skip", train={"nonfinite_max_in_a_row": 3}))
+    skip.bad_steps = {3, 4}
+    skip.train()
+    stop = NaNTrainer(_fault_cfg(args, "nan_stop", train={"nonfinite_max_in_a_row": 2}))
+    stop.bad_steps = set(range(3, 100))
+    stop.snapshots = {}
+    try:
+        stop.train()
+        error = None
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        error = f"{type(err).__name__}: {err}"
+    save0({"skipped": skip.state.skipped, "skip_snapshots": skip.snapshots,
+           "skip_losses": losses(skip.run_dir), "stop_error": error,
+           "stop_snapshots": stop.snapshots}, Path(args.out) / "nonfinite.pt")
+
+
+@scenario
+def corrupt_setup(args):
+    """Runs whose checkpoints the test corrupts: two tags (2, 4) and a single tag (2)."""
+    Trainer(_fault_cfg(args, "corrupt_two")).train(stop_at=4)
+    Trainer(_fault_cfg(args, "corrupt_one")).train(stop_at=2)
+    Trainer(_fault_cfg(args, "enospc")).train(stop_at=4)
+
+
+@scenario
+def enospc_save(args):
+    """Under PMP_FAULT=rank0:save_files:6:ENOSPC the step-6 save fails cleanly."""
+    t = Trainer(_fault_cfg(args, "enospc"))
+    t.resume("auto")
+    t.train()
+
+
+@scenario
+def corrupt_resume(args):
+    """After the test planted corruption / a failed save: what does resume pick?"""
+    records = logging.getLogger("pmp_scale")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    records.addHandler(handler)
+    result = {}
+    for name in ("corrupt_two", "corrupt_one", "enospc"):
+        seen.clear()
+        try:
+            t = Trainer(_fault_cfg(args, name))
+            t.resume("auto")
+            result[name] = {"step": t.state.step, "warnings": list(seen)}
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            result[name] = {"error": f"{type(err).__name__}: {err}", "warnings": list(seen)}
+    save0(result, Path(args.out) / "corrupt_resume.pt")
+
+
+@fail_cleanly
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", required=True)
@@ -215,7 +386,8 @@ def main() -> None:
     for name in args.scenarios.split(","):
         SCENARIOS[name](args)
         Path(args.out, f"done_{name}_rank{dist.get_rank()}").touch()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Crashes, preemption, corruption and bad numerics on real 2-rank ZeRO-3 PMP runs (CPU ranks)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SCENARIOS, launch
+
+# (PMP_FAULT, where it strikes) — the chain's run is killed at each point in turn, resumed each time.
+KILLS = [
+    ("rank1:step:3", "after step 3, before its checkpoint"),
+    ("rank0:save_files:4", "inside checkpoint writing: DeepSpeed files on disk, no marker"),
+    ("rank1:backward:5", "mid-step: after backward, before the optimizer step"),
+    ("rank0:save_marker:8", "inside checkpoint writing: marker written, `latest` not moved"),
+    ("rank1:save_files:10", "inside checkpoint writing, in Stage II"),
+]
+
+
+def _launch(out, data, names, env=None):
+    return launch(SCENARIOS, ["--out", str(out), "--data", data["data"], "--tokenizer",
+                              data["tokenizer"], "--scenarios", ",".join(names)], 2, env=env)
+
+
+def _corrupt(path):
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+@pytest.fixture(scope="module")
+def fault_results(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("faults")
+    first = _launch(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup"])
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    outcomes = []
+    for spec, _ in KILLS:
+        proc = _launch(out, tiny_data, ["fault_chain"], env={"PMP_FAULT": spec})
+        outcomes.append(proc.returncode)
+    sigterm = _launch(out, tiny_data, ["sigterm_run"], env={"PMP_FAULT": "rank1:step:5:TERM"})
+    ckpts = out / "sigterm" / "checkpoints"
+    marker = ckpts / "step00000005" / "complete.json"
+    sigterm_ckpt = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").exists() else None,
+                    "marker": json.loads(marker.read_text()) if marker.exists() else None}
+    enospc = _launch(out, tiny_data, ["enospc_save"], env={"PMP_FAULT": "rank0:save_files:6:ENOSPC"})
+    # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
+    _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
+    _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    final = _launch(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"])
+    assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
+    return {"out": out, "kills": outcomes, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
+            "enospc": enospc}
+
+
+def _load(results, name):
+    return torch.load(results["out"] / name, weights_only=False)
+
+
+def test_sigkill_at_five_points_then_resume_is_bit_exact(fault_results):
+    assert all(code != 0 for code in fault_results["kills"]), fault_results["kills"]
+    ref, chain = _load(fault_results, "fault_ref_final.pt"), _load(fault_results,
+                                                                   "fault_chain_final.pt")
+    assert sorted(ref["losses"]) == list(range(1, 13)) == sorted(chain["losses"])
+    for step, loss in ref["losses"].items():
+        assert chain["losses"][step] == loss, f"step {step}"
+    for name, value in ref["params"].items():
+        assert torch.equal(chain["params"][name], value), name
+    out = fault_results["out"]
+    from pmp_scale.mask.artifact import read_artifact
+    a, b = (read_artifact(out / r / "private" / "mask")[0] for r in ("fault_ref", "fault_chain"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(fault_results):
+    proc = fault_results["sigterm"]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "exits successfully" in proc.stdout + proc.stderr  # both ranks: exit code 0
+    assert (fault_results["out"] / "sigterm_stopped_at_5").exists()
+    ckpt = fault_results["sigterm_ckpt"]
+    assert ckpt["marker"]["step"] == 5 and ckpt["latest"] == "step00000005"
+    ref, resumed = (_load(fault_results, f"{r}_final.pt") for r in ("fault_ref", "sigterm"))
+    assert resumed["losses"] == ref["losses"]
+    assert all(torch.equal(resumed["params"][n], v) for n, v in ref["params"].items())
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_checkpoint(fault_results):
+    r = _load(fault_results, "nonfinite.pt")
+    assert r["skipped"] == 2
+    snaps = r["skip_snapshots"]
+    for name, value in snaps[2].items():  # steps 3 and 4 changed nothing
+        assert torch.equal(snaps[4][name], value), name
+    assert any(not torch.equal(snaps[5][n], v) for n, v in snaps[4].items())  # training went on
+    # discovery counts applied steps only: the two skipped ones lengthen Stage I by two
+    assert sorted(r["skip_losses"]) == list(range(1, 15))
+    assert r["stop_error"].startswith("NonFiniteError: training stopped: non-finite loss or "
+                                      "gradient in 2 consecutive steps up to step 4")
+    ckpt = fault_results["out"] / "nan_stop" / "checkpoints" / "step00000004"
+    assert (ckpt / "complete.json").is_file()
+    stop = r["stop_snapshots"]
+    assert all(torch.equal(stop[4][n], v) for n, v in stop[2].items())
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(fault_results):
+    r = _load(fault_results, "corrupt_resume.pt")["corrupt_two"]
+    assert r["step"] == 2
+    assert any("step00000004 skipped: file zero_pp_rank_1_mp_rank_00_model_states.pt is corrupt"
+               in w for w in r["warnings"]), r["warnings"]
+    # the older checkpoint was not touched by the failed attempt
+    assert (fault_results["out"] / "corrupt_two/checkpoints/step00000002/complete.json").is_file()
+
+
+def test_only_checkpoint_corrupt_is_refused(fault_results):
+    r = _load(fault_results, "corrupt_resume.pt")["corrupt_one"]
+    assert r["error"].startswith("CheckpointError: no checkpoint in")
+    assert "step00000002: file zero_pp_rank_0_mp_rank_00_model_states.pt is corrupt" in r["error"]
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(fault_results):
+    proc = fault_results["enospc"]
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "error: could not write checkpoint" in text and "No space left on device" in text
+    assert "newest complete checkpoint (step00000004) is intact" in text
+    ckpts = fault_results["out"] / "enospc" / "checkpoints"
+    assert not (ckpts / "step00000006").exists()
+    assert _load(fault_results, "corrupt_resume.pt")["enospc"]["step"] == 4
