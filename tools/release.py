@@ -1,0 +1,45 @@
+"""Publish a ZeRO-3 checkpoint (any world size) as a standard, mask-free Hugging Face model.
+
+    python tools/release.py runs/demo_pmp release/demo_pmp --dtype bf16 \\
+        --private runs/demo_pmp/private/mask
+
+CKPT_DIR: a run dir, its checkpoints/ dir or one tag dir (default: the `latest` tag). Only dense
+weights, config, generation config and tokenizer are written; then run tools/audit_release.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pmp_scale.release import DTYPES, ReleaseError, release_checkpoint, resolve_checkpoint  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step00001000 (default: latest)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--max-shard-size", default="2GB", help="per safetensors file (HF naming)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--private", type=Path, metavar="PRIVATE_MASK_DIR",
+                        help="record the release sha256 and dtype in this mask artifact's mask.json")
+    args = parser.parse_args(argv)
+    try:
+        tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
+        sha = release_checkpoint(tag_dir, args.out_dir, dtype=args.dtype,
+                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                 private_dir=args.private)
+    except ReleaseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"released {tag_dir} -> {args.out_dir} ({args.dtype}, sha256 {sha})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Cut a private mask artifact into per-rank ZeRO-3 slices for any world size.
+
+    python tools/reshard_mask.py runs/demo_pmp/private/mask --world-size 8 --out mask_w8
+
+Writes rank{r}.safetensors (per parameter: the rank's slice, packed from its own bit 0) and
+layout.json (shapes, per-rank start and length).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pmp_scale.release import ReleaseError, write_resharded_mask  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("private_dir", type=Path)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        files = write_resharded_mask(args.private_dir, args.world_size, args.out)
+    except ReleaseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(files)} rank slice files in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
