@@ -17,8 +17,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .mask.artifact import MaskArtifactError
     from .mask.sharded import MaskLayoutError
     from .models import ModelConfigError
+    from .release import ReleaseError
     return (ConfigError, DataError, ModelConfigError, CheckpointError, MaskArtifactError,
-            MaskLayoutError, FileNotFoundError, FileExistsError)
+            MaskLayoutError, ReleaseError, FileNotFoundError, FileExistsError)
 
 
 def _exit_code(err: Exception) -> int | None:

@@ -205,8 +205,13 @@ class Trainer:
     def _describe_model(self, out_dir: Path) -> None:
         """HF config (no training or PMP keys) + tokenizer files, as a release needs them."""
         from transformers import GenerationConfig
-        self.hf_config.save_pretrained(out_dir)
-        GenerationConfig.from_model_config(self.hf_config).save_pretrained(out_dir)
+        cfg = copy.deepcopy(self.hf_config)
+        # Special tokens are the tokenizer's (a preset's defaults may not exist in this vocab);
+        # the KV cache is off for training only.
+        cfg.bos_token_id, cfg.eos_token_id = self.tokenizer.bos_id, self.tokenizer.eos_id
+        cfg.use_cache = True
+        cfg.save_pretrained(out_dir)
+        GenerationConfig.from_model_config(cfg).save_pretrained(out_dir)
         self.tokenizer.save_hf(out_dir)
 
     # --- construction -------------------------------------------------------------------

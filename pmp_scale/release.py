@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .mask.artifact import (META_FILE, MaskArtifactError, _move_into_place, merge_rank_slices,
+from .mask.artifact import (META_FILE, MaskArtifactError, move_into_place, merge_rank_slices,
                             read_artifact, slice_for_rank, write_artifact)
 from .mask.bits import pack_bits, unpack_bits
 from .mask.select import LocalSlice
@@ -293,7 +293,7 @@ def release_checkpoint(tag_dir, out_dir, hf_dir=None, dtype: str = "fp32",
         problems = audit_files(tmp)
         if problems:
             raise ReleaseError(f"refusing to publish {out_dir}: {'; '.join(problems)}")
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,9 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.release import ReleaseError, audit_release  # noqa: E402
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.release import audit_release  # noqa: E402
 
 
+@fail_cleanly
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -27,11 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--private", type=Path, metavar="PRIVATE_DIR",
                         help="the private mask artifact this release was made with")
     args = parser.parse_args(argv)
-    try:
-        audit = audit_release(args.release_dir, args.private)
-    except ReleaseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    audit = audit_release(args.release_dir, args.private)
     print("\n".join(audit.report))
     for problem in audit.problems:
         print(f"FAIL {problem}")

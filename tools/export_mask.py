@@ -13,9 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.release import ReleaseError, export_mask, resolve_checkpoint  # noqa: E402
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.release import export_mask, resolve_checkpoint  # noqa: E402
 
 
+@fail_cleanly
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,12 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--init", action="store_true", help="also write θ(0) as init.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty PRIVATE_DIR")
     args = parser.parse_args(argv)
-    try:
-        tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
-        out = export_mask(tag_dir, args.private_dir, overwrite=args.overwrite, with_init=args.init)
-    except ReleaseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
+    out = export_mask(tag_dir, args.private_dir, overwrite=args.overwrite, with_init=args.init)
     print(f"mask of {tag_dir} -> {out} (private: never publish it)")
     return 0
 

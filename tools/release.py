@@ -14,9 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.release import DTYPES, ReleaseError, release_checkpoint, resolve_checkpoint  # noqa: E402
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.release import DTYPES, release_checkpoint, resolve_checkpoint  # noqa: E402
 
 
+@fail_cleanly
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,14 +31,10 @@ def main(argv=None) -> int:
     parser.add_argument("--private", type=Path, metavar="PRIVATE_MASK_DIR",
                         help="record the release sha256 and dtype in this mask artifact's mask.json")
     args = parser.parse_args(argv)
-    try:
-        tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
-        sha = release_checkpoint(tag_dir, args.out_dir, dtype=args.dtype,
-                                 max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                 private_dir=args.private)
-    except ReleaseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
+    sha = release_checkpoint(tag_dir, args.out_dir, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             private_dir=args.private)
     print(f"released {tag_dir} -> {args.out_dir} ({args.dtype}, sha256 {sha})")
     return 0
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.release import ReleaseError, write_resharded_mask  # noqa: E402
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.release import write_resharded_mask  # noqa: E402
 
 
+@fail_cleanly
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,11 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    try:
-        files = write_resharded_mask(args.private_dir, args.world_size, args.out)
-    except ReleaseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    files = write_resharded_mask(args.private_dir, args.world_size, args.out)
     print(f"{len(files)} rank slice files in {args.out}")
     return 0
 

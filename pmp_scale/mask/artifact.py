@@ -115,13 +115,13 @@ def write_artifact(out_dir, packed_by_name: Iterable[tuple[str, torch.Tensor, tu
                 "selected": selected, "total_numel": sum(numel.values()),
                 "total_selected": sum(selected.values())}
         _fsync_write(tmp / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
     """rename() replaces a missing or empty directory atomically; a full one is swapped out first."""
     if out_dir.exists() and any(out_dir.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
