@@ -229,16 +229,43 @@ class Checkpointer:
             raise CheckpointError(f"{where} is not a pmp_scale checkpoint (no {DESCRIPTOR})")
         saved = json.loads(descriptor.read_text())
         for key, want in self.fingerprint.items():  # before DeepSpeed reads anything
-            if saved.get(key) != want:
+            if key != "world_size" and saved.get(key) != want:
                 raise CheckpointError(
                     f"checkpoint {where} does not match this run: {key} is "
                     f"{saved.get(key)!r} there but {want!r} here")
-        path, client = self.engine.load_checkpoint(str(self.directory), tag=tag)
-        if path is None or client is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {where}")
-        states = client["pmp_components"]
-        for name, component in self.components.items():
+        old_world = saved["world_size"]
+        if old_world == dist.get_world_size():
+            path, client = self.engine.load_checkpoint(str(self.directory), tag=tag)
+            if path is None or client is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {where}")
+            states = client["pmp_components"]
+            self._check_components(where, states)
+            for name, component in self.components.items():
+                component.load_state_dict(states[name])
+        else:
+            self._load_elastic(where, old_world)
+        return int(saved["step"])
+
+    def _check_components(self, where: Path, states: dict) -> None:
+        for name in self.components:
             if name not in states:
                 raise CheckpointError(f"checkpoint {where} has no {name!r} state")
-            component.load_state_dict(states[name])
-        return int(client["pmp_step"])
+
+    def _load_elastic(self, where: Path, old_world: int) -> None:
+        """World size changed: DeepSpeed's universal checkpoint + re-cut per-rank state.
+
+        Components with `load_resharded(states_of_all_old_ranks)` re-cut their own state; the
+        rest take the old rank of the same number (rank 0's for new ranks)."""
+        from .elastic import load_universal, old_rank_states
+        if dist.get_rank() == 0:
+            log.info(f"elastic resume: {where.name} was written by {old_world} ranks, "
+                     f"continuing on {dist.get_world_size()}")
+        load_universal(self.engine, where)
+        old = old_rank_states(where, old_world)
+        self._check_components(where, old[0])
+        mine = old[dist.get_rank()] if dist.get_rank() < old_world else old[0]
+        for name, component in self.components.items():
+            if hasattr(component, "load_resharded"):
+                component.load_resharded([states[name] for states in old])
+            else:
+                component.load_state_dict(mine[name])

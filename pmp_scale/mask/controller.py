@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import CheckpointError
 from ..config import PMPConfig
 from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
@@ -185,6 +186,35 @@ class PMPController:
         if state["mask"] is not None:
             self.mask = ShardedMask.from_state_dict(self.layout, state["mask"])
             self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
+
+    def load_resharded(self, old: list[dict]) -> None:
+        """Re-cut the mask and θ(0) from the states of a run with another world size."""
+        first = old[0]
+        if first["stage2_start"] is None:
+            raise CheckpointError(
+                "elastic resume during Stage I (mask discovery) is not supported: resume at the "
+                f"original world size ({len(old)}) until discovery has finished")
+        self.init_seed, self.mask_seed = first["init_seed"], first["mask_seed"]
+        self.stage2_start = first["stage2_start"]
+        if self.discovery is not None and first["discovery"] is not None:
+            self.discovery.load_state_dict({**first["discovery"], "candidate": None,
+                                            "history": [], "ema": None})
+        where = [{sig[0]: sig for sig in s["mask"]["signature"]} for s in old]
+        masks, theta0 = [], [torch.zeros(n) for n in self.layout.sub_group_sizes]
+        for e in self.layout.entries:
+            lengths = [w[e.name][3] for w in where]
+            full = unpack_bits(merge_rank_slices([s["mask"]["bits"][e.name] for s in old], lengths),
+                               e.slice.numel)
+            masks.append(full[e.slice.start:e.slice.start + e.slice.length].clone())
+            pieces = [s["theta0"][w[e.name][4]][w[e.name][5]:w[e.name][5] + w[e.name][3]]
+                      for s, w in zip(old, where)]
+            values = torch.cat(pieces)[e.slice.start:e.slice.start + e.slice.length]
+            theta0[e.sub_group][e.offset:e.offset + e.slice.length] = values
+        self.theta0 = theta0
+        if self.update is not None:
+            self.update.remove()
+        self.mask = ShardedMask.from_param_masks(self.layout, masks)
+        self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
 
     # --- private artifacts ---------------------------------------------------------------------------
     def write_private(self, extra_meta: dict | None = None) -> Path:

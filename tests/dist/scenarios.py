@@ -7,6 +7,7 @@ assertions live in tests/test_distributed.py.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -32,6 +33,12 @@ def scenario(fn):
 
 
 def config(args, name: str, **sections) -> object:
+    """A tiny run's config. Also lines ranks up before the next Trainer: streaming picks its
+    shared-memory names from those still in use, so earlier loaders must be gone on every
+    rank alike (garbage collection timing differs between processes)."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
     raw = {
         "run_dir": str(Path(args.out) / name),
         "seed": 7,
@@ -370,6 +377,22 @@ def corrupt_resume(args):
         except Exception as err:  # noqa: BLE001 - recorded for the test
             result[name] = {"error": f"{type(err).__name__}: {err}", "warnings": list(seen)}
     save0(result, Path(args.out) / "corrupt_resume.pt")
+
+
+@scenario
+def elastic_setup(args):
+    """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4."""
+    import shutil
+    Trainer(_fault_cfg(args, "elastic", pmp={"save_init": True})).train(stop_at=8)
+    if rank() == 0:
+        for w in (1, 4):
+            shutil.copytree(Path(args.out) / "elastic", Path(args.out) / f"elastic_w{w}")
+    dist.barrier()
+
+
+@scenario
+def elastic_resume(args):
+    _run_to_end(args, f"elastic_w{world()}", pmp={"save_init": True})
 
 
 @fail_cleanly
