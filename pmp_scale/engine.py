@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from .checkpoint import Checkpointer, CheckpointError, RNGState, tag_for
+from .checkpoint import Checkpointer, RNGState, tag_for
 from .preemption import Preemption
 from .faults import fault_point
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import DataError, batches, build_loader, load_tokenizer, read_meta
 from .models import build_hf_config, build_model, count_params, flops_per_token
 from .telemetry import Telemetry, memory_gib, peak_tflops
@@ -49,8 +49,8 @@ def on_cpu() -> bool:
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "fp32" if on_cpu() else "bf16"
-    if precision in ("bf16", "fp16") and on_cpu() and precision == "fp16":
-        raise ValueError("train.precision fp16 is not supported on CPU ranks; use fp32 or bf16")
+    if precision == "fp16" and on_cpu():
+        raise ConfigError("train.precision fp16 is not supported on CPU ranks; use fp32 or bf16")
     return precision
 
 
@@ -419,4 +419,4 @@ class Trainer:
         return end is not None and self.state.step >= end
 
 
-__all__ = ["Trainer", "StepHook", "build_ds_config", "CheckpointError"]
+__all__ = ["Trainer", "StepHook", "NonFiniteError", "build_ds_config"]

@@ -17,7 +17,6 @@ from ..config import PMPConfig
 from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
-from .select import LocalSlice
 from .sharded import PartitionLayout, ShardedMask
 from .update import MaskedUpdate, complement_drift
 
@@ -270,5 +269,3 @@ class PMPController:
             "density": getattr(self, "density", None),
         }
 
-
-__all__ = ["PMPController", "secret_seed", "layer_kind", "LocalSlice", "unpack_bits"]

@@ -10,7 +10,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
