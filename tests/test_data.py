@@ -301,10 +301,8 @@ def test_clis(slice_txt, tmp_path, capsys, monkeypatch):
     assert prepare_data.main(args + ["--overwrite"]) == 0
 
 
-def test_corrupt_shard_is_a_clear_error(tmp_path, tiny_data):
-    """A flipped byte in a compressed shard fails its checksum when the shard is loaded."""
+def _corrupt_copy(tmp_path, tiny_data):
     import shutil
-    from pmp_scale.data import DataError, batches, build_loader
     data = tmp_path / "mds"
     shutil.copytree(tiny_data["data"], data)
     for raw in data.glob("train/*.mds"):
@@ -313,8 +311,38 @@ def test_corrupt_shard_is_a_clear_error(tmp_path, tiny_data):
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    loader = build_loader(str(data), "train", 2, shuffle=False, seed=0)
+    return data
+
+
+def test_corrupt_shard_is_a_clear_error(tmp_path, tiny_data):
+    """A flipped byte in a compressed shard fails its checksum when the shard is loaded."""
+    from pmp_scale.data import DataError, batches, build_loader
+    loader = build_loader(str(_corrupt_copy(tmp_path, tiny_data)), "train", 2, shuffle=False,
+                          seed=0)
     with pytest.raises(DataError, match=r"corrupt data shard: .*shard\.00000\.mds\.zstd does not "
                                         r"match the checksum in its index\.json"):
         for _ in batches(loader, epochs=1):
             pass
+
+
+def test_reader_waiting_for_a_shard_that_fails_is_released(tmp_path, tiny_data):
+    """Streaming alone leaves a failed shard PREPARING and its waiting reader spins forever."""
+    import signal
+    import threading
+    from streaming.base.dataset import _ShardState
+    from pmp_scale.data import build_loader
+    dataset = build_loader(str(_corrupt_copy(tmp_path, tiny_data)), "train", 2, shuffle=False,
+                           seed=0).dataset
+    dataset._shard_states[0] = _ShardState.PREPARING  # another thread is preparing it ...
+
+    def failing_preparer():
+        with pytest.raises(ValueError):
+            dataset.streams[0].prepare_shard(dataset.shards[0])  # ... and fails
+    threading.Timer(0.5, failing_preparer).start()
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reader hung on a failed shard"))
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match="Checksum failure"):
+            dataset.get_item(0)
+    finally:
+        signal.alarm(0)

@@ -145,15 +145,34 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
 
 
 def _record_background_failures(dataset) -> None:
-    """Streaming prepares shards in a thread whose exception it only logs, then ends the epoch
-    early as if the data had run out; keep the exception so `batches` can raise it."""
-    original = dataset.on_exception
+    """Make a shard that fails to load (e.g. its checksum) an error instead of a hang.
 
-    def on_exception(future):
-        if future.exception() is not None:
-            dataset.pmp_failure = future.exception()
-        original(future)
-    dataset.on_exception = on_exception
+    Streaming (0.13) prepares shards in a background thread whose exception it only logs; the
+    shard stays PREPARING, so a reader waiting for it spins forever, and otherwise the epoch
+    just ends early. Each stream's `prepare_shard` is wrapped: the failure is kept for
+    `batches`, and the shard goes back to REMOTE so a waiting reader retries and raises.
+    """
+    from streaming.base.dataset import _ShardState
+
+    for stream in dataset.streams:
+        prepare = stream.prepare_shard
+
+        def guarded(shard, prepare=prepare):
+            try:
+                return prepare(shard)
+            except Exception as err:
+                dataset.pmp_failure = err
+                dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
+                raise
+        stream.prepare_shard = guarded
+
+
+def _data_error(failure: BaseException) -> DataError:
+    message = str(failure)
+    if message.startswith("Checksum failure: "):
+        return DataError(f"corrupt data shard: {message.split(': ', 1)[1]} does not match the "
+                         "checksum in its index.json; restore it or re-run tools/prepare_data.py")
+    return DataError(f"data shard could not be loaded: {message}")
 
 
 def batches(loader, epochs: int | None = None):
@@ -161,13 +180,14 @@ def batches(loader, epochs: int | None = None):
     that failed to load (e.g. its checksum) becomes a DataError naming it."""
     epoch = 0
     while epochs is None or epoch < epochs:
-        yield from loader
+        try:
+            yield from loader
+        except Exception as err:
+            failure = getattr(loader.dataset, "pmp_failure", None)
+            if failure is None:
+                raise
+            raise _data_error(failure) from err
         failure = getattr(loader.dataset, "pmp_failure", None)
         if failure is not None:
-            message = str(failure)
-            if message.startswith("Checksum failure: "):
-                raise DataError(f"corrupt data shard: {message.split(': ', 1)[1]} does not "
-                                "match the checksum in its index.json; restore it or re-run "
-                                "tools/prepare_data.py")
-            raise DataError(f"data shard could not be loaded: {message}") from failure
+            raise _data_error(failure)
         epoch += 1
