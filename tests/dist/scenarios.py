@@ -148,6 +148,7 @@ def pmp_resume_first_half(args):
     save0(gathered(full.model), Path(args.out) / "pmp_full_params.pt")
     Trainer(_pmp_resume_cfg(args, "pmp_in_stage1")).train(stop_at=3)   # mid discovery
     Trainer(_pmp_resume_cfg(args, "pmp_in_stage2")).train(stop_at=9)   # mid masked training
+    Trainer(_pmp_resume_cfg(args, "pmp_stage1_only")).train(stop_at=3)  # resumed elsewhere only
 
 
 @scenario
@@ -163,15 +164,15 @@ def pmp_resume_second_half(args):
 
 @scenario
 def pmp_resume_refused(args):
-    """Run at another world size than the checkpoint's."""
-    _refused(args, "world")
+    """At another world size, during discovery: the one elastic case that is refused."""
+    _refused(args, "world", run="pmp_stage1_only")
 
 
-def _refused(args, what, **over):
-    """A checkpoint of another model / world size is refused before DeepSpeed reads it."""
-    cfg = _pmp_resume_cfg(args, "pmp_full")
+def _refused(args, what, run="pmp_full", **over):
+    """A checkpoint that cannot be resumed here is refused with a clear error."""
+    cfg = _pmp_resume_cfg(args, run)
     if over:
-        cfg = config(args, "pmp_full", pmp=cfg.pmp.model_dump(), **over)
+        cfg = config(args, run, pmp=cfg.pmp.model_dump(), **over)
     try:
         Trainer(cfg).resume("auto")
         message = None
