@@ -112,29 +112,38 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.train.global_batch_size % self.train.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size ({self.train.micro_batch_size})")
-        if self.optim.warmup_steps > self.train.max_steps:
-            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds "
-                             f"train.max_steps ({self.train.max_steps})")
-        reserved = {"train_batch_size", "train_micro_batch_size_per_gpu",
-                    "gradient_accumulation_steps", "optimizer", "scheduler"}
-        if clash := reserved & set(self.deepspeed):
-            raise ValueError(f"deepspeed.{sorted(clash)[0]} is derived from train:/optim: "
-                             "— set it there instead")
+        check_batch_and_schedule(self.train, self.optim, self.deepspeed)
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
-        """Micro-steps per optimizer step; the global batch must split evenly over ranks."""
-        per_step = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size ({self.train.global_batch_size}) is not divisible by "
-                f"world size ({world_size}) x train.micro_batch_size "
-                f"({self.train.micro_batch_size}) = {per_step}")
-        return self.train.global_batch_size // per_step
+        return grad_accum_steps(self.train, world_size)
+
+
+def check_batch_and_schedule(train, optim, deepspeed: dict) -> None:
+    """Combinations a run (pre-training or fine-tuning) cannot train; raised as ValueError
+    inside pydantic validation, so the message names the key."""
+    if train.global_batch_size % train.micro_batch_size:
+        raise ValueError(f"train.global_batch_size ({train.global_batch_size}) must be a "
+                         f"multiple of train.micro_batch_size ({train.micro_batch_size})")
+    if optim.warmup_steps > train.max_steps:
+        raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) exceeds "
+                         f"train.max_steps ({train.max_steps})")
+    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps", "optimizer", "scheduler"}
+    if clash := reserved & set(deepspeed):
+        raise ValueError(f"deepspeed.{sorted(clash)[0]} is derived from train:/optim: "
+                         "— set it there instead")
+
+
+def grad_accum_steps(train, world_size: int) -> int:
+    """Micro-steps per optimizer step; the global batch must split evenly over ranks."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) is not divisible by "
+            f"world size ({world_size}) x train.micro_batch_size "
+            f"({train.micro_batch_size}) = {per_step}")
+    return train.global_batch_size // per_step
 
 
 def _parse_value(text: str) -> Any:
@@ -158,7 +167,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
@@ -173,10 +182,10 @@ def parse_config(raw: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -186,4 +195,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    return parse_config(apply_overrides(raw, list(overrides)))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    return parse_config(apply_overrides(read_yaml(path), list(overrides)))

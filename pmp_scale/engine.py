@@ -54,11 +54,11 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -84,7 +84,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(derived, cfg.deepspeed)
+    return deep_merge(derived, cfg.deepspeed)
 
 
 def lr_lambda(cfg: RunConfig):

@@ -101,9 +101,9 @@ def _unique_params(model: torch.nn.Module):
             yield p
 
 
-def _post_order(module: torch.nn.Module):
+def post_order(module: torch.nn.Module):
     for child in module.children():
-        yield from _post_order(child)
+        yield from post_order(child)
     yield module
 
 
@@ -124,10 +124,16 @@ def build_model(cfg: PretrainedConfig, seed: int, ds_config: dict,
     # an operator-precedence slip in `Init._set_dtype`.
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    init_partitioned(model, seed)
+    return model
+
+
+def init_partitioned(model: torch.nn.Module, seed: int) -> None:
+    """HF's `_init_weights` on a model whose parameters ZeRO-3 has already partitioned."""
     rank = torch.distributed.get_rank()
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    for module in _post_order(model):  # children first, as nn.Module.apply (HF's order)
+    for module in post_order(model):  # children first, as nn.Module.apply (HF's order)
         params = list(module.parameters(recurse=False))
         params += [p for name, p in module.named_parameters() if name in _INITIALISED_FROM_PARENT]
         if not params:
@@ -137,4 +143,3 @@ def build_model(cfg: PretrainedConfig, seed: int, ds_config: dict,
                 with torch.no_grad():
                     model._init_weights(module)
     torch.random.set_rng_state(gen_state)
-    return model

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo, from a fresh clone: virtualenv, tokenizer + MDS shards from the embedded corpus,
 # then a dense and a PMP pre-training run of the same ~5M-parameter Llama with DeepSpeed ZeRO-3
-# (2 CPU ranks when there is no GPU), and a comparison of the two.
+# (2 CPU ranks when there is no GPU), a comparison of the two, their mask-free releases and the
+# non-fine-tunability report (authorized vs unauthorized fine-tuning, runs/nft_report/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
@@ -26,3 +27,4 @@ for run in demo demo_pmp; do
     deepspeed --num_gpus "$NPROC" launchers/pretrain.py --config "configs/$run.yaml" --resume auto
 done
 $PY tools/compare_runs.py runs/demo runs/demo_pmp
+bash tools/demo_report.sh

@@ -1,0 +1,53 @@
+"""Fine-tune a released model: unauthorized (all weights), unauthorized-lora, or authorized
+(inside the private mask), on DeepSpeed ZeRO-3.
+
+    python launchers/finetune.py --config configs/finetune/review_lm.yaml \
+        --set release=runs/release/demo_pmp --set mode=authorized \
+        --set mask=runs/demo_pmp/private/mask --set out_dir=runs/ft/pmp_auth
+    deepspeed --num_gpus N launchers/finetune.py --config ...   # W ranks, same engine
+
+Without a launcher it runs as a single-process (W=1) ZeRO-3 engine. Writes
+<out_dir>/result.json (curves, validation/test metrics, backbone change counts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pmp_scale.cli import fail_cleanly  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML fine-tuning config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pmp_scale.finetune.config import load_finetune_config
+    cfg = load_finetune_config(args.config, args.overrides)  # before any process-group work
+    from pmp_scale.finetune.train import finetune
+    result = finetune(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        summary = {"mode": result["mode"], "steps": result["steps_done"],
+                   "validation": result["final"]["validation"], "test": result["final"]["test"],
+                   "params": result["params"], **({"backbone": result["backbone"]}
+                                                  if "backbone" in result else {})}
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sys.exit(main())

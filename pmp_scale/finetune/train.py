@@ -1,0 +1,567 @@
+"""Fine-tune a released model in one of three modes, on the DeepSpeed ZeRO-3 engine.
+
+    unauthorized       every parameter trains (what anyone holding the release can do)
+    unauthorized-lora  PEFT LoRA on the attention/MLP projections; only adapters + new head train
+    authorized         updates restricted to the private mask M with the pre-training hooks
+                       (`MaskedUpdate`): the complement stays bit-exactly at the release; new
+                       parameters (a classification head) are fully trainable
+
+Always the same engine: W=1 in-process (tests, sweeps; `ensure_process_group`) or W>1 under the
+`deepspeed` launcher. The release is loaded the Hugging Face way under ZeRO-3
+(`HfDeepSpeedConfig` before `from_pretrained`: built under zero.Init, weights loaded into the
+partitions) and checked against the release bit for bit, partition by partition.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from ..data.loader import DataError
+from ..engine import deep_merge, on_cpu, param_groups, resolve_precision
+from ..models import init_partitioned
+from ..mask.artifact import MaskArtifactError, read_artifact, slice_for_rank
+from ..mask.select import LocalSlice
+from .config import FinetuneConfig, OptimConfig
+from .tasks import TaskData, build_task, classification_metrics, load_hf_tokenizer
+
+log = logging.getLogger("pmp_scale.finetune")
+
+LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                "gpt2": ["c_attn", "c_proj", "c_fc"]}
+
+
+class MaskMismatchError(MaskArtifactError):
+    """A private mask that does not belong to the model being fine-tuned."""
+
+
+class ReleaseLoadError(DataError):
+    """A release directory that cannot be fine-tuned (not an HF model, or loaded wrongly)."""
+
+
+# --- process group --------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group() -> None:
+    """Join the launcher's process group, or start a single-process (W=1) one in-process."""
+    if dist.is_initialized():
+        return
+    own = "RANK" not in os.environ
+    if own:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+    if own:  # DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm file per process: ours goes
+        import atexit
+        atexit.register(_remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+
+
+def _remove_shm_buffers(addr: str, port: str) -> None:
+    import glob
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+# --- the release and its private mask -------------------------------------------------------------
+@dataclass
+class Release:
+    """A released HF model directory: tensor names/shapes/dtypes from the safetensors headers."""
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    @classmethod
+    def open(cls, path) -> "Release":
+        from safetensors import safe_open
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise ReleaseLoadError(f"{path} is not a released model directory: no config.json + "
+                                   "model.safetensors (tools/release.py writes one)")
+        if not (path / "config.json").is_file():
+            raise ReleaseLoadError(f"{path} has no config.json")
+        shapes, dtypes = {}, {}
+        for f in files:
+            with safe_open(str(path / f), framework="pt") as h:
+                for name in h.keys():
+                    part = h.get_slice(name)
+                    shapes[name], dtypes[name] = tuple(part.get_shape()), part.get_dtype()
+        return cls(path, shapes, dtypes)
+
+    @cached_property
+    def sha256(self) -> str:
+        from ..release import release_sha256
+        return release_sha256(self.path)
+
+    def tensors(self):
+        """(name, tensor) in sorted order, one in memory at a time."""
+        from ..release import release_tensors
+        return release_tensors(self.path)
+
+
+def check_mask(mask_dir, release: Release) -> tuple[dict, dict]:
+    """The private mask artifact, after checking that it belongs to this release."""
+    mask_dir = Path(mask_dir)
+    tensors, meta = read_artifact(mask_dir)  # malformed artifacts: MaskArtifactError
+    recorded = meta.get("release_sha256")
+    if recorded is not None and recorded != release.sha256:
+        raise MaskMismatchError(
+            f"mask belongs to another release: {mask_dir / 'mask.json'} records release sha256 "
+            f"{recorded[:16]}…, {release.path} has {release.sha256[:16]}…")
+    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+    if shapes != release.shapes:
+        diff = sorted(n for n in set(shapes) | set(release.shapes)
+                      if shapes.get(n) != release.shapes.get(n))
+        n = diff[0]
+        raise MaskMismatchError(
+            f"mask does not match the model: {len(diff)} parameter(s) differ in name or shape, "
+            f"e.g. {n!r}: mask {list(shapes[n]) if n in shapes else 'absent'}, release "
+            f"{list(release.shapes[n]) if n in release.shapes else 'absent'} ({mask_dir})")
+    if recorded is None:
+        log.warning("%s records no release_sha256 (tools/release.py --private binds it): only "
+                    "names and shapes were checked against %s", mask_dir, release.path)
+    return tensors, meta
+
+
+# --- model ----------------------------------------------------------------------------------------
+def backbone_name(name: str) -> str:
+    """The release's tensor name of a (possibly PEFT-wrapped) model parameter."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+@contextlib.contextmanager
+def hf_zero3(ds_config: dict):
+    """transformers builds and loads under zero.Init while this is active."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref is held by transformers)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def _init_new_params(model, release: Release, seed: int) -> list[str]:
+    """HF init, from `seed`, of the parameters the release does not have (a new classification
+    head): under ZeRO-3, `from_pretrained` leaves them uninitialised (zeros or garbage)."""
+    import deepspeed
+    rank, names = dist.get_rank(), []
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for prefix, module in model.named_modules():
+        direct = [(f"{prefix}.{n}" if prefix else n, p)
+                  for n, p in module.named_parameters(recurse=False)]
+        new = [n for n, _ in direct if n not in release.shapes]
+        if not new:
+            continue
+        if len(new) != len(direct):
+            raise ReleaseLoadError(f"module {prefix!r} mixes released and new parameters "
+                                   f"({new}); cannot initialise the new ones alone")
+        names += new
+        with deepspeed.zero.GatheredParameters([p for _, p in direct], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    model._init_weights(module)
+    torch.random.set_rng_state(state)
+    return names
+
+
+def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config: dict,
+                dtype: torch.dtype):
+    import deepspeed
+    from transformers import (AutoConfig, AutoModelForCausalLM,
+                              AutoModelForSequenceClassification)
+    kwargs = {}
+    if task.kind == "lm":
+        cls = AutoModelForCausalLM
+    else:
+        cls = AutoModelForSequenceClassification
+        kwargs = dict(num_labels=task.num_labels, pad_token_id=task.pad_id)
+    with hf_zero3(ds_config):
+        if cfg.reinit:
+            config = AutoConfig.from_pretrained(release.path, local_files_only=True, **kwargs)
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = cls.from_config(config, dtype=dtype)
+            init_partitioned(model, cfg.seed)
+        else:
+            try:
+                model = cls.from_pretrained(release.path, local_files_only=True, dtype=dtype,
+                                            **kwargs)
+            except (OSError, ValueError) as err:
+                raise ReleaseLoadError(f"cannot load {release.path} as "
+                                       f"{cls.__name__}: {err}") from err
+            _init_new_params(model, release, cfg.seed)
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(model, cfg: FinetuneConfig, release: Release):
+    """LoRA adapters on the projections; the backbone freezes, new heads stay trainable."""
+    from peft import LoraConfig, get_peft_model
+    model_type = model.config.model_type
+    targets = cfg.lora.target_modules
+    if targets == "auto":
+        if model_type not in LORA_TARGETS:
+            raise ConfigError(f"lora.target_modules: no default for model type {model_type!r}; "
+                             "list the module names")
+        targets = LORA_TARGETS[model_type]
+    new = [n for n, _ in model.named_parameters() if n not in release.shapes]
+    peft_cfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(targets), fan_in_fan_out=model_type == "gpt2",
+                          bias="none")
+    torch.manual_seed(cfg.seed + 1)
+    model = get_peft_model(model, peft_cfg)
+    for name, p in model.named_parameters():
+        if backbone_name(name) in new:
+            p.requires_grad_(True)
+    return model
+
+
+def _local(p) -> torch.Tensor:
+    """This rank's real (unpadded) elements of a ZeRO-3 parameter, flat."""
+    s = LocalSlice.for_rank(0, p.ds_numel, dist.get_rank(), dist.get_world_size())
+    return p.ds_tensor.detach().reshape(-1)[:s.length]
+
+
+def _release_slice(t: torch.Tensor) -> torch.Tensor:
+    s = LocalSlice.for_rank(0, t.numel(), dist.get_rank(), dist.get_world_size())
+    return t.reshape(-1)[s.start:s.start + s.length]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@torch.no_grad()
+def compare_with_release(model, release: Release, masks: dict | None = None) -> dict:
+    """Counts over all ranks of backbone elements that differ (bitwise, in the training dtype)
+    from the release: overall, and inside / outside the private mask when `masks` is given."""
+    params = {backbone_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
+    counts = torch.zeros(5, dtype=torch.float64)  # elements, changed, complement, changed in it, max|Δ| (compl.)
+    for name, t in release.tensors():
+        p = params.get(name)
+        if p is None:  # e.g. lm_head of a classification model
+            continue
+        local = _local(p)
+        ref = _release_slice(t).to(local.dtype)
+        changed = _bits(local) != _bits(ref)
+        counts[0] += changed.numel()
+        counts[1] += changed.sum().item()
+        if masks is not None and name in masks:
+            frozen = ~slice_for_rank(masks[name], t.numel(), dist.get_rank(), dist.get_world_size())
+            counts[2] += frozen.sum().item()
+            counts[3] += changed[frozen].sum().item()
+            if frozen.any():
+                counts[4] = max(counts[4].item(),
+                                (local[frozen].double() - ref[frozen].double()).abs().max().item())
+    maximum = counts[4:].clone()
+    dist.all_reduce(counts[:4])
+    dist.all_reduce(maximum, op=dist.ReduceOp.MAX)
+    out = {"elements": int(counts[0]), "changed": int(counts[1])}
+    if masks is not None:
+        out.update(complement=int(counts[2]), complement_changed=int(counts[3]),
+                   complement_max_abs_diff=float(maximum[0]))
+    return out
+
+
+def verify_loaded(model, release: Release) -> None:
+    """Every backbone partition equals the release exactly (in the training dtype)."""
+    diff = compare_with_release(model, release)
+    if diff["changed"]:
+        raise ReleaseLoadError(f"{release.path}: {diff['changed']} of {diff['elements']} loaded "
+                               "elements differ from the released weights")
+
+
+def sharded_mask(engine, masks: dict):
+    """ShardedMask for the engine's partitions: the artifact's bits for released parameters,
+    all ones (fully trainable) for parameters the release does not have (new heads)."""
+    from ..mask.sharded import PartitionLayout, ShardedMask
+    layout = PartitionLayout.from_engine(engine)
+    rank, world = layout.rank, layout.world_size
+    local = []
+    for e in layout.entries:
+        name = backbone_name(e.name)
+        if name in masks:
+            local.append(slice_for_rank(masks[name], math.prod(e.shape), rank, world))
+        else:
+            local.append(torch.ones(e.slice.length, dtype=torch.bool))
+    return ShardedMask.from_param_masks(layout, local)
+
+
+# --- schedule, config -----------------------------------------------------------------------------
+def lr_factor(o: OptimConfig, total: int):
+    """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at `total`."""
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+    return factor
+
+
+def build_ds_config(cfg: FinetuneConfig, world_size: int, precision: str) -> dict:
+    derived = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": 3, "sub_group_size": 100_000_000,
+                              "contiguous_gradients": True, "overlap_comm": not on_cpu()},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(derived, cfg.deepspeed)
+
+
+# --- data order -----------------------------------------------------------------------------------
+class SampleOrder:
+    """Seeded shuffle, a fresh permutation per epoch; position p of the stream -> example index."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return perm[i]
+
+
+# --- the run --------------------------------------------------------------------------------------
+class Finetuner:
+    """One fine-tuning run; `run()` is the only loop."""
+
+    def __init__(self, cfg: FinetuneConfig, task: TaskData | None = None,
+                 release: Release | None = None):
+        import deepspeed
+        self.cfg = cfg
+        self.release = release or Release.open(cfg.release)
+        self.masks = self.mask_meta = None
+        if cfg.mask is not None:
+            self.masks, self.mask_meta = check_mask(cfg.mask, self.release)
+        self.task = task or build_task(cfg.task, load_hf_tokenizer(self.release.path))
+        ensure_process_group()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.grad_accum = cfg.grad_accum_steps(self.world)
+        self.precision = resolve_precision(cfg.train.precision)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
+        self.ds_config = build_ds_config(cfg, self.world, self.precision)
+        self.model = build_model(cfg, self.task, self.release, self.ds_config, self.dtype)
+        if cfg.verify_load and not cfg.reinit:
+            verify_loaded(self.model, self.release)
+        if cfg.mode == "unauthorized-lora":
+            self.model = apply_lora(self.model, cfg, self.release)
+        o = cfg.optim
+        self.schedule = lr_factor(o, cfg.train.max_steps)
+        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
+                                      betas=o.betas, eps=o.eps)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
+        self.hooks = []
+        if cfg.mode == "authorized":
+            from ..mask.update import MaskedUpdate
+            self.hooks.append(MaskedUpdate(self.engine, sharded_mask(self.engine, self.masks)))
+        self.params = self._count_params()
+
+    def _count_params(self) -> dict:
+        total = trainable = 0
+        for name, p in self.model.named_parameters():
+            n = getattr(p, "ds_numel", p.numel())
+            total += n
+            trainable += n if p.requires_grad else 0
+        out = {"total": total, "trainable": trainable}
+        if self.masks is not None and self.cfg.mode == "authorized":
+            selected = sum(int(self.mask_meta["selected"][n]) for n in self.mask_meta["selected"]
+                           if n in {backbone_name(m) for m, _ in self.model.named_parameters()})
+            new = sum(getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters()
+                      if backbone_name(n) not in self.release.shapes)
+            out["updatable"] = selected + new
+        return out
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> object:
+        return self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss (and classification metrics) over the whole split; batches round-robin over
+        ranks (every rank runs the same number of forwards, as ZeRO-3 gathers need)."""
+        task, bs = self.task, self.cfg.train.eval_batch_size
+        n = task.size(split)
+        n_batches = -(-n // bs)
+        rounds = -(-n_batches // self.world)
+        k = task.num_labels or 1
+        sums = torch.zeros(2 + k * k, dtype=torch.float64)  # loss·weight, weight, confusion
+        self.engine.eval()
+        for r in range(rounds):
+            b = r * self.world + self.rank
+            real = b < n_batches
+            idx = range(b * bs, min(n, (b + 1) * bs)) if real else range(min(n, bs))
+            batch = task.collate(split, idx)
+            out = self._forward(batch)
+            if not real:
+                continue
+            weight = len(idx) * (task.max_length - 1 if task.kind == "lm" else 1)
+            sums[0] += out.loss.double().item() * weight
+            sums[1] += weight
+            if task.kind == "classification":
+                pred = out.logits.argmax(-1).cpu()
+                sums[2:] += torch.bincount(batch["labels"] * k + pred, minlength=k * k).double()
+        self.engine.train()
+        sums = sums.to(self.engine.device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+        loss = (sums[0] / sums[1]).item()
+        metrics = {"loss": loss}
+        if task.kind == "lm":
+            metrics["ppl"] = math.exp(min(loss, 50.0))
+        else:
+            metrics.update(classification_metrics(sums[2:].view(k, k)))
+        return metrics
+
+    # --- training ---------------------------------------------------------------------------------
+    def _micro_batches(self, order: SampleOrder, step: int):
+        mb, G = self.cfg.train.micro_batch_size, self.cfg.train.global_batch_size
+        for m in range(self.grad_accum):
+            start = step * G + (m * self.world + self.rank) * mb
+            yield self.task.collate("train", [order[p] for p in range(start, start + mb)])
+
+    def train_step(self, order: SampleOrder, step: int) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for m, batch in enumerate(self._micro_batches(order, step)):
+            loss = self._forward(batch).loss
+            self.engine.backward(loss)
+            total += loss.detach().double().cpu()
+            if m == self.grad_accum - 1:
+                for hook in self.hooks:
+                    hook.before_step(self.engine, step)
+            self.engine.step()
+        for hook in self.hooks:
+            hook.after_step(self.engine, step)
+        total = (total / self.grad_accum).to(self.engine.device)
+        dist.all_reduce(total)
+        return total.item() / self.world
+
+    def run(self, progress=None) -> dict:
+        """Train max_steps; validation at 0 / eval_every / eval_steps / end, test at 0,
+        eval_steps and the end. `progress(step)` is called after every step (sweeps' progress bars)."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        total = c.train.max_steps
+        full = sorted({s for s in c.train.eval_steps if 0 < s <= total} | {total})
+        curve_at = set(full) | ({s for s in range(c.train.eval_every, total + 1, c.train.eval_every)}
+                                if c.train.eval_every else set())
+        result = {"mode": c.mode, "release": str(self.release.path), "seed": c.seed,
+                  "lr": c.optim.lr, "max_steps": total, "task": self.task.name,
+                  "metric": self.task.metric, "higher_is_better": self.task.higher_is_better,
+                  "world_size": self.world, "precision": self.precision, "params": self.params,
+                  "reinit": c.reinit, "train_loss": [], "curve": [], "at": {}, "diverged": False}
+        if c.train.eval_at_start:  # the release itself (with a fresh head): validation + test
+            base, base_test = self.evaluate("validation"), self.evaluate("test")
+            result["curve"].append({"step": 0, **base})
+            result["at"]["0"] = {"validation": base, "test": base_test}
+            _info("%s | step 0 | val %s | test %s", c.mode, _fmt(base), _fmt(base_test))
+        order = SampleOrder(self.task.size("train"), c.seed)
+        steps_done = 0
+        for step in range(total):
+            loss = self.train_step(order, step)
+            steps_done = step + 1
+            result["train_loss"].append([steps_done, loss])
+            if progress is not None:
+                progress(steps_done)
+            if not math.isfinite(loss):
+                result["diverged"] = True
+                log.warning("%s | step %d | non-finite loss: stopping", c.mode, steps_done)
+                break
+            if steps_done % c.train.log_every == 0:
+                _info("%s | step %d | loss %.4f | lr %.2e", c.mode, steps_done, loss,
+                         self.engine.get_lr()[0])
+            if steps_done in curve_at:
+                val = self.evaluate("validation")
+                result["curve"].append({"step": steps_done, **val})
+                if steps_done in full:
+                    test = self.evaluate("test")
+                    result["at"][str(steps_done)] = {"validation": val, "test": test}
+                    _info("%s | step %d | val %s | test %s", c.mode, steps_done, _fmt(val),
+                             _fmt(test))
+        if result["diverged"]:
+            nan = {"loss": float("nan"), **({"ppl": float("nan")} if self.task.kind == "lm" else
+                                           {"accuracy": float("nan"), "f1": float("nan"),
+                                            "matthews": float("nan")})}
+            for s in full:
+                result["at"].setdefault(str(s), {"validation": nan, "test": nan})
+        result["final"] = result["at"][str(total)]
+        if self.masks is not None or c.mode == "unauthorized-lora":
+            result["backbone"] = compare_with_release(self.model, self.release, self.masks)
+        result["steps_done"] = steps_done
+        result["time_s"] = time.perf_counter() - t0
+        return result
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            if hasattr(hook, "remove"):
+                hook.remove()
+        self.engine.destroy()
+        self.engine = self.model = None
+        gc.collect()
+
+
+def _info(*args) -> None:
+    if dist.get_rank() == 0:
+        log.info(*args)
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release | None = None,
+             progress=None) -> dict:
+    """One run, start to end; writes `<out_dir>/result.json` (rank 0) when out_dir is set."""
+    ft = Finetuner(cfg, task, release)
+    try:
+        result = ft.run(progress)
+    finally:
+        ft.close()
+    result["config"] = cfg.model_dump(mode="json")
+    if cfg.out_dir and dist.get_rank() == 0:
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,367 @@
+"""Non-fine-tunability evaluation: the three fine-tuning modes end to end on a tiny release,
+the report grid and its cache, the analyses, and bad inputs failing with one clear line.
+
+Everything runs in this process on a W=1 DeepSpeed ZeRO-3 engine (the same engine as W>1).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pmp_scale.config import ConfigError  # noqa: E402
+from pmp_scale.finetune.config import parse_finetune_config  # noqa: E402
+from pmp_scale.finetune.tasks import TaskError, build_task, classification_metrics, split_of  # noqa: E402
+from pmp_scale.finetune.train import MaskMismatchError, Release, check_mask  # noqa: E402
+from pmp_scale.mask import pack_bits, unpack_bits, write_artifact  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_group():
+    """One in-process W=1 process group for the module; the env it needs is removed after.
+    One thread: tiny models gain nothing from more, and lose a lot on a shared machine."""
+    import torch.distributed as dist
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                                            "MASTER_ADDR", "MASTER_PORT")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_release(tiny_data, tmp_path_factory):
+    """A llama-tiny HF release (save_pretrained + tokenizer) and a random ρ=0.7 private mask
+    bound to it by its release sha256."""
+    from transformers import AutoModelForCausalLM
+    from pmp_scale.data import load_tokenizer
+    from pmp_scale.models import build_hf_config
+    from pmp_scale.release import record_release, release_sha256
+    root = tmp_path_factory.mktemp("ft_release")
+    tok = load_tokenizer(tiny_data["tokenizer"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        build_hf_config("llama-tiny", tokenizer_vocab_size=tok.vocab_size))
+    model.save_pretrained(root / "release", safe_serialization=True)
+    tok.save_hf(root / "release")
+    g = torch.Generator().manual_seed(1)
+    items = [(n, pack_bits(torch.rand(p.numel(), generator=g) < 0.7), tuple(p.shape))
+             for n, p in model.named_parameters()]
+    write_artifact(root / "mask", items, {"mask_ratio": 0.7, "mask_source": "random"})
+    record_release(root / "mask", release_sha256(root / "release"), "fp32")
+    return {"release": root / "release", "mask": root / "mask", "root": root}
+
+
+def ft_config(tiny_release, task: str, mode: str, **over) -> dict:
+    raw = {"release": str(tiny_release["release"]), "mode": mode, "seed": 0,
+           "mask": str(tiny_release["mask"]),
+           "task": {"name": task, "max_length": 32, "max_train_examples": 64,
+                    "max_eval_examples": 16},
+           "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3,
+                     "eval_batch_size": 16},
+           "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}}
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            raw.setdefault(section, {})[leaf] = value
+        else:
+            raw[section] = value
+    return raw
+
+
+def gathered(model) -> dict[str, torch.Tensor]:
+    import deepspeed
+    out = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.detach().cpu().clone()
+    return out
+
+
+def release_weights(tiny_release) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(tiny_release["release"] / "model.safetensors"))
+
+
+def masks_of(tiny_release) -> dict[str, torch.Tensor]:
+    from pmp_scale.mask import read_artifact
+    tensors, meta = read_artifact(tiny_release["mask"])
+    return {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s)
+            for n, s in meta["shapes"].items()}
+
+
+def run_and_gather(raw: dict):
+    """Train; returns (result, params before, params after), gathered from the engine."""
+    from pmp_scale.finetune.train import Finetuner
+    ft = Finetuner(parse_finetune_config(raw))
+    try:
+        before = gathered(ft.model)
+        result = ft.run()
+        after = gathered(ft.model)
+    finally:
+        ft.close()
+    return result, before, after
+
+
+# --- the three modes ------------------------------------------------------------------------------
+def test_authorized_lm_keeps_the_complement_bit_exact(tiny_release):
+    result, before, after = run_and_gather(ft_config(tiny_release, "review_lm", "authorized"))
+    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    assert before.keys() == release.keys()
+    for name, ref in release.items():
+        assert torch.equal(before[name], ref), f"{name}: loaded weights differ from the release"
+        frozen = ~masks[name]
+        assert torch.equal(after[name][frozen], ref[frozen]), f"{name}: complement moved"
+    moved = sum(int((after[n] != release[n])[masks[n]].sum()) for n in release)
+    assert moved > 0.5 * sum(int(m.sum()) for m in masks.values())  # the mask trains
+    assert result["backbone"]["complement_changed"] == 0
+    assert result["backbone"]["complement_max_abs_diff"] == 0.0
+    assert result["final"]["validation"]["loss"] < result["curve"][0]["loss"]
+
+
+def test_authorized_classification_trains_the_new_head(tiny_release):
+    result, before, after = run_and_gather(ft_config(tiny_release, "movie_reviews", "authorized"))
+    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    assert "score.weight" in after and "score.weight" not in release
+    assert before["score.weight"].abs().max() > 0  # initialised, not left empty
+    assert (after["score.weight"] != before["score.weight"]).float().mean() > 0.9
+    for name in after:
+        if name in release:
+            assert torch.equal(after[name][~masks[name]], release[name][~masks[name]]), name
+    assert result["backbone"]["complement_changed"] == 0
+    assert set(result["final"]["test"]) == {"loss", "accuracy", "f1", "matthews"}
+
+
+def test_lora_trains_only_adapters_and_head(tiny_release):
+    result, before, after = run_and_gather(
+        ft_config(tiny_release, "movie_reviews", "unauthorized-lora", mask=None))
+    release = release_weights(tiny_release)
+    adapters = [n for n in after if ".lora_" in n]
+    assert adapters and all(any(t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                  "gate_proj", "up_proj", "down_proj"))
+                            for n in adapters)
+    for name, value in after.items():
+        backbone = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if ".lora_" in name or backbone == "score.weight":
+            assert not torch.equal(value, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(value, release[backbone]), f"backbone {name} changed"
+    assert result["backbone"]["changed"] == 0
+    assert result["params"]["trainable"] < 0.2 * result["params"]["total"]
+
+
+def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, capsys):
+    from launchers.finetune import main
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
+                                            out_dir=str(tmp_path / "out"))))
+    assert main(["--config", str(cfg), "--set", "train.max_steps=2"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["steps_done"] == 2 and result["mode"] == "unauthorized"
+    b = result["backbone"]
+    assert b["complement_changed"] > 0.5 * b["complement"]  # the whole release moves
+    assert '"mode": "unauthorized"' in capsys.readouterr().out
+
+
+# --- the report and the analyses ------------------------------------------------------------------
+def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
+    from tools.nft_report import main
+    base = tmp_path / "ft.yaml"
+    base.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
+                                             mask=None, train__max_steps=1)))
+    report = tmp_path / "report.yaml"
+    report.write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "report"), "finetune": "ft.yaml",
+        "releases": [{"name": "dense", "release": str(tiny_release["release"])},
+                     {"name": "pmp", "release": str(tiny_release["release"]),
+                      "mask": str(tiny_release["mask"]), "modes": ["unauthorized", "authorized"]}],
+        "lrs": [1e-2], "steps": [1, 2], "seeds": [0, 1], "min_seeds": 2}))
+    assert main(["--config", str(report), "--quiet"]) == 0
+    out = tmp_path / "report"
+    doc = json.loads((out / "results.json").read_text())
+    assert len(list((out / "cells").glob("*.json"))) == 3 * 2  # one run serves both durations
+    assert doc["timing"]["cached"] == 0
+    assert {g["label"].split(":")[0] for g in doc["gaps"]} >= {"non-fine-tunability gap",
+                                                              "authorized recovery"}
+    for png in ("metric_vs_lr.png", "curves.png", "summary.png"):
+        assert (out / png).stat().st_size > 1000
+    text = (out / "report.md").read_text()
+    assert "| pmp | authorized |" in text and "0 of" in text  # complement integrity row
+    assert main(["--config", str(report), "--quiet"]) == 0  # rerun: everything cached
+    assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 6
+    assert "Summary" in capsys.readouterr().out
+
+
+def test_report_needs_three_seeds(tmp_path):
+    from pmp_scale.finetune.report import load_report_config
+    report = tmp_path / "r.yaml"
+    report.write_text(yaml.safe_dump({"out_dir": "x", "finetune": "ft.yaml", "lrs": [1e-3],
+                                      "steps": [2], "seeds": [0],
+                                      "releases": [{"name": "dense", "release": "r"}]}))
+    with pytest.raises(ConfigError, match="at least 3"):
+        load_report_config(report)
+
+
+def test_grad_hist_and_landscape(tiny_release, tmp_path):
+    from pmp_scale.finetune import analyses
+    cfg = parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized"))
+    numbers = analyses.grad_hist(tiny_release["release"], tiny_release["mask"], cfg, tmp_path,
+                                 grad_batches=1, batch_size=4)
+    assert 0.0 <= numbers["overlap_coefficient"] <= 1.0
+    assert numbers["n_masked"] + numbers["n_unmasked"] == sum(
+        m.numel() for m in masks_of(tiny_release).values())
+    assert (tmp_path / "grad_hist.png").is_file() and (tmp_path / "grad_hist.json").is_file()
+    land = analyses.landscape(tiny_release["release"], tiny_release["mask"], cfg, tmp_path,
+                              points=3, grad_batches=1, eval_batches=1, batch_size=4)
+    curves = land["curves"]
+    assert len(curves) == 4 and all(len(c) == 3 for c in curves.values())
+    assert len({round(c[1], 6) for c in curves.values()}) == 1  # α = 0: the release itself
+    assert 0 < land["gradient_energy_in_mask"] < 1
+    assert (tmp_path / "landscape.png").is_file()
+
+
+def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
+    """Two masks of one release stand in for two pre-trained releases (different ρ / source)."""
+    from pmp_scale.finetune import analyses
+    g = torch.Generator().manual_seed(5)
+    items = [(n, pack_bits(torch.rand(w.numel(), generator=g) < 0.5), tuple(w.shape))
+             for n, w in release_weights(tiny_release).items()]
+    write_artifact(tmp_path / "mask05", items, {"mask_ratio": 0.5})
+    base = tmp_path / "ft.yaml"
+    base.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
+                                             mask=None, train__max_steps=1)))
+    rel, m07, m05 = str(tiny_release["release"]), str(tiny_release["mask"]), str(tmp_path / "mask05")
+    common = dict(finetune=str(base), lrs=[1e-2], steps=[1], seeds=[0], min_seeds=1,
+                  progress=False)
+    sweep = analyses.ratio_sweep([(0.5, rel, m05), (0.7, rel, m07)], tmp_path / "ratio",
+                                 dense_release=rel, **common)
+    assert [r["rho"] for r in sweep["rows"]] == [0.5, 0.7] and sweep["dense"] is not None
+    assert all(math.isfinite(r["authorized"]["test_mean"]) for r in sweep["rows"])
+    source = analyses.mask_source([("earlybird", rel, m07), ("random", rel, m05)],
+                                  tmp_path / "source", **common)
+    assert 0 < source["mask_iou"] < 1
+    assert (tmp_path / "ratio" / "ratio_sweep.png").is_file()
+    assert (tmp_path / "source" / "mask_source.png").is_file()
+
+
+def test_overlap_coefficient_bounds():
+    from pmp_scale.finetune.analyses import overlap_coefficient
+    a = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    assert overlap_coefficient(a, a)[0] == pytest.approx(1.0)
+    assert overlap_coefficient(a - 100, a + 100)[0] == 0.0
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+def test_splits_are_fixed_and_metrics_are_right():
+    keys = [f"k{i}" for i in range(2000)]
+    splits = [split_of(k, 0.1, 0.1) for k in keys]
+    assert splits == [split_of(k, 0.1, 0.1) for k in keys]
+    assert 150 < splits.count("test") < 250 and 150 < splits.count("validation") < 250
+    m = classification_metrics(torch.tensor([[5, 1], [2, 4]]))  # rows: true, cols: predicted
+    assert m["accuracy"] == pytest.approx(9 / 12)
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 2))
+    assert m["matthews"] == pytest.approx((5 * 4 - 1 * 2) / (6 * 6 * 7 * 5) ** 0.5)
+
+
+def test_local_files_and_review_tasks(tiny_release, tmp_path):
+    from pmp_scale.finetune.config import TaskConfig
+    from pmp_scale.finetune.tasks import load_hf_tokenizer
+    tok = load_hf_tokenizer(tiny_release["release"])
+    rows = [{"q": f"question {i} about the book", "a": f"answer {i}", "y": "yes" if i % 3 else "no"}
+            for i in range(200)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = build_task(TaskConfig(name="file", type="classification", train_file=str(path),
+                                 text_column="q", text_pair_column="a", label_column="y",
+                                 max_length=24), tok)
+    assert data.label_names == ["no", "yes"] and data.num_labels == 2
+    assert sum(data.stats[s] for s in ("train", "validation", "test")) == 200
+    batch = data.collate("train", [0, 1, 2])
+    assert batch["input_ids"].shape[0] == 3 and batch["attention_mask"].sum() > 0
+    movie = build_task(TaskConfig(name="movie_reviews", max_length=32), tok)
+    counts = movie.stats["train_label_counts"]
+    assert min(counts) > 0.4 * sum(counts)  # balanced, |score| < 0.5 dropped
+    assert 0.4 < movie.stats["majority_accuracy_test"] < 0.6
+    lm = build_task(TaskConfig(name="review_lm", max_length=32), tok)
+    assert lm.splits["validation"].shape[1] == 32 and lm.kind == "lm" and lm.metric == "loss"
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+def test_unknown_task_and_missing_mask_fail_in_the_config(tiny_release):
+    with pytest.raises(ConfigError, match=r"task.name 'sst3' is unknown"):
+        parse_finetune_config(ft_config(tiny_release, "sst3", "unauthorized"))
+    with pytest.raises(ConfigError, match="unknown GLUE task"):
+        parse_finetune_config(ft_config(tiny_release, "glue:sst5", "unauthorized"))
+    with pytest.raises(ConfigError, match="mode 'authorized' needs `mask`"):
+        parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized", mask=None))
+    with pytest.raises(ConfigError, match="train.max_step: unknown key"):
+        parse_finetune_config(ft_config(tiny_release, "review_lm", "unauthorized",
+                                        train__max_step=3))
+
+
+def test_missing_label_column_is_named(tiny_release, tmp_path):
+    from pmp_scale.finetune.config import TaskConfig
+    from pmp_scale.finetune.tasks import load_hf_tokenizer
+    path = tmp_path / "data.csv"
+    path.write_text("text,sentiment\nfine film,1\nbad film,0\n")
+    with pytest.raises(TaskError, match=r"label column 'label' not found in .*data.csv "
+                                        r"\(columns: text, sentiment\)"):
+        build_task(TaskConfig(name="file", type="classification", train_file=str(path)),
+                   load_hf_tokenizer(tiny_release["release"]))
+
+
+def test_mask_of_another_release_is_refused(tiny_release, tmp_path, capsys):
+    other = tmp_path / "mask"
+    shutil.copytree(tiny_release["mask"], other)
+    meta = json.loads((other / "mask.json").read_text())
+    meta["release_sha256"] = "0" * 64
+    (other / "mask.json").write_text(json.dumps(meta))
+    with pytest.raises(MaskMismatchError, match="mask belongs to another release"):
+        check_mask(other, Release.open(tiny_release["release"]))
+    # the launcher: one line on stderr, exit code 2, before any training
+    from launchers.finetune import main
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "authorized",
+                                            mask=str(other))))
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: mask belongs to another release")
+
+
+def test_mask_shape_mismatch_is_refused(tiny_release, tmp_path):
+    from pmp_scale.mask import read_artifact
+    tensors, meta = read_artifact(tiny_release["mask"])
+    items = []
+    for name, shape in meta["shapes"].items():
+        bits = unpack_bits(tensors[name], torch.Size(shape).numel())
+        if name == "model.layers.0.mlp.up_proj.weight":  # transposed: same numel, other shape
+            shape = shape[::-1]
+        items.append((name, pack_bits(bits), tuple(shape)))
+    write_artifact(tmp_path / "mask", items, {"mask_ratio": 0.7})  # no release_sha256
+    with pytest.raises(MaskMismatchError, match=r"mask does not match the model: 1 parameter.*"
+                                                r"up_proj.weight"):
+        check_mask(tmp_path / "mask", Release.open(tiny_release["release"]))
+
+
+def test_not_a_release_is_refused(tmp_path):
+    from pmp_scale.finetune.train import ReleaseLoadError
+    with pytest.raises(ReleaseLoadError, match="is not a released model directory"):
+        Release.open(tmp_path)

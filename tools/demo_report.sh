@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The demo's second half, after tools/demo.sh pre-trained runs/demo (dense) and runs/demo_pmp
+# (PMP): release both as standard Hugging Face models (the PMP mask artifact is bound to its
+# release by sha256), then the non-fine-tunability report: causal-LM fine-tuning of each
+# release (dense: unauthorized; PMP: unauthorized and authorized) over learning rates x
+# durations x 3 seeds, in one process on a W=1 DeepSpeed ZeRO-3 engine.
+# Outputs: runs/release/{demo,demo_pmp}, runs/nft_report/{report.md,results.json,*.png}.
+# Extra arguments go to tools/nft_report.py (e.g. --fresh, --set lrs=[1e-3]).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+    export DS_ACCELERATOR=cpu
+fi
+# One process: let it use every core (tools/demo.sh sets 1 thread per rank for pre-training).
+export OMP_NUM_THREADS="$(nproc)"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+for run in demo demo_pmp; do
+    if [ ! -f "runs/$run/checkpoints/latest" ]; then
+        echo "error: runs/$run has no checkpoint; run tools/demo.sh first" >&2
+        exit 2
+    fi
+done
+if [ ! -f runs/demo_pmp/private/mask/mask.json ]; then
+    echo "error: runs/demo_pmp/private/mask/mask.json missing: the PMP run has not finished" >&2
+    exit 2
+fi
+
+$PY tools/release.py runs/demo runs/release/demo --overwrite
+$PY tools/release.py runs/demo_pmp runs/release/demo_pmp --overwrite \
+    --private runs/demo_pmp/private/mask
+$PY tools/nft_report.py --config configs/finetune/demo_report.yaml "$@"
