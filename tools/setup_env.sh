@@ -21,7 +21,7 @@ cert=()
 [ -f /etc/ssl/certs/ca-certificates.crt ] && [ ${#cert[@]} -eq 0 ] && cert=(--cert /etc/ssl/certs/ca-certificates.crt)
 "$VENV/bin/pip" install -q --disable-pip-version-check --isolated "${cert[@]}" \
     -c constraints.txt "$(pin torch)" "$(pin torchvision)"
-"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev,eval]'
 "$VENV/bin/python" - <<'PY'
 import streaming, transformers, deepspeed, torch  # noqa: F401  (the import that the torchvision trap breaks)
 PY
