@@ -248,7 +248,7 @@ def apply_lora(model, cfg: FinetuneConfig, release: Release):
 def _local(p) -> torch.Tensor:
     """This rank's real (unpadded) elements of a ZeRO-3 parameter, flat."""
     s = LocalSlice.for_rank(0, p.ds_numel, dist.get_rank(), dist.get_world_size())
-    return p.ds_tensor.detach().reshape(-1)[:s.length]
+    return p.ds_tensor.detach().reshape(-1)[:s.length].cpu()  # compared with CPU tensors
 
 
 def _release_slice(t: torch.Tensor) -> torch.Tensor:
@@ -282,9 +282,12 @@ def compare_with_release(model, release: Release, masks: dict | None = None) -> 
             if frozen.any():
                 counts[4] = max(counts[4].item(),
                                 (local[frozen].double() - ref[frozen].double()).abs().max().item())
+    from deepspeed.accelerator import get_accelerator
+    counts = counts.to(get_accelerator().current_device_name())  # NCCL reduces device tensors
     maximum = counts[4:].clone()
     dist.all_reduce(counts[:4])
     dist.all_reduce(maximum, op=dist.ReduceOp.MAX)
+    counts = counts.cpu()
     out = {"elements": int(counts[0]), "changed": int(counts[1])}
     if masks is not None:
         out.update(complement=int(counts[2]), complement_changed=int(counts[3]),
