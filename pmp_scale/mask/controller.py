@@ -56,8 +56,9 @@ class PMPController:
         self.telemetry = telemetry
         self.rank = dist.get_rank()
         self.layout = PartitionLayout.from_engine(engine)
-        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude)
-        self.theta0 = [t.detach().cpu().clone() for t in engine.optimizer.fp32_partitioned_groups_flat]
+        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude,
+                                     device=_device())
+        self.theta0 = self._snapshot_master()
         self.mask_seed = cfg.mask_seed
         self.discovery: EarlyBird | None = None
         self.update: MaskedUpdate | None = None
@@ -87,10 +88,18 @@ class PMPController:
             return self.selector.full()
         return self.selector.random(self.mask_seed)
 
+    def _snapshot_master(self) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions (host copies): θ(0) at construction."""
+        return [t.detach().cpu().clone() for t in self.engine.optimizer.fp32_partitioned_groups_flat]
+
     def _enter_stage2(self, mask: ShardedMask, step: int, rewind: bool) -> None:
         self.mask = mask
         if rewind:
             self._rewind()
+        elif step > 0:
+            # `rewind: none`: the complement is frozen at the end of Stage I, so that is the θ
+            # the drift, `save_init` and the release audit must compare against.
+            self.theta0 = self._snapshot_master()
         self.update = MaskedUpdate(self.engine, mask, self.cfg.complement)
         self.stage2_start = step
         self._log_density(step)
@@ -183,7 +192,7 @@ class PMPController:
         self.stage2_start = state["stage2_start"]
         self.mask = None
         if state["mask"] is not None:
-            self.mask = ShardedMask.from_state_dict(self.layout, state["mask"])
+            self.mask = ShardedMask.from_state_dict(self.layout, state["mask"], _device())
             self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
 
     def load_resharded(self, old: list[dict]) -> None:
@@ -212,7 +221,7 @@ class PMPController:
         self.theta0 = theta0
         if self.update is not None:
             self.update.remove()
-        self.mask = ShardedMask.from_param_masks(self.layout, masks)
+        self.mask = ShardedMask.from_param_masks(self.layout, masks, _device())
         self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
 
     # --- private artifacts ---------------------------------------------------------------------------
@@ -266,6 +275,8 @@ class PMPController:
                 "check_every": self.cfg.check_every, "iou_threshold": self.cfg.iou_threshold,
                 "patience": self.cfg.patience, "warmup_max_steps": self.cfg.warmup_max_steps},
             "stage2_start_step": self.stage2_start,
+            # What the complement equals: the initialisation, or the end of Stage I.
+            "rewind": self.cfg.rewind,
             "density": getattr(self, "density", None),
         }
 

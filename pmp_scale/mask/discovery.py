@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .select import topk_mask, random_scores, iou
+from .select import iou, random_scores, topk_mask
 from .sharded import PartitionLayout, ShardedMask
 
 
@@ -30,22 +30,30 @@ def target_counts(layout: PartitionLayout, ratio: float, scope: str,
 class MaskSelector:
     """Turns per-element scores into a ShardedMask with the run's ratio, scope and exclusions."""
 
-    def __init__(self, layout: PartitionLayout, ratio: float, scope: str, exclude: list[str]):
+    def __init__(self, layout: PartitionLayout, ratio: float, scope: str, exclude: list[str],
+                 device: torch.device | str = "cpu"):
         self.layout = layout
         self.ratio = ratio
+        self.device = device  # masks live here; collectives run here (NCCL: the GPU)
         self.excluded = layout.select(exclude)
         self.groups, self.k = target_counts(layout, ratio, scope, self.excluded)
         self.trainable = [i for i, x in enumerate(self.excluded) if not x]
+        # The elements that are selected at all: excluded ones are in every candidate, so an
+        # IoU counting them would be inflated.
+        self.selectable = ShardedMask.from_param_masks(layout, [
+            torch.full((e.slice.length,), not x, dtype=torch.bool)
+            for e, x in zip(layout.entries, self.excluded)], device)
 
     def from_scores(self, scores: list[torch.Tensor]) -> ShardedMask:
         """`scores[i]` for every layout entry (excluded entries ignored: always trainable)."""
-        chosen = topk_mask([scores[i] for i in self.trainable],
+        chosen = topk_mask([scores[i].to(self.device) for i in self.trainable],
                            [self.layout.entries[i].slice for i in self.trainable],
                            self.k if self.groups is not None else self.k[0], self.groups)
-        masks = [torch.ones(e.slice.length, dtype=torch.bool) for e in self.layout.entries]
+        masks = [torch.ones(e.slice.length, dtype=torch.bool, device=self.device)
+                 for e in self.layout.entries]
         for i, m in zip(self.trainable, chosen):
             masks[i] = m
-        return ShardedMask.from_param_masks(self.layout, masks)
+        return ShardedMask.from_param_masks(self.layout, masks, self.device)
 
     def random(self, seed: int) -> ShardedMask:
         """Uniform mask of exactly k elements, identical at any world size."""
@@ -53,7 +61,13 @@ class MaskSelector:
         return self.from_scores(scores)
 
     def full(self) -> ShardedMask:
-        return ShardedMask.full(self.layout)
+        return ShardedMask.full(self.layout, self.device)
+
+    def iou(self, a: ShardedMask, b: ShardedMask) -> float:
+        """IoU over the selectable elements (excluded parameters left out), over all ranks."""
+        keep = self.selectable.bits
+        return iou([x.to(self.device) & k for x, k in zip(a.bits, keep)],
+                   [y.to(self.device) & k for y, k in zip(b.bits, keep)])
 
 
 def local_grad_slices(engine, layout: PartitionLayout) -> list[torch.Tensor]:
@@ -77,7 +91,8 @@ class EarlyBird:
         self.ema_beta = ema_beta
         self.ema: list[torch.Tensor] | None = None
         self.candidate: ShardedMask | None = None
-        self.history: list[ShardedMask] = []  # every candidate, for IoU with the final mask
+        # Every candidate (in host memory), for its IoU with the final mask.
+        self.history: list[ShardedMask] = []
         self.streak = 0
         self.steps = 0
         self.trace: list[dict] = []
@@ -105,11 +120,11 @@ class EarlyBird:
             candidate = self.selector.from_scores(scores)
             record = {"step": self.steps, "iou_prev": None}
             if self.candidate is not None:
-                value = iou(self.candidate.bits, candidate.bits)
+                value = self.selector.iou(self.candidate, candidate)
                 record["iou_prev"] = value
                 self.streak = self.streak + 1 if value >= self.iou_threshold else 0
             self.candidate = candidate
-            self.history.append(candidate)
+            self.history.append(candidate.to("cpu"))
             self.trace.append(record)
             if self.streak >= self.patience:
                 self.stop_reason = "converged"
@@ -118,7 +133,7 @@ class EarlyBird:
             if self.candidate is None or self.steps % self.check_every:
                 scores = self.ema if self.score == "ema" else [g.float().abs() for g in grads]
                 self.candidate = self.selector.from_scores(scores)
-                self.history.append(self.candidate)
+                self.history.append(self.candidate.to("cpu"))
                 self.trace.append({"step": self.steps, "iou_prev": None})
         return record
 
@@ -126,7 +141,7 @@ class EarlyBird:
         """The final mask; fills in every candidate's IoU with it, then drops the history."""
         final = self.candidate
         for record, cand in zip(self.trace, self.history):
-            record["iou_final"] = iou(cand.bits, final.bits)
+            record["iou_final"] = self.selector.iou(cand, final)
         self.history = []
         self.ema = None
         return final
@@ -142,7 +157,8 @@ class EarlyBird:
         layout = self.selector.layout
         self.steps, self.streak = state["steps"], state["streak"]
         self.trace, self.stop_reason = state["trace"], state["stop_reason"]
-        self.candidate = (None if state["candidate"] is None
-                          else ShardedMask.from_state_dict(layout, state["candidate"]))
+        self.candidate = (None if state["candidate"] is None else
+                          ShardedMask.from_state_dict(layout, state["candidate"],
+                                                      self.selector.device))
         self.history = [ShardedMask.from_state_dict(layout, s) for s in state["history"]]
         self.ema = state["ema"]

@@ -92,13 +92,13 @@ class ShardedMask:
     def from_param_masks(cls, layout: PartitionLayout, masks: list[torch.Tensor],
                          device: torch.device | str = "cpu") -> "ShardedMask":
         """`masks[i]`: bool tensor of entry i's real local elements (length slice.length)."""
-        flats = [torch.zeros(n, dtype=torch.bool) for n in layout.sub_group_sizes]
+        flats = [torch.zeros(n, dtype=torch.bool, device=device) for n in layout.sub_group_sizes]
         for entry, m in zip(layout.entries, masks):
             if m.numel() != entry.slice.length:
                 raise MaskLayoutError(f"mask for {entry.name} has {m.numel()} local elements, "
                                       f"expected {entry.slice.length}")
-            flats[entry.sub_group][entry.offset:entry.offset + entry.slice.length] = m.cpu()
-        return cls(layout, [pack_bits(f).to(device) for f in flats])
+            flats[entry.sub_group][entry.offset:entry.offset + entry.slice.length] = m
+        return cls(layout, [pack_bits(f) for f in flats])  # one sub-group unpacked at a time
 
     @classmethod
     def full(cls, layout: PartitionLayout, device="cpu") -> "ShardedMask":
@@ -118,6 +118,9 @@ class ShardedMask:
                 if e.sub_group == g:
                     out[i] = flat[e.offset:e.offset + e.slice.length].clone()
         return out
+
+    def to(self, device) -> "ShardedMask":
+        return ShardedMask(self.layout, [b.to(device) for b in self.bits])
 
     def local_selected(self) -> int:
         return sum(popcount(b) for b in self.bits)
