@@ -26,6 +26,12 @@ from .models import build_hf_config, build_model, count_params, flops_per_token
 from .telemetry import Telemetry, memory_gib, peak_tflops
 
 
+# PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
+# silently train a different method.
+PMP_IDENTITY = {"mask_ratio", "mask_source", "score", "topk_scope", "exclude", "rewind",
+                "complement"}
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -85,6 +91,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str
         "wall_clock_breakdown": False,
     }
     return deep_merge(derived, cfg.deepspeed)
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 def lr_lambda(cfg: RunConfig):
@@ -199,7 +210,7 @@ class Trainer:
             components=components,
             fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
                          "world_size": self.world_size, "seq_len": self.seq_len,
-                         "pmp": cfg.pmp.enabled},
+                         "pmp": cfg.pmp.enabled and cfg.pmp.model_dump(include=PMP_IDENTITY)},
             describe=self._describe_model)
 
     def _describe_model(self, out_dir: Path) -> None:
@@ -221,9 +232,14 @@ class Trainer:
         self.model = build_model(self.hf_config, seed, self.ds_config, dtype[self.precision])
         o = self.cfg.optim
         self.schedule = lr_lambda(self.cfg)
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-            fused=not on_cpu())
+        groups = param_groups(self.model, o.weight_decay)
+        if offloads_optimizer(self.ds_config):  # the step runs on the host: DeepSpeed's CPU Adam
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps,
+                                         adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
+                                          fused=not on_cpu())
         engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))

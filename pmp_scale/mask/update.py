@@ -17,52 +17,64 @@ import torch
 from .sharded import ShardedMask
 
 
-def _inner_optimizer(engine):
-    return engine.optimizer.optimizer
-
-
 class MaskedUpdate:
     def __init__(self, engine, mask: ShardedMask, complement: str = "frozen"):
         if complement not in ("frozen", "decay"):
             raise ValueError(f"pmp.complement must be 'frozen' or 'decay', got {complement!r}")
         zero = engine.optimizer
-        if getattr(zero, "offload_optimizer", False):
-            raise NotImplementedError(
-                "pmp: optimizer CPU offload is not supported by the masked update yet; "
-                "remove deepspeed.zero_optimization.offload_optimizer")
         self.engine = engine
         self.mask = mask
         self.complement = complement
+        self.offload = bool(getattr(zero, "offload_optimizer", False))
         self.fp32_flat = zero.fp32_partitioned_groups_flat
         self._group_of = {t.data_ptr(): i for i, t in enumerate(self.fp32_flat)}
         self._snapshot: tuple[int, torch.Tensor] | None = None
-        self._step_masks: dict[int, torch.Tensor] = {}
         self._handles = []
         if complement == "frozen":
-            inner = _inner_optimizer(engine)
-            self._handles = [inner.register_step_pre_hook(self._pre),
-                             inner.register_step_post_hook(self._post)]
+            # Partial offload (`ratio` < 1) steps the sub-groups kept on the device with a
+            # second optimizer: hook both.
+            for inner in (zero.optimizer, getattr(zero, "backup_optimizer", None)):
+                if inner is not None:
+                    self._handles += [inner.register_step_pre_hook(self._pre),
+                                      inner.register_step_post_hook(self._post)]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    def _bool(self, group: int) -> torch.Tensor:
-        """Unpacked mask of a sub-group, kept only for the current optimizer step."""
-        m = self._step_masks.get(group)
-        if m is None:
-            m = self._step_masks[group] = self.mask.sub_group(group).to(
-                self.fp32_flat[group].device, non_blocking=True)
-        return m
+    def _bool(self, group: int, device) -> torch.Tensor:
+        """Unpacked mask of one sub-group, only for the op at hand: the resident form stays
+        packed (1 bit per element); the transient is one sub-group's bytes."""
+        return self.mask.sub_group(group).to(device, non_blocking=True)
 
     # H1 ------------------------------------------------------------------------------------
+    @torch.no_grad()
     def before_step(self, engine, step: int) -> None:
-        buf = engine.optimizer.grad_partitions_flat_buffer
+        zero = engine.optimizer
+        buf = zero.grad_partitions_flat_buffer
         offset = 0
         for g, n in enumerate(self.mask.layout.sub_group_sizes):
-            buf[offset:offset + n].masked_fill_(~self._bool(g), 0)
+            keep = self._bool(g, buf.device)
+            buf[offset:offset + n].masked_fill_(~keep, 0)
             offset += n
+            if self.offload:
+                self._mask_offloaded(zero, g, keep)
+
+    def _mask_offloaded(self, zero, g: int, keep: torch.Tensor) -> None:
+        """With optimizer offload the boundary backward has already copied the gradients to
+        the host fp32 partition and cached each parameter's norm (used for the global norm and
+        clipping): mask the copy and recompute those norms."""
+        grad = self.fp32_flat[g].grad
+        if grad is None:
+            return
+        grad.masked_fill_(~keep.to(grad.device), 0)
+        for p in zero.fp16_groups[g]:
+            pid = zero.get_param_id(p)
+            if pid in zero.norm_for_param_grads:
+                _, start, numel = zero.grad_position[pid]
+                zero.norm_for_param_grads[pid] = zero._constant_buffered_norm2(
+                    grad.narrow(0, start, numel))
 
     # H2 ------------------------------------------------------------------------------------
     def _stepped_group(self, optimizer) -> int | None:
@@ -85,10 +97,10 @@ class MaskedUpdate:
         g, before = self._snapshot
         self._snapshot = None
         flat = self.fp32_flat[g]
-        flat.copy_(torch.where(self._bool(g), flat, before))
+        flat.copy_(torch.where(self._bool(g, flat.device), flat, before))
 
     def after_step(self, engine, step: int) -> None:
-        self._step_masks.clear()
+        """Nothing to do: kept for the StepHook protocol."""
 
 
 @torch.no_grad()
@@ -96,7 +108,7 @@ def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> f
     """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen)."""
     drift = 0.0
     for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
-        frozen = (~mask.sub_group(g) & mask.layout.real_elements(g)).to(flat.device)
+        frozen = ~mask.sub_group(g).to(flat.device) & mask.layout.real_elements(g).to(flat.device)
         if frozen.any():
             diff = (flat[frozen] - theta0[g].to(flat.device)[frozen]).abs().max().item()
             drift = max(drift, diff)
