@@ -98,7 +98,8 @@ class PMPConfig(_Strict):
 class RunConfig(_Strict):
     run_dir: str
     # Init seed: same seed => same θ(0) at any world size. null = drawn from the OS; a PMP run
-    # keeps it only in its private artifacts (a public seed would reveal the frozen complement).
+    # keeps it only in its private artifacts (a public seed would reveal the frozen complement),
+    # and draws it unless `seed` is written in its config.
     seed: int | None = 1234
     model: ModelConfig
     data: DataConfig
@@ -113,6 +114,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
+        if self.pmp.enabled and "seed" not in self.model_fields_set:
+            # θ(0) must be secret in a PMP run: no default seed, unless one is given on purpose.
+            object.__setattr__(self, "seed", None)
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
