@@ -57,7 +57,8 @@ def _full_masks(mask_dir) -> dict[str, torch.Tensor]:
             for name in packed}
 
 
-@pytest.mark.parametrize("name", ["pmp_frozen_fp32", "pmp_frozen_bf16"])
+@pytest.mark.parametrize("name", ["pmp_frozen_fp32", "pmp_frozen_bf16", "pmp_scoped",
+                                  "pmp_offload"])
 def test_complement_stays_bit_exact_at_theta0(dist_results, name):
     r = _load(dist_results, f"{name}.pt")
     dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
@@ -74,6 +75,39 @@ def test_complement_stays_bit_exact_at_theta0(dist_results, name):
     assert r["drift"] == 0.0
     # clipping was active (grad_clip 0.05 is far below the raw norm), so the test covers it
     assert max(g for g in r["grad_norms"] if g is not None) > 0.05
+
+
+def test_offload_clips_the_masked_gradient(dist_results):
+    """With the optimizer offloaded, the global norm is DeepSpeed's per-parameter cache: it
+    must be the masked gradient's norm, as without offload (same mask seed, data and θ(0))."""
+    first = [next(g for g in _load(dist_results, f"{n}.pt")["grad_norms"] if g is not None)
+             for n in ("pmp_offload", "pmp_frozen_fp32")]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)
+
+
+def test_scope_options_per_tensor_and_exclusions(dist_results):
+    r = _load(dist_results, "pmp_scoped.pt")
+    _, meta = read_artifact(r["mask_dir"])
+    for name, m in _full_masks(r["mask_dir"]).items():
+        if "embed" in name or "norm" in name:
+            assert m.all(), name
+        else:
+            assert m.sum().item() == math.floor(0.5 * m.numel() + 0.5), name
+    trace = meta["discovery"]["trace"]
+    assert meta["discovery"]["stop_reason"] == "step_limit" and [t["step"] for t in trace] == [2, 4, 6]
+    assert trace[-1]["iou_final"] == 1.0 and all(0 < t["iou_final"] < 1 for t in trace[:-1])
+
+
+def test_pmp_run_without_a_seed_draws_a_secret_one(dist_results):
+    r = _load(dist_results, "pmp_secret_seed.pt")
+    a, b = r["seeds"]
+    assert a != b and not r["same_theta0"]
+    for i, seed in enumerate(r["seeds"]):
+        run = dist_results / f"pmp_secret_{i}"
+        assert read_artifact(run / "private" / "mask")[1]["init_seed"] == seed
+        public = [run / "config.yaml", run / "metrics.jsonl"]
+        assert all(str(seed) not in p.read_text() for p in public if p.is_file())
+        assert "seed: null" in (run / "config.yaml").read_text()
 
 
 def test_decay_complement_moves(dist_results):

@@ -182,10 +182,10 @@ def _refused(args, what, run="pmp_full", **over):
 
 
 # --- issue: PMP core ----------------------------------------------------------------------------
-def _pmp_run(args, name, precision="fp32", steps=50, **pmp):
+def _pmp_run(args, name, precision="fp32", steps=50, ds=None, **pmp):
     cfg = config(args, name, train={"max_steps": steps, "precision": precision},
                  optim={"grad_clip": 0.05, "weight_decay": 0.1},
-                 pmp={"enabled": True, **pmp})
+                 pmp={"enabled": True, **pmp}, deepspeed=ds or {})
     t = Trainer(cfg)
     before = gathered(t.model)
     master0 = [f.detach().clone() for f in t.engine.optimizer.fp32_partitioned_groups_flat]
@@ -216,7 +216,7 @@ def _metrics(run_dir):
 
 @scenario
 def pmp_frozen(args):
-    _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5)
+    _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
     _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
     _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
 
@@ -225,6 +225,37 @@ def pmp_frozen(args):
 def pmp_earlybird(args):
     _pmp_run(args, "pmp_earlybird", steps=8, mask_ratio=0.7, check_every=2, patience=2,
              warmup_max_steps=8, save_init=True)
+
+
+@scenario
+def pmp_scoped(args):
+    """Early-bird with per-tensor top-k and exclusions, rewind, then 50 masked steps: the
+    stale-moment path (Stage I moments are discarded) and the scope options together."""
+    _pmp_run(args, "pmp_scoped", mask_ratio=0.5, topk_scope="per_tensor",
+             exclude=["*embed*", "*norm*"], check_every=2, patience=2, warmup_max_steps=6)
+
+
+@scenario
+def pmp_offload(args):
+    """Optimizer state and fp32 master offloaded to the host (ZeRO-Offload)."""
+    _pmp_run(args, "pmp_offload", steps=20, mask_source="random", mask_ratio=0.5, mask_seed=5,
+             ds={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+
+
+@scenario
+def pmp_secret_seed(args):
+    """A PMP run given no seed draws one per run and writes it only to private places."""
+    seeds, theta = [], []
+    for i in (0, 1):
+        cfg = config(args, f"pmp_secret_{i}", train={"max_steps": 2},
+                     pmp={"enabled": True, "mask_source": "random"})
+        cfg = cfg.model_copy(update={"seed": None})
+        t = Trainer(cfg)
+        theta.append(gathered(t.model)["model.embed_tokens.weight"])
+        t.train()
+        seeds.append(t.init_seed)
+    save0({"seeds": seeds, "same_theta0": torch.equal(*theta)},
+          Path(args.out) / "pmp_secret_seed.pt")
 
 
 @scenario
