@@ -245,6 +245,8 @@ def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
     items = [(n, pack_bits(torch.rand(w.numel(), generator=g) < 0.5), tuple(w.shape))
              for n, w in release_weights(tiny_release).items()]
     write_artifact(tmp_path / "mask05", items, {"mask_ratio": 0.5})
+    from pmp_scale.release import record_release
+    record_release(tmp_path / "mask05", Release.open(tiny_release["release"]).sha256, "fp32")
     base = tmp_path / "ft.yaml"
     base.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
                                              mask=None, train__max_steps=1)))
@@ -344,6 +346,23 @@ def test_mask_of_another_release_is_refused(tiny_release, tmp_path, capsys):
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: mask belongs to another release")
+
+
+def test_unbound_mask_is_refused_unless_allowed(tiny_release, tmp_path):
+    """No release_sha256: any same-architecture release would pass the shape check."""
+    unbound = tmp_path / "mask"
+    shutil.copytree(tiny_release["mask"], unbound)
+    meta = json.loads((unbound / "mask.json").read_text())
+    del meta["release_sha256"]
+    (unbound / "mask.json").write_text(json.dumps(meta))
+    release = Release.open(tiny_release["release"])
+    with pytest.raises(MaskMismatchError, match="records no release_sha256.*allow_unbound_mask"):
+        check_mask(unbound, release)
+    tensors, _ = check_mask(unbound, release, allow_unbound=True)
+    assert tensors.keys() == release.shapes.keys()
+    cfg = parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                          mask=str(unbound), allow_unbound_mask=True))
+    assert cfg.allow_unbound_mask
 
 
 def test_mask_shape_mismatch_is_refused(tiny_release, tmp_path):

@@ -229,7 +229,7 @@ def _loss(model, batches) -> float:
 def _prepare(release, mask, finetune_cfg: FinetuneConfig, seed: int):
     from .train import Release, check_mask
     rel = Release.open(release)
-    check_mask(mask, rel)
+    check_mask(mask, rel, finetune_cfg.allow_unbound_mask)
     task = build_task(finetune_cfg.task, load_hf_tokenizer(rel.path))
     model = _plain_model(rel.path, task, seed)
     return rel, task, model, _full_masks(mask, model)

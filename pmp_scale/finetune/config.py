@@ -115,6 +115,9 @@ class FinetuneConfig(_Strict):
     release: str          # a released HF model directory
     mode: Literal["unauthorized", "unauthorized-lora", "authorized"] = "unauthorized"
     mask: str | None = None   # private mask artifact dir; required by `authorized`
+    # A mask without a recorded release sha256 fits any same-architecture release: refused
+    # unless this is set (then only names and shapes are checked).
+    allow_unbound_mask: bool = False
     out_dir: str | None = None  # result.json + metrics.jsonl; none = results returned only
     seed: int = 0             # data order, new heads, LoRA init, dropout
     # Ablation: fine-tune a fresh init of the release's architecture (no pre-training) instead.

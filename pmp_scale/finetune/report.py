@@ -215,11 +215,12 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
     base_raw = base_finetune_config(cfg, base_dir)
     cells = cells if cells is not None else plan_cells(cfg, base_raw)
     releases, masks, tasks = {}, {}, {}
+    allow_unbound = any(c["config"].allow_unbound_mask for c in cells)  # one base config
     for entry in cfg.releases:  # bad inputs fail here, before any run
         rel = Release.open(entry.release)
         releases[entry.name] = rel
         if entry.mask is not None:
-            check_mask(entry.mask, rel)
+            check_mask(entry.mask, rel, allow_unbound)
             masks[entry.name] = _file_digest(Path(entry.mask) / "mask.safetensors")
     todo, results = [], {}
     for cell in cells:

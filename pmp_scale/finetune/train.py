@@ -122,8 +122,10 @@ class Release:
         return release_tensors(self.path)
 
 
-def check_mask(mask_dir, release: Release) -> tuple[dict, dict]:
-    """The private mask artifact, after checking that it belongs to this release."""
+def check_mask(mask_dir, release: Release, allow_unbound: bool = False) -> tuple[dict, dict]:
+    """The private mask artifact, after checking that it belongs to this release. A mask with no
+    recorded release sha256 would fit any release of the same architecture, so it is refused
+    unless `allow_unbound` (config `allow_unbound_mask: true`) says so."""
     mask_dir = Path(mask_dir)
     tensors, meta = read_artifact(mask_dir)  # malformed artifacts: MaskArtifactError
     recorded = meta.get("release_sha256")
@@ -141,8 +143,13 @@ def check_mask(mask_dir, release: Release) -> tuple[dict, dict]:
             f"e.g. {n!r}: mask {list(shapes[n]) if n in shapes else 'absent'}, release "
             f"{list(release.shapes[n]) if n in release.shapes else 'absent'} ({mask_dir})")
     if recorded is None:
-        log.warning("%s records no release_sha256 (tools/release.py --private binds it): only "
-                    "names and shapes were checked against %s", mask_dir, release.path)
+        if not allow_unbound:
+            raise MaskMismatchError(
+                f"{mask_dir / 'mask.json'} records no release_sha256, so it cannot be checked "
+                f"against {release.path}: bind it with tools/release.py --private {mask_dir}, "
+                "or set allow_unbound_mask=true to accept a names-and-shapes check")
+        log.warning("%s records no release_sha256 (allow_unbound_mask): only names and shapes "
+                    "were checked against %s", mask_dir, release.path)
     return tensors, meta
 
 
@@ -376,7 +383,8 @@ class Finetuner:
         self.release = release or Release.open(cfg.release)
         self.masks = self.mask_meta = None
         if cfg.mask is not None:
-            self.masks, self.mask_meta = check_mask(cfg.mask, self.release)
+            self.masks, self.mask_meta = check_mask(cfg.mask, self.release,
+                                                    cfg.allow_unbound_mask)
         self.task = task or build_task(cfg.task, load_hf_tokenizer(self.release.path))
         ensure_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
