@@ -210,6 +210,21 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     assert "Summary" in capsys.readouterr().out
 
 
+def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):
+    """lm: one step-0 evaluation per release; a from-scratch entry's step 0 depends on the seed."""
+    from pmp_scale.finetune.report import ReportConfig, plan_cells
+    rel = str(tiny_release["release"])
+    cfg = ReportConfig(out_dir="x", finetune="ft.yaml", lrs=[1e-3, 1e-2], steps=[2], seeds=[0, 1],
+                       min_seeds=2, releases=[{"name": "dense", "release": rel},
+                                              {"name": "scratch", "release": rel, "reinit": True}])
+    base = ft_config(tiny_release, "review_lm", "unauthorized", mask=None)
+    cells = plan_cells(cfg, base)
+    at_start = {}
+    for c in cells:
+        at_start.setdefault(c["entry"].name, []).append(c["config"].train.eval_at_start)
+    assert at_start == {"dense": [True, False, False, False], "scratch": [True] * 4}
+
+
 def test_report_needs_three_seeds(tmp_path):
     from pmp_scale.finetune.report import load_report_config
     report = tmp_path / "r.yaml"

@@ -106,7 +106,8 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
     durations = sorted(set(cfg.steps))
     runs = [(max(durations), durations)] if schedule == "constant" else [(d, [d]) for d in durations]
     # lm: the step-0 validation loss depends on the release only (no new head): evaluate it
-    # in the first run of each release and share it (see `_share_step0`).
+    # in the first run of each release and share it (see `_share_step0`). Not for `reinit`
+    # entries: their initial weights come from each run's seed.
     share_step0 = parse_finetune_config({**base_raw, "release": "-", "mask": None,
                                          "mode": "unauthorized"}).task.kind == "lm"
     cells = []
@@ -121,7 +122,7 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
                                    mask=entry.mask, reinit=entry.reinit, out_dir=None)
                         raw.setdefault("optim", {})["lr"] = lr
                         raw.setdefault("train", {}).update(max_steps=run_steps, eval_steps=evals)
-                        if share_step0:
+                        if share_step0 and not entry.reinit:
                             raw["train"]["eval_at_start"] = first
                             first = False
                         ft = parse_finetune_config(raw)
@@ -261,7 +262,8 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
 
 
 def _share_step0(results: list[dict]) -> list[dict]:
-    """Give runs that skipped the step-0 evaluation the one of their release's first run."""
+    """Give runs that skipped the step-0 evaluation the one of their release's first run
+    (never skipped by `reinit` runs, whose step 0 depends on the seed)."""
     step0 = {r["release_name"]: (r["curve"][0], r["at"]["0"]) for r in results if "0" in r["at"]}
     for r in results:
         if "0" not in r["at"]:
