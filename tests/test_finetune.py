@@ -208,6 +208,12 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     assert main(["--config", str(report), "--quiet"]) == 0  # rerun: everything cached
     assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 6
     assert "Summary" in capsys.readouterr().out
+    cell = sorted((out / "cells").glob("*.json"))[0]
+    cell.write_text(cell.read_text()[:100])  # an interrupted write: a cache miss, not a crash
+    assert main(["--config", str(report), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 5
+    assert json.loads(cell.read_text())["cell"] == cell.stem
+    assert not list((out / "cells").glob(".*.tmp"))
 
 
 def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):
@@ -223,6 +229,25 @@ def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):
     for c in cells:
         at_start.setdefault(c["entry"].name, []).append(c["config"].train.eval_at_start)
     assert at_start == {"dense": [True, False, False, False], "scratch": [True] * 4}
+
+
+def test_task_fingerprint_follows_data_and_tokenizer(tiny_release, tmp_path):
+    from pmp_scale.finetune.config import TaskConfig
+    from pmp_scale.finetune.tasks import DEFAULT_DATA_DIR, task_fingerprint
+    shutil.copytree(DEFAULT_DATA_DIR, tmp_path / "data")
+    shutil.copytree(tiny_release["release"], tmp_path / "tok",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    task = TaskConfig(name="review_lm", data_dir=str(tmp_path / "data"))
+    fp = task_fingerprint(task, tmp_path / "tok")
+    assert fp == task_fingerprint(task, tiny_release["release"])
+    with open(tmp_path / "data" / "movie_review_snippets.tsv.gz", "ab") as f:
+        f.write(b"\0")
+    changed_data = task_fingerprint(task, tmp_path / "tok")
+    tok_files = [p for p in (tmp_path / "tok").iterdir() if p.name.startswith("tokenizer")]
+    assert tok_files
+    with open(tok_files[0], "ab") as f:
+        f.write(b" ")
+    assert len({fp, changed_data, task_fingerprint(task, tmp_path / "tok")}) == 3
 
 
 def test_report_needs_three_seeds(tmp_path):

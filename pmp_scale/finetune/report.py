@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..config import ConfigError, format_validation_error, apply_overrides
 from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml
-from .tasks import build_task, load_hf_tokenizer
+from .tasks import build_task, load_hf_tokenizer, task_fingerprint
 
 log = logging.getLogger("pmp_scale.finetune")
 Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
@@ -143,12 +144,34 @@ def _file_digest(path: Path) -> str:
 RESULT_FORMAT = 2  # bump when a cell's result.json changes shape: older cells are rerun
 
 
-def cell_fingerprint(ft: FinetuneConfig, release_sha: str, mask_sha: str | None) -> str:
+def cell_fingerprint(ft: FinetuneConfig, release_sha: str, mask_sha: str | None,
+                     task_fp: str) -> str:
+    """What a cell's result depends on: its config, the release, the mask, the task's data and
+    tokenizer (`tasks.task_fingerprint`)."""
     h = hashlib.sha256(f"format {RESULT_FORMAT}".encode())
     h.update(ft.model_dump_json(exclude={"out_dir"}).encode())
     h.update(release_sha.encode())
     h.update((mask_sha or "").encode())
+    h.update(task_fp.encode())
     return h.hexdigest()
+
+
+def _read_cell(path: Path) -> dict | None:
+    """A cached cell, or None when it is absent or unreadable (an interrupted write: rerun it)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s is unreadable (%s): running the cell again", path, err)
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + rename: a crash never leaves a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --- base quality on the pre-training data --------------------------------------------------------
@@ -223,15 +246,19 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
         if entry.mask is not None:
             check_mask(entry.mask, rel, allow_unbound)
             masks[entry.name] = _file_digest(Path(entry.mask) / "mask.safetensors")
-    todo, results = [], {}
+    todo, results, task_fps = [], {}, {}
     for cell in cells:
-        fp = cell_fingerprint(cell["config"], releases[cell["entry"].name].sha256,
-                              masks.get(cell["entry"].name))
+        rel = releases[cell["entry"].name]
+        key = (rel.path, cell["config"].task.model_dump_json())
+        if key not in task_fps:
+            task_fps[key] = task_fingerprint(cell["config"].task, rel.path)
+        fp = cell_fingerprint(cell["config"], rel.sha256, masks.get(cell["entry"].name),
+                              task_fps[key])
         cell["fingerprint"] = fp
         path = out / "cells" / f"{cell['name']}.json"
-        if not fresh and path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("fingerprint") == fp:
+        if not fresh:
+            cached = _read_cell(path)
+            if cached is not None and cached.get("fingerprint") == fp:
                 results[cell["name"]] = cached
                 cell["cached"] = True
                 continue
@@ -254,7 +281,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
             result.update(cell=cell["name"], release_name=entry.name,
                           fingerprint=cell["fingerprint"], durations=cell["durations"],
                           wall_s=time.perf_counter() - t0)
-            (out / "cells" / f"{cell['name']}.json").write_text(json.dumps(result, indent=1))
+            _write_atomic(out / "cells" / f"{cell['name']}.json", json.dumps(result, indent=1))
             results[cell["name"]] = result
     finally:
         bar.close()
