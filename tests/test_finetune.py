@@ -304,6 +304,18 @@ def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
     assert (tmp_path / "source" / "mask_source.png").is_file()
 
 
+def test_analyses_bad_input_is_a_config_error(tiny_release, tmp_path):
+    from pmp_scale.finetune import analyses
+    rel, mask = str(tiny_release["release"]), str(tiny_release["mask"])
+    with pytest.raises(ConfigError, match=r"invalid config: releases\.0\.name: String should "
+                                          r"match pattern"):
+        analyses.mask_source([("early bird", rel, mask)], tmp_path, finetune="ft.yaml",
+                             lrs=[1e-3], steps=[1], seeds=[0], min_seeds=1, progress=False)
+    with pytest.raises(ConfigError, match="seeds: 1 given, every cell needs at least 3"):
+        analyses.ratio_sweep([(0.7, rel, mask)], tmp_path, finetune="ft.yaml", lrs=[1e-3],
+                             steps=[1], seeds=[0], progress=False)
+
+
 def test_overlap_coefficient_bounds():
     from pmp_scale.finetune.analyses import overlap_coefficient
     a = torch.randn(10000, generator=torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ import torch
 from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
 from .config import FinetuneConfig
-from .report import ReleaseEntry, ReportConfig, run_grid, summarise
+from .report import ReportConfig, parse_report_config, run_grid, summarise
 from .tasks import TaskData, build_task, load_hf_tokenizer
 
 
@@ -39,15 +39,16 @@ def _write(out: Path, name: str, numbers: dict) -> dict:
 
 
 # --- fine-tuning comparisons ----------------------------------------------------------------------
-def _grid(out: Path, finetune: str, entries: list[ReleaseEntry], lrs, steps, seeds,
-          overrides=(), dense: ReleaseEntry | None = None, progress=True,
+def _grid(out: Path, finetune: str, entries: list[dict], lrs, steps, seeds,
+          overrides=(), dense: dict | None = None, progress=True,
           min_seeds: int = 3) -> tuple[dict, ReportConfig]:
+    """Run the report's grid over `entries` (ReleaseEntry fields) and the optional dense one."""
     from .train import ensure_process_group
     releases = list(entries) + ([dense] if dense is not None else [])
-    cfg = ReportConfig(out_dir=str(out), finetune=str(Path(finetune).resolve()),
-                       overrides=list(overrides), releases=releases, lrs=list(lrs),
-                       steps=list(steps), seeds=list(seeds), min_seeds=min_seeds,
-                       dense=dense.name if dense else "dense", pmp=entries[0].name)
+    cfg = parse_report_config(dict(
+        out_dir=str(out), finetune=str(Path(finetune).resolve()), overrides=list(overrides),
+        releases=releases, lrs=list(lrs), steps=list(steps), seeds=list(seeds),
+        min_seeds=min_seeds, dense=dense["name"] if dense else "dense", pmp=entries[0]["name"]))
     ensure_process_group()
     results = run_grid(cfg, Path("."), progress=progress)
     return summarise(cfg, results), cfg
@@ -65,9 +66,9 @@ def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, s
                 min_seeds: int = 3) -> dict:
     """inputs: (ρ, release dir, mask dir). Test metric after fine-tuning vs ρ, per mode."""
     out = Path(out)
-    entries = [ReleaseEntry(name=f"rho{rho:g}", release=rel, mask=mask,
-                            modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
-    dense = (ReleaseEntry(name="dense", release=dense_release, modes=["unauthorized"])
+    entries = [dict(name=f"rho{rho:g}", release=rel, mask=mask,
+                    modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
+    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
              if dense_release else None)
     summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
                        min_seeds)
@@ -76,7 +77,7 @@ def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, s
     for (rho, rel, mask), e in zip(inputs, entries):
         row = {"rho": rho, "release": rel, "mask": mask}
         for mode in ("unauthorized", "authorized"):
-            b = _best_at(summary, e.name, mode, d)
+            b = _best_at(summary, e["name"], mode, d)
             row[mode] = {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
                          "before_ft": b["before_mean"], "gain_mean": b["gain_mean"]}
         rows.append(row)
@@ -121,9 +122,9 @@ def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, ste
                 min_seeds: int = 3) -> dict:
     """inputs: (label e.g. earlybird / random, release dir, mask dir), same ρ."""
     out = Path(out)
-    entries = [ReleaseEntry(name=label, release=rel, mask=mask, modes=["unauthorized", "authorized"])
+    entries = [dict(name=label, release=rel, mask=mask, modes=["unauthorized", "authorized"])
                for label, rel, mask in inputs]
-    dense = (ReleaseEntry(name="dense", release=dense_release, modes=["unauthorized"])
+    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
              if dense_release else None)
     summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
                        min_seeds)

@@ -81,13 +81,17 @@ class ReportConfig(_Strict):
         return self
 
 
-def load_report_config(path, overrides: list[str] = ()) -> tuple[ReportConfig, Path]:
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
+def parse_report_config(raw: dict) -> ReportConfig:
+    """Validated report config; bad input is one ConfigError line, not a pydantic traceback."""
     try:
-        return ReportConfig.model_validate(raw), path.parent
+        return ReportConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def load_report_config(path, overrides: list[str] = ()) -> tuple[ReportConfig, Path]:
+    path = Path(path)
+    return parse_report_config(apply_overrides(read_yaml(path), list(overrides))), path.parent
 
 
 # --- cells ----------------------------------------------------------------------------------------
