@@ -269,6 +269,14 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
     assert numbers["n_masked"] + numbers["n_unmasked"] == sum(
         m.numel() for m in masks_of(tiny_release).values())
     assert (tmp_path / "grad_hist.png").is_file() and (tmp_path / "grad_hist.json").is_file()
+    # classification: the new head (score.weight) is not in the release, so in neither histogram
+    cls = parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized"))
+    numbers = analyses.grad_hist(tiny_release["release"], tiny_release["mask"], cls,
+                                 tmp_path / "cls", grad_batches=1, batch_size=4)
+    masks = masks_of(tiny_release)
+    assert numbers["n_masked"] == sum(int(m.sum()) for n, m in masks.items() if n != "lm_head.weight")
+    assert numbers["n_unmasked"] == sum(int((~m).sum()) for n, m in masks.items()
+                                        if n != "lm_head.weight")
     land = analyses.landscape(tiny_release["release"], tiny_release["mask"], cfg, tmp_path,
                               points=3, grad_batches=1, eval_batches=1, batch_size=4)
     curves = land["curves"]

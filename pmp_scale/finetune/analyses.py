@@ -181,7 +181,8 @@ def _plain_model(release, task: TaskData, seed: int):
 
 
 def _full_masks(mask_dir, model) -> dict[str, torch.Tensor]:
-    """name -> bool mask shaped like the parameter; parameters without one: all True."""
+    """name -> bool mask shaped like the parameter; parameters without one (a new head, which
+    authorized fine-tuning trains fully): all True."""
     tensors, meta = read_artifact(mask_dir)
     out = {}
     for name, p in model.named_parameters():
@@ -334,12 +335,12 @@ def grad_hist(release, mask, finetune_cfg: FinetuneConfig, out, grad_batches: in
     """log10 |mean task gradient| at the released weights, masked vs unmasked elements."""
     from ..mask.controller import layer_kind
     out = Path(out)
-    _, task, model, masks = _prepare(release, mask, finetune_cfg, seed)
+    rel, task, model, masks = _prepare(release, mask, finetune_cfg, seed)
     grads = task_gradient(model, task, grad_batches, batch_size, seed)
     tiny = 1e-30
     sel, rest, per_kind = [], [], {}
     for n, m in masks.items():
-        if n not in grads:
+        if n not in grads or n not in rel.shapes:  # a new head is neither masked nor unmasked
             continue
         logg = torch.log10(grads[n].abs().float() + tiny).reshape(-1)
         mm = m.reshape(-1)
