@@ -137,6 +137,41 @@ def test_authorized_lm_keeps_the_complement_bit_exact(tiny_release):
     assert result["final"]["validation"]["loss"] < result["curve"][0]["loss"]
 
 
+def test_non_finite_gradient_skips_the_step(tiny_release):
+    """A NaN loss at step 2 is skipped (weights untouched, complement still exact) and counted;
+    the run goes on. Two in a row with nonfinite_max_in_a_row=2: diverged, stopped."""
+    from pmp_scale.finetune.train import Finetuner
+    ft = Finetuner(parse_finetune_config(ft_config(
+        tiny_release, "review_lm", "authorized", train__max_steps=4,
+        train__nonfinite_max_in_a_row=2)))
+    forward, train_step, snapshots, bad_steps = ft._forward, ft.train_step, {}, {1}
+
+    def poisoned_forward(batch):
+        out = forward(batch)
+        if ft._step in bad_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def recording_step(order, step):
+        ft._step = step
+        loss = train_step(order, step)
+        snapshots[step] = gathered(ft.model)
+        return loss
+    ft._forward, ft.train_step, ft._step = poisoned_forward, recording_step, -1
+    try:
+        result = ft.run()
+        assert result["skipped_steps"] == 1 and not result["diverged"]
+        assert result["steps_done"] == 4 and math.isfinite(result["final"]["test"]["loss"])
+        assert all(torch.equal(snapshots[1][n], snapshots[0][n]) for n in snapshots[0])
+        assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])
+        assert result["backbone"]["complement_changed"] == 0
+        bad_steps.update({2, 3})
+        result = ft.run()
+    finally:
+        ft.close()
+    assert result["diverged"] and result["steps_done"] == 3 and result["skipped_steps"] == 3
+
+
 def test_authorized_classification_trains_the_new_head(tiny_release):
     result, before, after = run_and_gather(ft_config(tiny_release, "movie_reviews", "authorized"))
     release, masks = release_weights(tiny_release), masks_of(tiny_release)

@@ -86,6 +86,9 @@ class TrainConfig(_Strict):
     # run per release: the released weights, hence the step-0 loss, are the same in every run.
     eval_at_start: bool = True
     log_every: int = Field(10, ge=1)
+    # Non-finite loss or gradient: the step is skipped and counted; the run stops (diverged)
+    # after this many in a row.
+    nonfinite_max_in_a_row: int = Field(5, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 

@@ -405,6 +405,7 @@ class Finetuner:
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
         self.hooks = []
+        self.skipped = self.bad_streak = 0  # steps skipped for a non-finite loss or gradient
         if cfg.mode == "authorized":
             from ..mask.update import MaskedUpdate
             self.hooks.append(MaskedUpdate(self.engine, sharded_mask(self.engine, self.masks)))
@@ -474,20 +475,41 @@ class Finetuner:
             yield self.task.collate("train", [order[p] for p in range(start, start + mb)])
 
     def train_step(self, order: SampleOrder, step: int) -> float:
+        """One optimizer step; a non-finite loss or gradient on any rank skips it (DeepSpeed's
+        overflow path: weights, moments and LR schedule untouched), as in pre-training."""
         total = torch.zeros((), dtype=torch.float64)
+        finite = True
         for m, batch in enumerate(self._micro_batches(order, step)):
             loss = self._forward(batch).loss
             self.engine.backward(loss)
             total += loss.detach().double().cpu()
             if m == self.grad_accum - 1:
-                for hook in self.hooks:
-                    hook.before_step(self.engine, step)
+                finite = self._all_finite(total)
+                if finite:
+                    for hook in self.hooks:
+                        hook.before_step(self.engine, step)
+                else:
+                    self.engine.optimizer.overflow = True
             self.engine.step()
-        for hook in self.hooks:
-            hook.after_step(self.engine, step)
+        if finite:
+            self.bad_streak = 0
+            for hook in self.hooks:
+                hook.after_step(self.engine, step)
+        else:
+            self.engine.optimizer.overflow = False
+            self.skipped += 1
+            self.bad_streak += 1
         total = (total / self.grad_accum).to(self.engine.device)
         dist.all_reduce(total)
         return total.item() / self.world
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and this rank's gradient partition finite on every rank."""
+        grads = self.engine.optimizer.grad_partitions_flat_buffer
+        ok = torch.isfinite(grads).all() & torch.isfinite(loss.to(grads.device))
+        flag = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def run(self, progress=None) -> dict:
         """Train max_steps; validation at 0 / eval_every / eval_steps / end, test at 0,
@@ -516,10 +538,12 @@ class Finetuner:
             result["train_loss"].append([steps_done, loss])
             if progress is not None:
                 progress(steps_done)
-            if not math.isfinite(loss):
-                result["diverged"] = True
-                log.warning("%s | step %d | non-finite loss: stopping", c.mode, steps_done)
-                break
+            if self.bad_streak:
+                log.warning("%s | step %d | non-finite loss or gradient: step skipped (%d in a "
+                            "row)", c.mode, steps_done, self.bad_streak)
+                if self.bad_streak >= c.train.nonfinite_max_in_a_row:
+                    result["diverged"] = True
+                    break
             if steps_done % c.train.log_every == 0:
                 _info("%s | step %d | loss %.4f | lr %.2e", c.mode, steps_done, loss,
                          self.engine.get_lr()[0])
@@ -541,6 +565,7 @@ class Finetuner:
         if self.masks is not None or c.mode == "unauthorized-lora":
             result["backbone"] = compare_with_release(self.model, self.release, self.masks)
         result["steps_done"] = steps_done
+        result["skipped_steps"] = self.skipped
         result["time_s"] = time.perf_counter() - t0
         return result
 
