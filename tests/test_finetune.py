@@ -321,7 +321,7 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
     assert (tmp_path / "landscape.png").is_file()
 
 
-def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
+def test_ratio_sweep_and_mask_source(tiny_release, tiny_data, tmp_path):
     """Two masks of one release stand in for two pre-trained releases (different ρ / source)."""
     from pmp_scale.finetune import analyses
     g = torch.Generator().manual_seed(5)
@@ -337,8 +337,15 @@ def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
     common = dict(finetune=str(base), lrs=[1e-2], steps=[1], seeds=[0], min_seeds=1,
                   progress=False)
     sweep = analyses.ratio_sweep([(0.5, rel, m05), (0.7, rel, m07)], tmp_path / "ratio",
-                                 dense_release=rel, **common)
+                                 dense_release=rel, pretrain_data=tiny_data["data"],
+                                 pretrain_eval_samples=8, **common)
     assert [r["rho"] for r in sweep["rows"]] == [0.5, 0.7] and sweep["dense"] is not None
+    # one release stands in for all three: the same base quality, measured per row
+    assert sweep["pretrain_eval_samples"] == 8
+    assert all(r["base"] == sweep["dense_base"] for r in sweep["rows"])
+    assert math.isfinite(sweep["dense_base"]["loss"]) and sweep["dense_base"]["ppl"] > 1
+    saved = json.loads((tmp_path / "ratio" / "ratio_sweep.json").read_text())
+    assert saved["rows"][0]["base"]["loss"] == pytest.approx(sweep["dense_base"]["loss"])
     assert all(math.isfinite(r["authorized"]["test_mean"]) for r in sweep["rows"])
     source = analyses.mask_source([("earlybird", rel, m07), ("random", rel, m05)],
                                   tmp_path / "source", **common)
@@ -347,7 +354,7 @@ def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
     assert (tmp_path / "source" / "mask_source.png").is_file()
 
 
-def test_analyses_bad_input_is_a_config_error(tiny_release, tmp_path):
+def test_analyses_bad_input_is_a_config_error(tiny_release, tiny_data, tmp_path):
     from pmp_scale.finetune import analyses
     rel, mask = str(tiny_release["release"]), str(tiny_release["mask"])
     with pytest.raises(ConfigError, match=r"invalid config: releases\.0\.name: String should "
@@ -356,7 +363,8 @@ def test_analyses_bad_input_is_a_config_error(tiny_release, tmp_path):
                              lrs=[1e-3], steps=[1], seeds=[0], min_seeds=1, progress=False)
     with pytest.raises(ConfigError, match="seeds: 1 given, every cell needs at least 3"):
         analyses.ratio_sweep([(0.7, rel, mask)], tmp_path, finetune="ft.yaml", lrs=[1e-3],
-                             steps=[1], seeds=[0], progress=False)
+                             steps=[1], seeds=[0], pretrain_data=tiny_data["data"],
+                             pretrain_eval_samples=2, progress=False)
 
 
 def test_overlap_coefficient_bounds():

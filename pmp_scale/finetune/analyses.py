@@ -1,6 +1,6 @@
 """The paper's analyses, each writing one PNG and a JSON of its numbers.
 
-    ratio_sweep      fine-tuning gap vs mask ratio ρ (several PMP releases, one per ρ)
+    ratio_sweep      base quality and fine-tuning vs mask ratio ρ (one PMP release per ρ)
     mask_source      early-bird vs random mask at the same ρ (one release each)
     landscape        1-D loss landscape from the released weights along an authorized
                      (masked) direction vs an unauthorized (full-space) direction
@@ -21,7 +21,8 @@ import torch
 from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
 from .config import FinetuneConfig
-from .report import ReportConfig, parse_report_config, run_grid, summarise
+from .report import (ReportConfig, base_quality, parse_report_config, read_prepared_tokens,
+                     run_grid, summarise)
 from .tasks import TaskData, build_task, load_hf_tokenizer
 
 
@@ -62,20 +63,24 @@ def _best_at(summary: dict, name: str, mode: str, steps: int) -> dict | None:
 
 
 def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, steps, seeds,
-                dense_release: str | None = None, overrides=(), progress=True,
-                min_seeds: int = 3) -> dict:
-    """inputs: (ρ, release dir, mask dir). Test metric after fine-tuning vs ρ, per mode."""
+                pretrain_data, dense_release: str | None = None, overrides=(), progress=True,
+                min_seeds: int = 3, pretrain_eval_samples: int = 64) -> dict:
+    """inputs: (ρ, release dir, mask dir). Per ρ: base quality (validation loss on the
+    pre-training data `pretrain_data`, a prepared MDS dir) and the test metric after
+    fine-tuning, per mode: the paper's trade-off is the two against each other."""
     out = Path(out)
     entries = [dict(name=f"rho{rho:g}", release=rel, mask=mask,
                     modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
     dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
              if dense_release else None)
+    tokens = read_prepared_tokens(pretrain_data, "val", pretrain_eval_samples)
+    base = {e["name"]: base_quality(e["release"], tokens) for e in entries + [dense] if e}
     summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
                        min_seeds)
     d = max(steps)
     rows = []
     for (rho, rel, mask), e in zip(inputs, entries):
-        row = {"rho": rho, "release": rel, "mask": mask}
+        row = {"rho": rho, "release": rel, "mask": mask, "base": base[e["name"]]}
         for mode in ("unauthorized", "authorized"):
             b = _best_at(summary, e["name"], mode, d)
             row[mode] = {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
@@ -83,23 +88,33 @@ def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, s
         rows.append(row)
     dense_row = _best_at(summary, "dense", "unauthorized", d) if dense else None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [r["rho"] for r in rows]
+    ax1.plot(xs, [r["base"]["loss"] for r in rows], marker="o", label="PMP release")
+    if dense:
+        ax1.axhline(base["dense"]["loss"], color="k", ls="--", label="dense release")
+    ax1.set_ylabel("validation loss, pre-training data")
+    ax1.set_title(f"base quality ({len(tokens)} held-out sequences; lower is better)")
     for mode in ("unauthorized", "authorized"):
-        ax.errorbar(xs, [r[mode]["test_mean"] for r in rows], yerr=[r[mode]["test_std"] for r in rows],
-                    marker="o", capsize=3, label=f"PMP {mode}")
+        ax2.errorbar(xs, [r[mode]["test_mean"] for r in rows], yerr=[r[mode]["test_std"] for r in rows],
+                     marker="o", capsize=3, label=f"PMP {mode} FT")
     if dense_row:
-        ax.axhline(dense_row["test_mean"], color="k", ls="--", label="dense unauthorized")
-    ax.set_xlabel("mask ratio ρ")
-    ax.set_ylabel(f"test {summary['metric']} after {d} steps")
-    ax.set_title("fine-tuning vs mask ratio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax2.axhline(dense_row["test_mean"], color="k", ls="--", label="dense unauthorized FT")
+    ax2.set_ylabel(f"test {summary['metric']} after {d} steps")
+    ax2.set_title("fine-tuning result")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("mask ratio ρ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mask ratio: base quality vs fine-tuning")
     fig.tight_layout()
     fig.savefig(out / "ratio_sweep.png", dpi=110)
     plt.close(fig)
     return _write(out, "ratio_sweep", {"metric": summary["metric"], "steps": d, "rows": rows,
-                                       "dense": dense_row, "plot": "ratio_sweep.png"})
+                                       "dense": dense_row, "dense_base": base.get("dense"),
+                                       "pretrain_data": str(pretrain_data),
+                                       "pretrain_eval_samples": len(tokens),
+                                       "plot": "ratio_sweep.png"})
 
 
 def mask_iou(mask_a, mask_b) -> float | None:
