@@ -172,6 +172,49 @@ def test_non_finite_gradient_skips_the_step(tiny_release):
     assert result["diverged"] and result["steps_done"] == 3 and result["skipped_steps"] == 3
 
 
+def test_export_writes_the_fine_tuned_model_through_the_release_path(tiny_release, tmp_path):
+    """Authorized LM fine-tune → export.dir: a flat, audited HF directory that loads with
+    AutoModelForCausalLM and holds exactly the fine-tuned weights (complement still the release's)."""
+    from transformers import AutoModelForCausalLM
+    from pmp_scale.finetune.train import Finetuner
+    from pmp_scale.release import audit_files, release_sha256
+    export = tmp_path / "export"
+    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                                   export={"dir": str(export)})))
+    try:
+        ft.run()
+        tuned = gathered(ft.model)
+        info = ft.export(export)
+    finally:
+        ft.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # temp checkpoint removed
+    assert audit_files(export) == [] and info["sha256"] == release_sha256(export)
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() == tuned.keys()
+    for name, value in tuned.items():
+        assert torch.equal(loaded[name].detach(), value), f"{name}: exported != fine-tuned"
+    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    assert any(not torch.equal(tuned[n], release[n]) for n in release)
+    for name, ref in release.items():
+        assert torch.equal(tuned[name][~masks[name]], ref[~masks[name]])
+
+
+def test_export_is_refused_where_it_cannot_work(tiny_release, tmp_path):
+    with pytest.raises(ConfigError, match="only causal-LM fine-tunes can be exported"):
+        parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized",
+                                        export={"dir": "x"}))
+    with pytest.raises(ConfigError, match="LoRA runs cannot be exported"):
+        parse_finetune_config(ft_config(tiny_release, "review_lm", "unauthorized-lora",
+                                        export={"dir": "x"}))
+    from pmp_scale.finetune.train import finetune
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is not empty; set export.overwrite=true"):
+        finetune(parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                                 export={"dir": str(tmp_path / "busy")})))
+
+
 def test_authorized_classification_trains_the_new_head(tiny_release):
     result, before, after = run_and_gather(ft_config(tiny_release, "movie_reviews", "authorized"))
     release, masks = release_weights(tiny_release), masks_of(tiny_release)
@@ -208,12 +251,16 @@ def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, ca
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
                                             out_dir=str(tmp_path / "out"))))
-    assert main(["--config", str(cfg), "--set", "train.max_steps=2"]) == 0
+    assert main(["--config", str(cfg), "--set", "train.max_steps=2",
+                 "--set", f"export.dir={tmp_path / 'export'}"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["steps_done"] == 2 and result["mode"] == "unauthorized"
     b = result["backbone"]
     assert b["complement_changed"] > 0.5 * b["complement"]  # the whole release moves
-    assert '"mode": "unauthorized"' in capsys.readouterr().out
+    assert result["export"]["dir"] == str(tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert '"mode": "unauthorized"' in out and '"sha256"' in out
 
 
 # --- the report and the analyses ------------------------------------------------------------------

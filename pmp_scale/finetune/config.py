@@ -114,6 +114,13 @@ class LoraConfig(_Strict):
     target_modules: Literal["auto"] | list[str] = "auto"
 
 
+class ExportConfig(_Strict):
+    """The fine-tuned model as a standard HF directory, written by the release path
+    (pmp_scale/release.py), like a pre-trained release. Causal-LM fine-tunes only."""
+    dir: str | None = None
+    overwrite: bool = False  # replace a non-empty `dir` (otherwise refused before training)
+
+
 class FinetuneConfig(_Strict):
     release: str          # a released HF model directory
     mode: Literal["unauthorized", "unauthorized-lora", "authorized"] = "unauthorized"
@@ -130,12 +137,20 @@ class FinetuneConfig(_Strict):
     train: TrainConfig
     optim: OptimConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         if self.mode == "authorized" and self.mask is None:
             raise ValueError("mode 'authorized' needs `mask`: the private mask artifact directory")
+        if self.export.dir is not None:
+            if self.task.kind != "lm":  # release.py writes a *ForCausalLM config.json
+                raise ValueError("export.dir: only causal-LM fine-tunes can be exported (the "
+                                 "release path writes a *ForCausalLM model)")
+            if self.mode == "unauthorized-lora":
+                raise ValueError("export.dir: LoRA runs cannot be exported (the adapters are not "
+                                 "merged into the ZeRO-3 weights)")
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
         return self
 

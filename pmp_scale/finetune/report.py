@@ -125,6 +125,7 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
                         raw = apply_overrides(base_raw, [])
                         raw.update(release=entry.release, mode=mode, seed=seed,
                                    mask=entry.mask, reinit=entry.reinit, out_dir=None)
+                        raw.pop("export", None)  # grid cells are measured, not exported
                         raw.setdefault("optim", {})["lr"] = lr
                         raw.setdefault("train", {}).update(max_steps=run_steps, eval_steps=evals)
                         if share_step0 and not entry.reinit:

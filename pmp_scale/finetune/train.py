@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -569,6 +570,42 @@ class Finetuner:
         result["time_s"] = time.perf_counter() - t0
         return result
 
+    # --- export -----------------------------------------------------------------------------------
+    def export(self, out_dir) -> dict:
+        """Write the fine-tuned model as a standard HF directory through the release path: an
+        engine checkpoint beside `out_dir` (all ranks; a filesystem they share), the source
+        release's description files as its `hf/`, then `release.release_checkpoint` (lazy fp32
+        rebuild, audited safetensors, atomic) on rank 0; the checkpoint is removed after.
+        Written in the training precision, so the weights are exactly the fine-tuned ones."""
+        from ..release import INDEX_FILE, release_checkpoint
+        out_dir = Path(out_dir)
+        work = out_dir.parent / f".{out_dir.name}.zero3"
+        if self.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(work), tag="final", save_latest=False)
+        dist.barrier()
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                hf = work / "final" / "hf"
+                hf.mkdir()
+                for f in self.release.path.iterdir():  # config, generation config, tokenizer
+                    if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE:
+                        shutil.copyfile(f, hf / f.name)
+                sha = release_checkpoint(work / "final", out_dir, dtype=self.precision,
+                                         overwrite=self.cfg.export.overwrite, progress=False)
+                outcome[0] = {"dir": str(out_dir), "sha256": sha, "dtype": self.precision}
+            except Exception as err:  # every rank leaves together, with rank 0's error
+                outcome[0] = err
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        _info("%s | exported to %s (sha256 %s…)", self.cfg.mode, out_dir, outcome[0]["sha256"][:16])
+        return outcome[0]
+
     def close(self) -> None:
         for hook in self.hooks:
             if hasattr(hook, "remove"):
@@ -587,12 +624,24 @@ def _fmt(metrics: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def _refuse_export_over(path: Path, overwrite: bool) -> None:
+    """Before training: a non-empty export directory would only be refused at the end."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ConfigError(f"export.dir {path} is not empty; set export.overwrite=true to "
+                          "replace it")
+
+
 def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release | None = None,
              progress=None) -> dict:
-    """One run, start to end; writes `<out_dir>/result.json` (rank 0) when out_dir is set."""
+    """One run, start to end; writes `<out_dir>/result.json` (rank 0) when out_dir is set, and
+    the fine-tuned model to `export.dir` when set."""
+    if cfg.export.dir is not None:
+        _refuse_export_over(Path(cfg.export.dir), cfg.export.overwrite)
     ft = Finetuner(cfg, task, release)
     try:
         result = ft.run(progress)
+        if cfg.export.dir is not None:
+            result["export"] = ft.export(cfg.export.dir)
     finally:
         ft.close()
     result["config"] = cfg.model_dump(mode="json")
