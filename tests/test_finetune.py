@@ -228,9 +228,11 @@ def test_authorized_classification_trains_the_new_head(tiny_release):
     assert set(result["final"]["test"]) == {"loss", "accuracy", "f1", "matthews"}
 
 
-def test_lora_trains_only_adapters_and_head(tiny_release):
+@pytest.mark.parametrize("task", ["movie_reviews", "review_lm"])
+def test_lora_trains_only_adapters_and_head(tiny_release, task):
+    """Classification: adapters + the new head train; LM (no new head): adapters only."""
     result, before, after = run_and_gather(
-        ft_config(tiny_release, "movie_reviews", "unauthorized-lora", mask=None))
+        ft_config(tiny_release, task, "unauthorized-lora", mask=None))
     release = release_weights(tiny_release)
     adapters = [n for n in after if ".lora_" in n]
     assert adapters and all(any(t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj",
@@ -243,6 +245,8 @@ def test_lora_trains_only_adapters_and_head(tiny_release):
         else:
             assert torch.equal(value, release[backbone]), f"backbone {name} changed"
     assert result["backbone"]["changed"] == 0
+    head = after["base_model.model.score.weight"].numel() if task == "movie_reviews" else 0
+    assert result["params"]["trainable"] == sum(after[n].numel() for n in adapters) + head
     assert result["params"]["trainable"] < 0.2 * result["params"]["total"]
 
 
@@ -286,7 +290,17 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     for png in ("metric_vs_lr.png", "curves.png", "summary.png"):
         assert (out / png).stat().st_size > 1000
     text = (out / "report.md").read_text()
-    assert "| pmp | authorized |" in text and "0 of" in text  # complement integrity row
+    assert "| pmp | authorized |" in text
+    # backbone integrity rows: | release mode | runs | changed of elements | complement changed of N |
+    masks = masks_of(tiny_release)
+    frozen = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| pmp ") and " of " in line}
+    auth, unauth = rows["pmp authorized"], rows["pmp unauthorized"]
+    assert auth[1] == "2" and auth[3] == f"0 of {2 * frozen:,}"  # 2 seeds, nothing moved
+    assert auth[2].endswith(f" of {2 * total:,}") and auth[2] != f"0 of {2 * total:,}"
+    assert int(unauth[3].split(" of ")[0].replace(",", "")) > 0
     assert main(["--config", str(report), "--quiet"]) == 0  # rerun: everything cached
     assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 6
     assert "Summary" in capsys.readouterr().out
