@@ -7,7 +7,9 @@
     deepspeed --num_gpus N launchers/finetune.py --config ...   # W ranks, same engine
 
 Without a launcher it runs as a single-process (W=1) ZeRO-3 engine. Writes
-<out_dir>/result.json (curves, validation/test metrics, backbone change counts).
+<out_dir>/result.json (curves, validation/test metrics, backbone change counts); with
+--set export.dir=DIR (causal-LM tasks) also the fine-tuned model as a standard HF directory,
+through the same release path as pre-training (tools/release.py).
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ def main(argv=None) -> int:
     if os.environ.get("RANK", "0") == "0":
         summary = {"mode": result["mode"], "steps": result["steps_done"],
                    "validation": result["final"]["validation"], "test": result["final"]["test"],
-                   "params": result["params"], **({"backbone": result["backbone"]}
-                                                  if "backbone" in result else {})}
+                   "params": result["params"],
+                   **{k: result[k] for k in ("backbone", "export") if k in result}}
         print(json.dumps(summary, indent=1))
     return 0
 

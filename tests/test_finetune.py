@@ -137,6 +137,84 @@ def test_authorized_lm_keeps_the_complement_bit_exact(tiny_release):
     assert result["final"]["validation"]["loss"] < result["curve"][0]["loss"]
 
 
+def test_non_finite_gradient_skips_the_step(tiny_release):
+    """A NaN loss at step 2 is skipped (weights untouched, complement still exact) and counted;
+    the run goes on. Two in a row with nonfinite_max_in_a_row=2: diverged, stopped."""
+    from pmp_scale.finetune.train import Finetuner
+    ft = Finetuner(parse_finetune_config(ft_config(
+        tiny_release, "review_lm", "authorized", train__max_steps=4,
+        train__nonfinite_max_in_a_row=2)))
+    forward, train_step, snapshots, bad_steps = ft._forward, ft.train_step, {}, {1}
+
+    def poisoned_forward(batch):
+        out = forward(batch)
+        if ft._step in bad_steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    def recording_step(order, step):
+        ft._step = step
+        loss = train_step(order, step)
+        snapshots[step] = gathered(ft.model)
+        return loss
+    ft._forward, ft.train_step, ft._step = poisoned_forward, recording_step, -1
+    try:
+        result = ft.run()
+        assert result["skipped_steps"] == 1 and not result["diverged"]
+        assert result["steps_done"] == 4 and math.isfinite(result["final"]["test"]["loss"])
+        assert all(torch.equal(snapshots[1][n], snapshots[0][n]) for n in snapshots[0])
+        assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])
+        assert result["backbone"]["complement_changed"] == 0
+        bad_steps.update({2, 3})
+        result = ft.run()
+    finally:
+        ft.close()
+    assert result["diverged"] and result["steps_done"] == 3 and result["skipped_steps"] == 3
+
+
+def test_export_writes_the_fine_tuned_model_through_the_release_path(tiny_release, tmp_path):
+    """Authorized LM fine-tune → export.dir: a flat, audited HF directory that loads with
+    AutoModelForCausalLM and holds exactly the fine-tuned weights (complement still the release's)."""
+    from transformers import AutoModelForCausalLM
+    from pmp_scale.finetune.train import Finetuner
+    from pmp_scale.release import audit_files, release_sha256
+    export = tmp_path / "export"
+    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                                   export={"dir": str(export)})))
+    try:
+        ft.run()
+        tuned = gathered(ft.model)
+        info = ft.export(export)
+    finally:
+        ft.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # temp checkpoint removed
+    assert audit_files(export) == [] and info["sha256"] == release_sha256(export)
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() == tuned.keys()
+    for name, value in tuned.items():
+        assert torch.equal(loaded[name].detach(), value), f"{name}: exported != fine-tuned"
+    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    assert any(not torch.equal(tuned[n], release[n]) for n in release)
+    for name, ref in release.items():
+        assert torch.equal(tuned[name][~masks[name]], ref[~masks[name]])
+
+
+def test_export_is_refused_where_it_cannot_work(tiny_release, tmp_path):
+    with pytest.raises(ConfigError, match="only causal-LM fine-tunes can be exported"):
+        parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized",
+                                        export={"dir": "x"}))
+    with pytest.raises(ConfigError, match="LoRA runs cannot be exported"):
+        parse_finetune_config(ft_config(tiny_release, "review_lm", "unauthorized-lora",
+                                        export={"dir": "x"}))
+    from pmp_scale.finetune.train import finetune
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is not empty; set export.overwrite=true"):
+        finetune(parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                                 export={"dir": str(tmp_path / "busy")})))
+
+
 def test_authorized_classification_trains_the_new_head(tiny_release):
     result, before, after = run_and_gather(ft_config(tiny_release, "movie_reviews", "authorized"))
     release, masks = release_weights(tiny_release), masks_of(tiny_release)
@@ -150,9 +228,11 @@ def test_authorized_classification_trains_the_new_head(tiny_release):
     assert set(result["final"]["test"]) == {"loss", "accuracy", "f1", "matthews"}
 
 
-def test_lora_trains_only_adapters_and_head(tiny_release):
+@pytest.mark.parametrize("task", ["movie_reviews", "review_lm"])
+def test_lora_trains_only_adapters_and_head(tiny_release, task):
+    """Classification: adapters + the new head train; LM (no new head): adapters only."""
     result, before, after = run_and_gather(
-        ft_config(tiny_release, "movie_reviews", "unauthorized-lora", mask=None))
+        ft_config(tiny_release, task, "unauthorized-lora", mask=None))
     release = release_weights(tiny_release)
     adapters = [n for n in after if ".lora_" in n]
     assert adapters and all(any(t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj",
@@ -165,6 +245,8 @@ def test_lora_trains_only_adapters_and_head(tiny_release):
         else:
             assert torch.equal(value, release[backbone]), f"backbone {name} changed"
     assert result["backbone"]["changed"] == 0
+    head = after["base_model.model.score.weight"].numel() if task == "movie_reviews" else 0
+    assert result["params"]["trainable"] == sum(after[n].numel() for n in adapters) + head
     assert result["params"]["trainable"] < 0.2 * result["params"]["total"]
 
 
@@ -173,12 +255,16 @@ def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, ca
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
                                             out_dir=str(tmp_path / "out"))))
-    assert main(["--config", str(cfg), "--set", "train.max_steps=2"]) == 0
+    assert main(["--config", str(cfg), "--set", "train.max_steps=2",
+                 "--set", f"export.dir={tmp_path / 'export'}"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["steps_done"] == 2 and result["mode"] == "unauthorized"
     b = result["backbone"]
     assert b["complement_changed"] > 0.5 * b["complement"]  # the whole release moves
-    assert '"mode": "unauthorized"' in capsys.readouterr().out
+    assert result["export"]["dir"] == str(tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert '"mode": "unauthorized"' in out and '"sha256"' in out
 
 
 # --- the report and the analyses ------------------------------------------------------------------
@@ -204,10 +290,60 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     for png in ("metric_vs_lr.png", "curves.png", "summary.png"):
         assert (out / png).stat().st_size > 1000
     text = (out / "report.md").read_text()
-    assert "| pmp | authorized |" in text and "0 of" in text  # complement integrity row
+    assert "| pmp | authorized |" in text
+    # backbone integrity rows: | release mode | runs | changed of elements | complement changed of N |
+    masks = masks_of(tiny_release)
+    frozen = sum(int((~m).sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| pmp ") and " of " in line}
+    auth, unauth = rows["pmp authorized"], rows["pmp unauthorized"]
+    assert auth[1] == "2" and auth[3] == f"0 of {2 * frozen:,}"  # 2 seeds, nothing moved
+    assert auth[2].endswith(f" of {2 * total:,}") and auth[2] != f"0 of {2 * total:,}"
+    assert int(unauth[3].split(" of ")[0].replace(",", "")) > 0
     assert main(["--config", str(report), "--quiet"]) == 0  # rerun: everything cached
     assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 6
     assert "Summary" in capsys.readouterr().out
+    cell = sorted((out / "cells").glob("*.json"))[0]
+    cell.write_text(cell.read_text()[:100])  # an interrupted write: a cache miss, not a crash
+    assert main(["--config", str(report), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 5
+    assert json.loads(cell.read_text())["cell"] == cell.stem
+    assert not list((out / "cells").glob(".*.tmp"))
+
+
+def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):
+    """lm: one step-0 evaluation per release; a from-scratch entry's step 0 depends on the seed."""
+    from pmp_scale.finetune.report import ReportConfig, plan_cells
+    rel = str(tiny_release["release"])
+    cfg = ReportConfig(out_dir="x", finetune="ft.yaml", lrs=[1e-3, 1e-2], steps=[2], seeds=[0, 1],
+                       min_seeds=2, releases=[{"name": "dense", "release": rel},
+                                              {"name": "scratch", "release": rel, "reinit": True}])
+    base = ft_config(tiny_release, "review_lm", "unauthorized", mask=None)
+    cells = plan_cells(cfg, base)
+    at_start = {}
+    for c in cells:
+        at_start.setdefault(c["entry"].name, []).append(c["config"].train.eval_at_start)
+    assert at_start == {"dense": [True, False, False, False], "scratch": [True] * 4}
+
+
+def test_task_fingerprint_follows_data_and_tokenizer(tiny_release, tmp_path):
+    from pmp_scale.finetune.config import TaskConfig
+    from pmp_scale.finetune.tasks import DEFAULT_DATA_DIR, task_fingerprint
+    shutil.copytree(DEFAULT_DATA_DIR, tmp_path / "data")
+    shutil.copytree(tiny_release["release"], tmp_path / "tok",
+                    ignore=shutil.ignore_patterns("*.safetensors"))
+    task = TaskConfig(name="review_lm", data_dir=str(tmp_path / "data"))
+    fp = task_fingerprint(task, tmp_path / "tok")
+    assert fp == task_fingerprint(task, tiny_release["release"])
+    with open(tmp_path / "data" / "movie_review_snippets.tsv.gz", "ab") as f:
+        f.write(b"\0")
+    changed_data = task_fingerprint(task, tmp_path / "tok")
+    tok_files = [p for p in (tmp_path / "tok").iterdir() if p.name.startswith("tokenizer")]
+    assert tok_files
+    with open(tok_files[0], "ab") as f:
+        f.write(b" ")
+    assert len({fp, changed_data, task_fingerprint(task, tmp_path / "tok")}) == 3
 
 
 def test_report_needs_three_seeds(tmp_path):
@@ -229,6 +365,14 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
     assert numbers["n_masked"] + numbers["n_unmasked"] == sum(
         m.numel() for m in masks_of(tiny_release).values())
     assert (tmp_path / "grad_hist.png").is_file() and (tmp_path / "grad_hist.json").is_file()
+    # classification: the new head (score.weight) is not in the release, so in neither histogram
+    cls = parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized"))
+    numbers = analyses.grad_hist(tiny_release["release"], tiny_release["mask"], cls,
+                                 tmp_path / "cls", grad_batches=1, batch_size=4)
+    masks = masks_of(tiny_release)
+    assert numbers["n_masked"] == sum(int(m.sum()) for n, m in masks.items() if n != "lm_head.weight")
+    assert numbers["n_unmasked"] == sum(int((~m).sum()) for n, m in masks.items()
+                                        if n != "lm_head.weight")
     land = analyses.landscape(tiny_release["release"], tiny_release["mask"], cfg, tmp_path,
                               points=3, grad_batches=1, eval_batches=1, batch_size=4)
     curves = land["curves"]
@@ -238,13 +382,15 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
     assert (tmp_path / "landscape.png").is_file()
 
 
-def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
+def test_ratio_sweep_and_mask_source(tiny_release, tiny_data, tmp_path):
     """Two masks of one release stand in for two pre-trained releases (different ρ / source)."""
     from pmp_scale.finetune import analyses
     g = torch.Generator().manual_seed(5)
     items = [(n, pack_bits(torch.rand(w.numel(), generator=g) < 0.5), tuple(w.shape))
              for n, w in release_weights(tiny_release).items()]
     write_artifact(tmp_path / "mask05", items, {"mask_ratio": 0.5})
+    from pmp_scale.release import record_release
+    record_release(tmp_path / "mask05", Release.open(tiny_release["release"]).sha256, "fp32")
     base = tmp_path / "ft.yaml"
     base.write_text(yaml.safe_dump(ft_config(tiny_release, "review_lm", "unauthorized",
                                              mask=None, train__max_steps=1)))
@@ -252,14 +398,34 @@ def test_ratio_sweep_and_mask_source(tiny_release, tmp_path):
     common = dict(finetune=str(base), lrs=[1e-2], steps=[1], seeds=[0], min_seeds=1,
                   progress=False)
     sweep = analyses.ratio_sweep([(0.5, rel, m05), (0.7, rel, m07)], tmp_path / "ratio",
-                                 dense_release=rel, **common)
+                                 dense_release=rel, pretrain_data=tiny_data["data"],
+                                 pretrain_eval_samples=8, **common)
     assert [r["rho"] for r in sweep["rows"]] == [0.5, 0.7] and sweep["dense"] is not None
+    # one release stands in for all three: the same base quality, measured per row
+    assert sweep["pretrain_eval_samples"] == 8
+    assert all(r["base"] == sweep["dense_base"] for r in sweep["rows"])
+    assert math.isfinite(sweep["dense_base"]["loss"]) and sweep["dense_base"]["ppl"] > 1
+    saved = json.loads((tmp_path / "ratio" / "ratio_sweep.json").read_text())
+    assert saved["rows"][0]["base"]["loss"] == pytest.approx(sweep["dense_base"]["loss"])
     assert all(math.isfinite(r["authorized"]["test_mean"]) for r in sweep["rows"])
     source = analyses.mask_source([("earlybird", rel, m07), ("random", rel, m05)],
                                   tmp_path / "source", **common)
     assert 0 < source["mask_iou"] < 1
     assert (tmp_path / "ratio" / "ratio_sweep.png").is_file()
     assert (tmp_path / "source" / "mask_source.png").is_file()
+
+
+def test_analyses_bad_input_is_a_config_error(tiny_release, tiny_data, tmp_path):
+    from pmp_scale.finetune import analyses
+    rel, mask = str(tiny_release["release"]), str(tiny_release["mask"])
+    with pytest.raises(ConfigError, match=r"invalid config: releases\.0\.name: String should "
+                                          r"match pattern"):
+        analyses.mask_source([("early bird", rel, mask)], tmp_path, finetune="ft.yaml",
+                             lrs=[1e-3], steps=[1], seeds=[0], min_seeds=1, progress=False)
+    with pytest.raises(ConfigError, match="seeds: 1 given, every cell needs at least 3"):
+        analyses.ratio_sweep([(0.7, rel, mask)], tmp_path, finetune="ft.yaml", lrs=[1e-3],
+                             steps=[1], seeds=[0], pretrain_data=tiny_data["data"],
+                             pretrain_eval_samples=2, progress=False)
 
 
 def test_overlap_coefficient_bounds():
@@ -344,6 +510,23 @@ def test_mask_of_another_release_is_refused(tiny_release, tmp_path, capsys):
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: mask belongs to another release")
+
+
+def test_unbound_mask_is_refused_unless_allowed(tiny_release, tmp_path):
+    """No release_sha256: any same-architecture release would pass the shape check."""
+    unbound = tmp_path / "mask"
+    shutil.copytree(tiny_release["mask"], unbound)
+    meta = json.loads((unbound / "mask.json").read_text())
+    del meta["release_sha256"]
+    (unbound / "mask.json").write_text(json.dumps(meta))
+    release = Release.open(tiny_release["release"])
+    with pytest.raises(MaskMismatchError, match="records no release_sha256.*allow_unbound_mask"):
+        check_mask(unbound, release)
+    tensors, _ = check_mask(unbound, release, allow_unbound=True)
+    assert tensors.keys() == release.shapes.keys()
+    cfg = parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
+                                          mask=str(unbound), allow_unbound_mask=True))
+    assert cfg.allow_unbound_mask
 
 
 def test_mask_shape_mismatch_is_refused(tiny_release, tmp_path):

@@ -2,7 +2,8 @@
 
     # fine-tuning vs mask ratio: one PMP release (+ private mask) per ratio
     python tools/nft_analyses.py ratio-sweep --input 0.5 rel/r05 rel/r05_mask \
-        --input 0.7 rel/r07 rel/r07_mask --dense rel/dense --out runs/analyses/ratio
+        --input 0.7 rel/r07 rel/r07_mask --dense rel/dense --pretrain-data data/demo/mds \
+        --out runs/analyses/ratio
     # early-bird vs random mask at the same ratio
     python tools/nft_analyses.py mask-source --input earlybird rel/eb eb_mask \
         --input random rel/rnd rnd_mask --out runs/analyses/source
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p = sub.add_parser("ratio-sweep", help="fine-tuning vs mask ratio")
     p.add_argument("--input", nargs=3, action="append", required=True,
                    metavar=("RATIO", "RELEASE", "MASK"))
+    p.add_argument("--pretrain-data", required=True,
+                   help="prepared pre-training data (MDS dir): base quality = its val loss")
+    p.add_argument("--pretrain-eval-samples", type=int, default=64)
     _common(p)
     _grid_args(p)
     p = sub.add_parser("mask-source", help="early-bird vs random mask")
@@ -107,7 +111,9 @@ def main(argv=None) -> int:
                 inputs = [(float(r), rel, mask) for r, rel, mask in args.input]
             except ValueError:
                 raise ConfigError("ratio-sweep --input: RATIO must be a number") from None
-            numbers = analyses.ratio_sweep(inputs, **common)
+            numbers = analyses.ratio_sweep(
+                inputs, pretrain_data=args.pretrain_data,
+                pretrain_eval_samples=args.pretrain_eval_samples, **common)
         else:
             numbers = analyses.mask_source([tuple(i) for i in args.input], **common)
     elif args.command == "landscape":

@@ -1,6 +1,6 @@
 """The paper's analyses, each writing one PNG and a JSON of its numbers.
 
-    ratio_sweep      fine-tuning gap vs mask ratio ρ (several PMP releases, one per ρ)
+    ratio_sweep      base quality and fine-tuning vs mask ratio ρ (one PMP release per ρ)
     mask_source      early-bird vs random mask at the same ρ (one release each)
     landscape        1-D loss landscape from the released weights along an authorized
                      (masked) direction vs an unauthorized (full-space) direction
@@ -21,7 +21,8 @@ import torch
 from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
 from .config import FinetuneConfig
-from .report import ReleaseEntry, ReportConfig, run_grid, summarise
+from .report import (ReportConfig, base_quality, parse_report_config, read_prepared_tokens,
+                     run_grid, summarise)
 from .tasks import TaskData, build_task, load_hf_tokenizer
 
 
@@ -39,15 +40,16 @@ def _write(out: Path, name: str, numbers: dict) -> dict:
 
 
 # --- fine-tuning comparisons ----------------------------------------------------------------------
-def _grid(out: Path, finetune: str, entries: list[ReleaseEntry], lrs, steps, seeds,
-          overrides=(), dense: ReleaseEntry | None = None, progress=True,
+def _grid(out: Path, finetune: str, entries: list[dict], lrs, steps, seeds,
+          overrides=(), dense: dict | None = None, progress=True,
           min_seeds: int = 3) -> tuple[dict, ReportConfig]:
+    """Run the report's grid over `entries` (ReleaseEntry fields) and the optional dense one."""
     from .train import ensure_process_group
     releases = list(entries) + ([dense] if dense is not None else [])
-    cfg = ReportConfig(out_dir=str(out), finetune=str(Path(finetune).resolve()),
-                       overrides=list(overrides), releases=releases, lrs=list(lrs),
-                       steps=list(steps), seeds=list(seeds), min_seeds=min_seeds,
-                       dense=dense.name if dense else "dense", pmp=entries[0].name)
+    cfg = parse_report_config(dict(
+        out_dir=str(out), finetune=str(Path(finetune).resolve()), overrides=list(overrides),
+        releases=releases, lrs=list(lrs), steps=list(steps), seeds=list(seeds),
+        min_seeds=min_seeds, dense=dense["name"] if dense else "dense", pmp=entries[0]["name"]))
     ensure_process_group()
     results = run_grid(cfg, Path("."), progress=progress)
     return summarise(cfg, results), cfg
@@ -61,44 +63,58 @@ def _best_at(summary: dict, name: str, mode: str, steps: int) -> dict | None:
 
 
 def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, steps, seeds,
-                dense_release: str | None = None, overrides=(), progress=True,
-                min_seeds: int = 3) -> dict:
-    """inputs: (ρ, release dir, mask dir). Test metric after fine-tuning vs ρ, per mode."""
+                pretrain_data, dense_release: str | None = None, overrides=(), progress=True,
+                min_seeds: int = 3, pretrain_eval_samples: int = 64) -> dict:
+    """inputs: (ρ, release dir, mask dir). Per ρ: base quality (validation loss on the
+    pre-training data `pretrain_data`, a prepared MDS dir) and the test metric after
+    fine-tuning, per mode: the paper's trade-off is the two against each other."""
     out = Path(out)
-    entries = [ReleaseEntry(name=f"rho{rho:g}", release=rel, mask=mask,
-                            modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
-    dense = (ReleaseEntry(name="dense", release=dense_release, modes=["unauthorized"])
+    entries = [dict(name=f"rho{rho:g}", release=rel, mask=mask,
+                    modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
+    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
              if dense_release else None)
+    tokens = read_prepared_tokens(pretrain_data, "val", pretrain_eval_samples)
+    base = {e["name"]: base_quality(e["release"], tokens) for e in entries + [dense] if e}
     summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
                        min_seeds)
     d = max(steps)
     rows = []
     for (rho, rel, mask), e in zip(inputs, entries):
-        row = {"rho": rho, "release": rel, "mask": mask}
+        row = {"rho": rho, "release": rel, "mask": mask, "base": base[e["name"]]}
         for mode in ("unauthorized", "authorized"):
-            b = _best_at(summary, e.name, mode, d)
+            b = _best_at(summary, e["name"], mode, d)
             row[mode] = {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
                          "before_ft": b["before_mean"], "gain_mean": b["gain_mean"]}
         rows.append(row)
     dense_row = _best_at(summary, "dense", "unauthorized", d) if dense else None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [r["rho"] for r in rows]
+    ax1.plot(xs, [r["base"]["loss"] for r in rows], marker="o", label="PMP release")
+    if dense:
+        ax1.axhline(base["dense"]["loss"], color="k", ls="--", label="dense release")
+    ax1.set_ylabel("validation loss, pre-training data")
+    ax1.set_title(f"base quality ({len(tokens)} held-out sequences; lower is better)")
     for mode in ("unauthorized", "authorized"):
-        ax.errorbar(xs, [r[mode]["test_mean"] for r in rows], yerr=[r[mode]["test_std"] for r in rows],
-                    marker="o", capsize=3, label=f"PMP {mode}")
+        ax2.errorbar(xs, [r[mode]["test_mean"] for r in rows], yerr=[r[mode]["test_std"] for r in rows],
+                     marker="o", capsize=3, label=f"PMP {mode} FT")
     if dense_row:
-        ax.axhline(dense_row["test_mean"], color="k", ls="--", label="dense unauthorized")
-    ax.set_xlabel("mask ratio ρ")
-    ax.set_ylabel(f"test {summary['metric']} after {d} steps")
-    ax.set_title("fine-tuning vs mask ratio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax2.axhline(dense_row["test_mean"], color="k", ls="--", label="dense unauthorized FT")
+    ax2.set_ylabel(f"test {summary['metric']} after {d} steps")
+    ax2.set_title("fine-tuning result")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("mask ratio ρ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mask ratio: base quality vs fine-tuning")
     fig.tight_layout()
     fig.savefig(out / "ratio_sweep.png", dpi=110)
     plt.close(fig)
     return _write(out, "ratio_sweep", {"metric": summary["metric"], "steps": d, "rows": rows,
-                                       "dense": dense_row, "plot": "ratio_sweep.png"})
+                                       "dense": dense_row, "dense_base": base.get("dense"),
+                                       "pretrain_data": str(pretrain_data),
+                                       "pretrain_eval_samples": len(tokens),
+                                       "plot": "ratio_sweep.png"})
 
 
 def mask_iou(mask_a, mask_b) -> float | None:
@@ -121,9 +137,9 @@ def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, ste
                 min_seeds: int = 3) -> dict:
     """inputs: (label e.g. earlybird / random, release dir, mask dir), same ρ."""
     out = Path(out)
-    entries = [ReleaseEntry(name=label, release=rel, mask=mask, modes=["unauthorized", "authorized"])
+    entries = [dict(name=label, release=rel, mask=mask, modes=["unauthorized", "authorized"])
                for label, rel, mask in inputs]
-    dense = (ReleaseEntry(name="dense", release=dense_release, modes=["unauthorized"])
+    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
              if dense_release else None)
     summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
                        min_seeds)
@@ -180,7 +196,8 @@ def _plain_model(release, task: TaskData, seed: int):
 
 
 def _full_masks(mask_dir, model) -> dict[str, torch.Tensor]:
-    """name -> bool mask shaped like the parameter; parameters without one: all True."""
+    """name -> bool mask shaped like the parameter; parameters without one (a new head, which
+    authorized fine-tuning trains fully): all True."""
     tensors, meta = read_artifact(mask_dir)
     out = {}
     for name, p in model.named_parameters():
@@ -229,7 +246,7 @@ def _loss(model, batches) -> float:
 def _prepare(release, mask, finetune_cfg: FinetuneConfig, seed: int):
     from .train import Release, check_mask
     rel = Release.open(release)
-    check_mask(mask, rel)
+    check_mask(mask, rel, finetune_cfg.allow_unbound_mask)
     task = build_task(finetune_cfg.task, load_hf_tokenizer(rel.path))
     model = _plain_model(rel.path, task, seed)
     return rel, task, model, _full_masks(mask, model)
@@ -333,12 +350,12 @@ def grad_hist(release, mask, finetune_cfg: FinetuneConfig, out, grad_batches: in
     """log10 |mean task gradient| at the released weights, masked vs unmasked elements."""
     from ..mask.controller import layer_kind
     out = Path(out)
-    _, task, model, masks = _prepare(release, mask, finetune_cfg, seed)
+    rel, task, model, masks = _prepare(release, mask, finetune_cfg, seed)
     grads = task_gradient(model, task, grad_batches, batch_size, seed)
     tiny = 1e-30
     sel, rest, per_kind = [], [], {}
     for n, m in masks.items():
-        if n not in grads:
+        if n not in grads or n not in rel.shapes:  # a new head is neither masked nor unmasked
             continue
         logg = torch.log10(grads[n].abs().float() + tiny).reshape(-1)
         mm = m.reshape(-1)

@@ -86,6 +86,9 @@ class TrainConfig(_Strict):
     # run per release: the released weights, hence the step-0 loss, are the same in every run.
     eval_at_start: bool = True
     log_every: int = Field(10, ge=1)
+    # Non-finite loss or gradient: the step is skipped and counted; the run stops (diverged)
+    # after this many in a row.
+    nonfinite_max_in_a_row: int = Field(5, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
@@ -111,10 +114,20 @@ class LoraConfig(_Strict):
     target_modules: Literal["auto"] | list[str] = "auto"
 
 
+class ExportConfig(_Strict):
+    """The fine-tuned model as a standard HF directory, written by the release path
+    (pmp_scale/release.py), like a pre-trained release. Causal-LM fine-tunes only."""
+    dir: str | None = None
+    overwrite: bool = False  # replace a non-empty `dir` (otherwise refused before training)
+
+
 class FinetuneConfig(_Strict):
     release: str          # a released HF model directory
     mode: Literal["unauthorized", "unauthorized-lora", "authorized"] = "unauthorized"
     mask: str | None = None   # private mask artifact dir; required by `authorized`
+    # A mask without a recorded release sha256 fits any same-architecture release: refused
+    # unless this is set (then only names and shapes are checked).
+    allow_unbound_mask: bool = False
     out_dir: str | None = None  # result.json + metrics.jsonl; none = results returned only
     seed: int = 0             # data order, new heads, LoRA init, dropout
     # Ablation: fine-tune a fresh init of the release's architecture (no pre-training) instead.
@@ -124,12 +137,20 @@ class FinetuneConfig(_Strict):
     train: TrainConfig
     optim: OptimConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
         if self.mode == "authorized" and self.mask is None:
             raise ValueError("mode 'authorized' needs `mask`: the private mask artifact directory")
+        if self.export.dir is not None:
+            if self.task.kind != "lm":  # release.py writes a *ForCausalLM config.json
+                raise ValueError("export.dir: only causal-LM fine-tunes can be exported (the "
+                                 "release path writes a *ForCausalLM model)")
+            if self.mode == "unauthorized-lora":
+                raise ValueError("export.dir: LoRA runs cannot be exported (the adapters are not "
+                                 "merged into the ZeRO-3 weights)")
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
         return self
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..config import ConfigError, format_validation_error, apply_overrides
 from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml
-from .tasks import build_task, load_hf_tokenizer
+from .tasks import build_task, load_hf_tokenizer, task_fingerprint
 
 log = logging.getLogger("pmp_scale.finetune")
 Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
@@ -80,13 +81,17 @@ class ReportConfig(_Strict):
         return self
 
 
-def load_report_config(path, overrides: list[str] = ()) -> tuple[ReportConfig, Path]:
-    path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
+def parse_report_config(raw: dict) -> ReportConfig:
+    """Validated report config; bad input is one ConfigError line, not a pydantic traceback."""
     try:
-        return ReportConfig.model_validate(raw), path.parent
+        return ReportConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def load_report_config(path, overrides: list[str] = ()) -> tuple[ReportConfig, Path]:
+    path = Path(path)
+    return parse_report_config(apply_overrides(read_yaml(path), list(overrides))), path.parent
 
 
 # --- cells ----------------------------------------------------------------------------------------
@@ -106,7 +111,8 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
     durations = sorted(set(cfg.steps))
     runs = [(max(durations), durations)] if schedule == "constant" else [(d, [d]) for d in durations]
     # lm: the step-0 validation loss depends on the release only (no new head): evaluate it
-    # in the first run of each release and share it (see `_share_step0`).
+    # in the first run of each release and share it (see `_share_step0`). Not for `reinit`
+    # entries: their initial weights come from each run's seed.
     share_step0 = parse_finetune_config({**base_raw, "release": "-", "mask": None,
                                          "mode": "unauthorized"}).task.kind == "lm"
     cells = []
@@ -119,9 +125,10 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
                         raw = apply_overrides(base_raw, [])
                         raw.update(release=entry.release, mode=mode, seed=seed,
                                    mask=entry.mask, reinit=entry.reinit, out_dir=None)
+                        raw.pop("export", None)  # grid cells are measured, not exported
                         raw.setdefault("optim", {})["lr"] = lr
                         raw.setdefault("train", {}).update(max_steps=run_steps, eval_steps=evals)
-                        if share_step0:
+                        if share_step0 and not entry.reinit:
                             raw["train"]["eval_at_start"] = first
                             first = False
                         ft = parse_finetune_config(raw)
@@ -142,12 +149,34 @@ def _file_digest(path: Path) -> str:
 RESULT_FORMAT = 2  # bump when a cell's result.json changes shape: older cells are rerun
 
 
-def cell_fingerprint(ft: FinetuneConfig, release_sha: str, mask_sha: str | None) -> str:
+def cell_fingerprint(ft: FinetuneConfig, release_sha: str, mask_sha: str | None,
+                     task_fp: str) -> str:
+    """What a cell's result depends on: its config, the release, the mask, the task's data and
+    tokenizer (`tasks.task_fingerprint`)."""
     h = hashlib.sha256(f"format {RESULT_FORMAT}".encode())
     h.update(ft.model_dump_json(exclude={"out_dir"}).encode())
     h.update(release_sha.encode())
     h.update((mask_sha or "").encode())
+    h.update(task_fp.encode())
     return h.hexdigest()
+
+
+def _read_cell(path: Path) -> dict | None:
+    """A cached cell, or None when it is absent or unreadable (an interrupted write: rerun it)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        log.warning("%s is unreadable (%s): running the cell again", path, err)
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + rename: a crash never leaves a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --- base quality on the pre-training data --------------------------------------------------------
@@ -215,21 +244,26 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
     base_raw = base_finetune_config(cfg, base_dir)
     cells = cells if cells is not None else plan_cells(cfg, base_raw)
     releases, masks, tasks = {}, {}, {}
+    allow_unbound = any(c["config"].allow_unbound_mask for c in cells)  # one base config
     for entry in cfg.releases:  # bad inputs fail here, before any run
         rel = Release.open(entry.release)
         releases[entry.name] = rel
         if entry.mask is not None:
-            check_mask(entry.mask, rel)
+            check_mask(entry.mask, rel, allow_unbound)
             masks[entry.name] = _file_digest(Path(entry.mask) / "mask.safetensors")
-    todo, results = [], {}
+    todo, results, task_fps = [], {}, {}
     for cell in cells:
-        fp = cell_fingerprint(cell["config"], releases[cell["entry"].name].sha256,
-                              masks.get(cell["entry"].name))
+        rel = releases[cell["entry"].name]
+        key = (rel.path, cell["config"].task.model_dump_json())
+        if key not in task_fps:
+            task_fps[key] = task_fingerprint(cell["config"].task, rel.path)
+        fp = cell_fingerprint(cell["config"], rel.sha256, masks.get(cell["entry"].name),
+                              task_fps[key])
         cell["fingerprint"] = fp
         path = out / "cells" / f"{cell['name']}.json"
-        if not fresh and path.is_file():
-            cached = json.loads(path.read_text())
-            if cached.get("fingerprint") == fp:
+        if not fresh:
+            cached = _read_cell(path)
+            if cached is not None and cached.get("fingerprint") == fp:
                 results[cell["name"]] = cached
                 cell["cached"] = True
                 continue
@@ -252,7 +286,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
             result.update(cell=cell["name"], release_name=entry.name,
                           fingerprint=cell["fingerprint"], durations=cell["durations"],
                           wall_s=time.perf_counter() - t0)
-            (out / "cells" / f"{cell['name']}.json").write_text(json.dumps(result, indent=1))
+            _write_atomic(out / "cells" / f"{cell['name']}.json", json.dumps(result, indent=1))
             results[cell["name"]] = result
     finally:
         bar.close()
@@ -260,7 +294,8 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
 
 
 def _share_step0(results: list[dict]) -> list[dict]:
-    """Give runs that skipped the step-0 evaluation the one of their release's first run."""
+    """Give runs that skipped the step-0 evaluation the one of their release's first run
+    (never skipped by `reinit` runs, whose step 0 depends on the seed)."""
     step0 = {r["release_name"]: (r["curve"][0], r["at"]["0"]) for r in results if "0" in r["at"]}
     for r in results:
         if "0" not in r["at"]:

@@ -330,7 +330,33 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def task_fingerprint(cfg: TaskConfig, tokenizer_fp: str) -> str:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def _data_files(cfg: TaskConfig) -> list[Path]:
+    """The local files a task reads (none for GLUE: the hub dataset is known by name only)."""
+    if cfg.name in REVIEW_FILES or cfg.name == "review_lm":
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
+        names = [REVIEW_FILES[cfg.name]] if cfg.name in REVIEW_FILES else list(REVIEW_FILES.values())
+        return [data_dir / n for n in names]
+    if cfg.name == "file":
+        return [Path(f) for f in (cfg.train_file, cfg.validation_file, cfg.test_file) if f]
+    return []
+
+
+def task_fingerprint(cfg: TaskConfig, tokenizer_dir) -> str:
+    """Hash of what a task's token ids depend on: its config, the bytes of its data files and
+    the tokenizer files in `tokenizer_dir`; a cached result is reused only while it matches."""
     h = hashlib.sha256(cfg.model_dump_json().encode())
-    h.update(tokenizer_fp.encode())
+    for path in _data_files(cfg):
+        if not path.is_file():
+            raise TaskError(f"task data file not found: {path}")
+        h.update(f"\0data {path.name}\0".encode())
+        h.update(path.read_bytes())
+    for name in TOKENIZER_FILES:
+        path = Path(tokenizer_dir) / name
+        if path.is_file():
+            h.update(f"\0tokenizer {name}\0".encode())
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -122,8 +123,10 @@ class Release:
         return release_tensors(self.path)
 
 
-def check_mask(mask_dir, release: Release) -> tuple[dict, dict]:
-    """The private mask artifact, after checking that it belongs to this release."""
+def check_mask(mask_dir, release: Release, allow_unbound: bool = False) -> tuple[dict, dict]:
+    """The private mask artifact, after checking that it belongs to this release. A mask with no
+    recorded release sha256 would fit any release of the same architecture, so it is refused
+    unless `allow_unbound` (config `allow_unbound_mask: true`) says so."""
     mask_dir = Path(mask_dir)
     tensors, meta = read_artifact(mask_dir)  # malformed artifacts: MaskArtifactError
     recorded = meta.get("release_sha256")
@@ -141,8 +144,13 @@ def check_mask(mask_dir, release: Release) -> tuple[dict, dict]:
             f"e.g. {n!r}: mask {list(shapes[n]) if n in shapes else 'absent'}, release "
             f"{list(release.shapes[n]) if n in release.shapes else 'absent'} ({mask_dir})")
     if recorded is None:
-        log.warning("%s records no release_sha256 (tools/release.py --private binds it): only "
-                    "names and shapes were checked against %s", mask_dir, release.path)
+        if not allow_unbound:
+            raise MaskMismatchError(
+                f"{mask_dir / 'mask.json'} records no release_sha256, so it cannot be checked "
+                f"against {release.path}: bind it with tools/release.py --private {mask_dir}, "
+                "or set allow_unbound_mask=true to accept a names-and-shapes check")
+        log.warning("%s records no release_sha256 (allow_unbound_mask): only names and shapes "
+                    "were checked against %s", mask_dir, release.path)
     return tensors, meta
 
 
@@ -376,7 +384,8 @@ class Finetuner:
         self.release = release or Release.open(cfg.release)
         self.masks = self.mask_meta = None
         if cfg.mask is not None:
-            self.masks, self.mask_meta = check_mask(cfg.mask, self.release)
+            self.masks, self.mask_meta = check_mask(cfg.mask, self.release,
+                                                    cfg.allow_unbound_mask)
         self.task = task or build_task(cfg.task, load_hf_tokenizer(self.release.path))
         ensure_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -397,6 +406,7 @@ class Finetuner:
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
         self.hooks = []
+        self.skipped = self.bad_streak = 0  # steps skipped for a non-finite loss or gradient
         if cfg.mode == "authorized":
             from ..mask.update import MaskedUpdate
             self.hooks.append(MaskedUpdate(self.engine, sharded_mask(self.engine, self.masks)))
@@ -466,20 +476,41 @@ class Finetuner:
             yield self.task.collate("train", [order[p] for p in range(start, start + mb)])
 
     def train_step(self, order: SampleOrder, step: int) -> float:
+        """One optimizer step; a non-finite loss or gradient on any rank skips it (DeepSpeed's
+        overflow path: weights, moments and LR schedule untouched), as in pre-training."""
         total = torch.zeros((), dtype=torch.float64)
+        finite = True
         for m, batch in enumerate(self._micro_batches(order, step)):
             loss = self._forward(batch).loss
             self.engine.backward(loss)
             total += loss.detach().double().cpu()
             if m == self.grad_accum - 1:
-                for hook in self.hooks:
-                    hook.before_step(self.engine, step)
+                finite = self._all_finite(total)
+                if finite:
+                    for hook in self.hooks:
+                        hook.before_step(self.engine, step)
+                else:
+                    self.engine.optimizer.overflow = True
             self.engine.step()
-        for hook in self.hooks:
-            hook.after_step(self.engine, step)
+        if finite:
+            self.bad_streak = 0
+            for hook in self.hooks:
+                hook.after_step(self.engine, step)
+        else:
+            self.engine.optimizer.overflow = False
+            self.skipped += 1
+            self.bad_streak += 1
         total = (total / self.grad_accum).to(self.engine.device)
         dist.all_reduce(total)
         return total.item() / self.world
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and this rank's gradient partition finite on every rank."""
+        grads = self.engine.optimizer.grad_partitions_flat_buffer
+        ok = torch.isfinite(grads).all() & torch.isfinite(loss.to(grads.device))
+        flag = ok.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def run(self, progress=None) -> dict:
         """Train max_steps; validation at 0 / eval_every / eval_steps / end, test at 0,
@@ -508,10 +539,12 @@ class Finetuner:
             result["train_loss"].append([steps_done, loss])
             if progress is not None:
                 progress(steps_done)
-            if not math.isfinite(loss):
-                result["diverged"] = True
-                log.warning("%s | step %d | non-finite loss: stopping", c.mode, steps_done)
-                break
+            if self.bad_streak:
+                log.warning("%s | step %d | non-finite loss or gradient: step skipped (%d in a "
+                            "row)", c.mode, steps_done, self.bad_streak)
+                if self.bad_streak >= c.train.nonfinite_max_in_a_row:
+                    result["diverged"] = True
+                    break
             if steps_done % c.train.log_every == 0:
                 _info("%s | step %d | loss %.4f | lr %.2e", c.mode, steps_done, loss,
                          self.engine.get_lr()[0])
@@ -533,8 +566,45 @@ class Finetuner:
         if self.masks is not None or c.mode == "unauthorized-lora":
             result["backbone"] = compare_with_release(self.model, self.release, self.masks)
         result["steps_done"] = steps_done
+        result["skipped_steps"] = self.skipped
         result["time_s"] = time.perf_counter() - t0
         return result
+
+    # --- export -----------------------------------------------------------------------------------
+    def export(self, out_dir) -> dict:
+        """Write the fine-tuned model as a standard HF directory through the release path: an
+        engine checkpoint beside `out_dir` (all ranks; a filesystem they share), the source
+        release's description files as its `hf/`, then `release.release_checkpoint` (lazy fp32
+        rebuild, audited safetensors, atomic) on rank 0; the checkpoint is removed after.
+        Written in the training precision, so the weights are exactly the fine-tuned ones."""
+        from ..release import INDEX_FILE, release_checkpoint
+        out_dir = Path(out_dir)
+        work = out_dir.parent / f".{out_dir.name}.zero3"
+        if self.rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(work), tag="final", save_latest=False)
+        dist.barrier()
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                hf = work / "final" / "hf"
+                hf.mkdir()
+                for f in self.release.path.iterdir():  # config, generation config, tokenizer
+                    if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE:
+                        shutil.copyfile(f, hf / f.name)
+                sha = release_checkpoint(work / "final", out_dir, dtype=self.precision,
+                                         overwrite=self.cfg.export.overwrite, progress=False)
+                outcome[0] = {"dir": str(out_dir), "sha256": sha, "dtype": self.precision}
+            except Exception as err:  # every rank leaves together, with rank 0's error
+                outcome[0] = err
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        _info("%s | exported to %s (sha256 %s…)", self.cfg.mode, out_dir, outcome[0]["sha256"][:16])
+        return outcome[0]
 
     def close(self) -> None:
         for hook in self.hooks:
@@ -554,12 +624,24 @@ def _fmt(metrics: dict) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def _refuse_export_over(path: Path, overwrite: bool) -> None:
+    """Before training: a non-empty export directory would only be refused at the end."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise ConfigError(f"export.dir {path} is not empty; set export.overwrite=true to "
+                          "replace it")
+
+
 def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release | None = None,
              progress=None) -> dict:
-    """One run, start to end; writes `<out_dir>/result.json` (rank 0) when out_dir is set."""
+    """One run, start to end; writes `<out_dir>/result.json` (rank 0) when out_dir is set, and
+    the fine-tuned model to `export.dir` when set."""
+    if cfg.export.dir is not None:
+        _refuse_export_over(Path(cfg.export.dir), cfg.export.overwrite)
     ft = Finetuner(cfg, task, release)
     try:
         result = ft.run(progress)
+        if cfg.export.dir is not None:
+            result["export"] = ft.export(cfg.export.dir)
     finally:
         ft.close()
     result["config"] = cfg.model_dump(mode="json")
