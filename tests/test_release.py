@@ -171,6 +171,39 @@ def test_dense_llama_release_and_tags(dist_results, tmp_path):
                            final["lm_head.weight"])
 
 
+def test_bf16_run_releases_and_exports(dist_results, tmp_path):
+    """A bf16 run (DeepSpeed names its optimizer files bf16_zero_pp_rank_*): the fp32 release is
+    the fp32 master, cut here from the optimizer files by the mask's layout table rather than by
+    zero_to_fp32's arithmetic; its bf16 cast, and the bf16 release, are the trained bf16 params."""
+    run = dist_results / "pmp_frozen_bf16"
+    tag = resolve_checkpoint(run)
+    assert release_cli.main([str(run), str(tmp_path / "fp32")]) == 0
+    assert release_cli.main([str(run), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    fp32 = load_file(tmp_path / "fp32" / "model.safetensors")
+    bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    trained = torch.load(dist_results / "pmp_frozen_bf16.pt", weights_only=False)["after"]
+    masters = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", mmap=True,
+                          weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
+               for r in range(2)]
+    layouts = [{s[0]: s for s in torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                                            mmap=True, weights_only=False)
+                ["pmp_components"]["pmp"]["mask"]["signature"]} for r in range(2)]
+    assert fp32.keys() == bf16.keys() == trained.keys()
+    for name, param in trained.items():
+        parts = []
+        for groups, layout in zip(masters, layouts):
+            *_, length, group, offset = layout[name]
+            parts.append(groups[group][offset:offset + length])
+        master = torch.cat(parts).reshape(param.shape)
+        assert fp32[name].dtype == torch.float32 and torch.equal(fp32[name], master), name
+        assert param.dtype == torch.bfloat16 and torch.equal(fp32[name].bfloat16(), param), name
+        assert torch.equal(bf16[name], param), name
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in fp32.values())  # not bf16 values
+    assert export_cli.main([str(run), str(tmp_path / "mask")]) == 0
+    assert (tmp_path / "mask" / "mask.safetensors").read_bytes() == \
+        (run / "private" / "mask" / "mask.safetensors").read_bytes()
+
+
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
