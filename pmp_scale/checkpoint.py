@@ -65,14 +65,15 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def file_digest(path: Path) -> str:
-    """xxh3-128 of the file (fast: checkpoints are large); also fsyncs it to disk."""
+def file_digest(path: Path, sync: bool = True) -> str:
+    """xxh3-128 of the file (fast: checkpoints are large); when saving, also fsyncs it to disk."""
     import xxhash
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -80,6 +81,32 @@ def _owner(relative: str, world_size: int) -> int:
     """Rank that hashes a file: its DeepSpeed rank for per-rank files, else rank 0."""
     m = _RANK_FILE.search(Path(relative).name)
     return int(m.group(1)) % world_size if m else 0
+
+
+INCOMPLETE = "incomplete (no completion marker: the save was interrupted)"
+
+
+def tag_problem(where: Path, mine: Callable[[str], bool] = lambda name: True,
+                existence: bool = True) -> str | None:
+    """Why tag directory `where` is not a complete, intact checkpoint (None: it is).
+
+    Checks the checksums of the files `mine` selects (by default all: the offline tools' check)
+    and, with `existence`, that every other recorded file is there."""
+    if not where.is_dir():
+        return "it does not exist"
+    if not (where / MARKER).is_file():
+        return INCOMPLETE
+    try:
+        files = json.loads((where / MARKER).read_text())["files"]
+    except (ValueError, KeyError):
+        return f"its completion marker {MARKER} is unreadable"
+    for name, digest in sorted(files.items()):
+        path = where / name
+        if (mine(name) or existence) and not path.is_file():
+            return f"file {name} is missing"
+        if mine(name) and file_digest(path, sync=False) != digest:
+            return f"file {name} is corrupt (checksum mismatch)"
+    return None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -174,27 +201,21 @@ class Checkpointer:
 
     def _problem(self, tag: str) -> str | None:
         """Why `tag` cannot be resumed from (None: it verifies). Every rank checks its files."""
-        where = self.directory / tag
-        marker = where / MARKER
         rank, world = dist.get_rank(), dist.get_world_size()
-        problem = None
-        if not marker.is_file():
-            problem = "incomplete (no completion marker: the save was interrupted)"
-        else:
-            files = json.loads(marker.read_text())["files"]
-            for name, digest in sorted(files.items()):
-                if _owner(name, world) != rank and rank != 0:
-                    continue
-                path = where / name
-                if not path.is_file():
-                    problem = f"file {name} is missing"
-                elif _owner(name, world) == rank and file_digest(path) != digest:
-                    problem = f"file {name} is corrupt (checksum mismatch)"
-                if problem:
-                    break
+        problem = tag_problem(self.directory / tag, lambda name: _owner(name, world) == rank,
+                              existence=rank == 0)
         problems: list[str | None] = [None] * world
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
+
+    def verified(self, tag: str) -> str:
+        """`tag` if it verifies on every rank, else a CheckpointError naming the problem: an
+        explicitly named tag gets the checks `resumable_tag` makes, without its fallback."""
+        problem = self._problem(tag)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {self.directory / tag} cannot be resumed from: "
+                                  f"{problem}; pick another tag or --resume auto")
+        return tag
 
     def resumable_tag(self) -> str | None:
         """Newest tag that verifies; warns about each newer one that does not."""
@@ -206,7 +227,7 @@ class Checkpointer:
                     self._warn(f"checkpoint {bad} skipped: {why}; resuming from {tag} instead")
                 return tag
             skipped.append((tag, problem))
-        corrupt = [f"{t}: {why}" for t, why in skipped if not why.startswith("incomplete")]
+        corrupt = [f"{t}: {why}" for t, why in skipped if why != INCOMPLETE]
         if corrupt:
             raise CheckpointError(f"no checkpoint in {self.directory} verifies ("
                                   + "; ".join(corrupt) + "); refusing to start over silently")

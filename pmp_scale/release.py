@@ -66,8 +66,12 @@ def rank_files(tag_dir: Path) -> list[Path]:
     return [ranks[r] for r in range(len(ranks))]
 
 
-def resolve_checkpoint(path, tag: str | None = None) -> Path:
-    """The tag directory meant by a run dir, its `checkpoints/` dir or a tag dir (`latest` by default)."""
+def resolve_checkpoint(path, tag: str | None = None, verify: bool = True) -> Path:
+    """The tag directory meant by a run dir, its `checkpoints/` dir or a tag dir (`latest` by default).
+
+    With `verify`, the tag must be complete (the trainer's completion marker) and every file
+    must match its recorded checksum: a crash mid-save or a corrupt shard is never released."""
+    from .checkpoint import INCOMPLETE, tag_problem
     path = Path(path)
     if not path.exists():
         raise ReleaseError(f"no checkpoint at {path}: it does not exist")
@@ -78,6 +82,12 @@ def resolve_checkpoint(path, tag: str | None = None) -> Path:
     elif tag is None and (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     rank_files(path)
+    problem = tag_problem(path) if verify else None
+    if problem is not None:
+        hint = (" (a ZeRO-3 checkpoint not written by pmp_scale has no marker: release it with "
+                "tools/release.py --unverified)" if problem == INCOMPLETE else "")
+        raise ReleaseError(f"checkpoint {path} is not usable: {problem}; name another with "
+                           f"--tag{hint}")
     return path
 
 

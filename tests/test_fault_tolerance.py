@@ -132,6 +132,41 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(fault_results):
     assert _load(fault_results, "corrupt_resume.pt")["enospc"]["step"] == 4
 
 
+def _verify_each(rank, world, root):
+    from pmp_scale.checkpoint import CheckpointError, Checkpointer
+    checkpointer = Checkpointer(None, root, keep=2, components={}, fingerprint={})
+    out = {}
+    for tag in ("step00000002", "step00000004", "step00000006", "step00000008"):
+        try:
+            out[tag] = checkpointer.verified(tag)
+        except CheckpointError as err:
+            out[tag] = str(err)
+    return out
+
+
+def test_an_explicitly_named_tag_is_verified(tmp_path):
+    """`--resume TAG` gets the checks `auto` makes: every rank hashes its own files and all
+    refuse together, naming the problem (here rank 1's file is the corrupt one)."""
+    from dist_util import run_distributed
+    from pmp_scale.checkpoint import MARKER, file_digest
+    for step in (2, 4, 6):
+        tag = tmp_path / f"step{step:08d}"
+        tag.mkdir()
+        for r in range(2):
+            (tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(bytes([r, step]) * 64)
+        if step != 4:  # step 4: interrupted before its marker
+            files = {f.name: file_digest(f) for f in tag.iterdir()}
+            (tag / MARKER).write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
+    (tmp_path / "step00000006" / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"x")
+    for result in run_distributed(_verify_each, 2, tmp_path):
+        assert result["step00000002"] == "step00000002"
+        assert "step00000004 cannot be resumed from: incomplete" in result["step00000004"]
+        assert result["step00000006"].endswith("cannot be resumed from: file zero_pp_rank_1_mp_"
+                                               "rank_00_model_states.pt is corrupt (checksum "
+                                               "mismatch); pick another tag or --resume auto")
+        assert "step00000008 cannot be resumed from: it does not exist" in result["step00000008"]
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_elastic_resume_from_2_ranks(fault_results, world):
     """2 -> 1 and 2 -> 4: training continues within noise; the complement is still θ(0)."""

@@ -204,6 +204,40 @@ def test_bf16_run_releases_and_exports(dist_results, tmp_path):
         (run / "private" / "mask" / "mask.safetensors").read_bytes()
 
 
+def _copy_latest(run, tmp_path):
+    """The run's latest tag copied as a one-tag run at tmp_path/run; returns the tag dir."""
+    tag = resolve_checkpoint(run)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(tag, ckpts / tag.name)
+    (ckpts / "latest").write_text(tag.name)
+    return ckpts / tag.name
+
+
+def test_incomplete_or_corrupt_tag_is_refused(source, tmp_path, capsys):
+    """The tools resolve a tag only if it has its completion marker and every file matches its
+    recorded checksum; --unverified releases a checkpoint without a marker."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    tag = _copy_latest(source["run"], tmp_path)
+    (tag / "complete.json").unlink()
+    assert release_cli.main([str(run), str(out)]) == 2
+    assert "incomplete (no completion marker" in _error(capsys)
+    assert export_cli.main([str(run), str(tmp_path / "mask")]) == 2
+    assert "incomplete (no completion marker" in _error(capsys)
+    assert not out.exists() and not (tmp_path / "mask").exists()
+    assert release_cli.main([str(run), str(out), "--unverified"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(run)
+    tag = _copy_latest(source["run"], tmp_path)
+    blob = bytearray((tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(bytes(blob))
+    for cli, dest in ((release_cli, tmp_path / "out2"), (export_cli, tmp_path / "mask")):
+        assert cli.main([str(run), str(dest)]) == 2
+        assert "zero_pp_rank_1_mp_rank_00_model_states.pt is corrupt (checksum mismatch)" in \
+            _error(capsys)
+        assert not dest.exists()
+
+
 def _error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
