@@ -44,7 +44,7 @@ def fault_results(tmp_path_factory, tiny_data):
     marker = ckpts / "step00000005" / "complete.json"
     sigterm_ckpt = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").exists() else None,
                     "marker": json.loads(marker.read_text()) if marker.exists() else None}
-    enospc = _launch(out, tiny_data, ["enospc_save"], env={"PMP_FAULT": "rank0:save_files:6:ENOSPC"})
+    enospc = _launch(out, tiny_data, ["enospc_in_torch_save"])
     # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
     _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
     _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -122,14 +122,39 @@ def test_only_checkpoint_corrupt_is_refused(fault_results):
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(fault_results):
+    """Rank 1's torch.save fails inside DeepSpeed's save (a full disk raises RuntimeError there):
+    every rank stops with the same one line, rank 1 naming itself; nothing older is damaged."""
     proc = fault_results["enospc"]
-    assert proc.returncode == 2
     text = proc.stdout + proc.stderr
-    assert "error: could not write checkpoint" in text and "No space left on device" in text
-    assert "newest complete checkpoint (step00000004) is intact" in text
+    assert proc.returncode == 2, text[-4000:]
+    for prefix in ("error: ", "error (rank 1): "):
+        line = next((l for l in text.splitlines()
+                     if l.startswith(prefix + "could not write checkpoint")), None)
+        assert line is not None, (prefix, text[-4000:])
+        assert "rank 1: torch.save failed, is the disk full?" in line
+        assert "newest complete checkpoint (step00000004) is intact" in line
+    assert "Traceback" not in text
     ckpts = fault_results["out"] / "enospc" / "checkpoints"
     assert not (ckpts / "step00000006").exists()
     assert _load(fault_results, "corrupt_resume.pt")["enospc"]["step"] == 4
+
+
+def test_errors_print_on_every_rank_once_the_process_group_is_up(monkeypatch, capsys):
+    """Before: checks every rank makes alike, rank 0 speaks. After: each rank that fails says so."""
+    import torch.distributed as dist
+    from pmp_scale.checkpoint import CheckpointError
+    from pmp_scale.cli import fail_cleanly
+
+    @fail_cleanly
+    def main():
+        raise CheckpointError("shard unreadable")
+    monkeypatch.setenv("RANK", "1")
+    assert main() == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    assert main() == 2 and capsys.readouterr().err == "error (rank 1): shard unreadable\n"
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert main() == 2 and capsys.readouterr().err == "error: shard unreadable\n"
 
 
 def _verify_each(rank, world, root):
