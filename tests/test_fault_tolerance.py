@@ -192,6 +192,34 @@ def test_an_explicitly_named_tag_is_verified(tmp_path):
         assert "step00000008 cannot be resumed from: it does not exist" in result["step00000008"]
 
 
+_PREEMPTION = """
+import os, signal, sys, time
+from pmp_scale.preemption import Preemption
+p = Preemption(grace_s=1.0)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)  # the launcher's forwarded copy: ignored
+time.sleep(0.2)
+p.close()  # checkpoint written: the watchdog is cancelled
+time.sleep(1.5)
+print("survived", p._flag, flush=True)
+Preemption(grace_s=0.5)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not ended by the grace timer")
+"""
+
+
+def test_preemption_ignores_repeated_signals_and_close_cancels_the_watchdog():
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-c", _PREEMPTION], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout == "survived True\n", proc.stdout + proc.stderr
+    assert proc.returncode == 128 + 15  # the grace timer still ends a stuck process
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_elastic_resume_from_2_ranks(fault_results, world):
     """2 -> 1 and 2 -> 4: training continues within noise; the complement is still θ(0)."""
