@@ -571,6 +571,15 @@ def _theta0_params(pmp: list[dict], shapes: Mapping[str, tuple]) -> Iterator[tup
         yield name, torch.cat(parts).reshape(shape)
 
 
+def _pmp_settings(tag_dir: Path) -> dict:
+    """The run's PMP settings (mask_ratio, mask_source, exclude, complement, ...) from the tag's
+    descriptor; older checkpoints recorded only `"pmp": true`, so nothing to add then."""
+    from .checkpoint import DESCRIPTOR
+    path = tag_dir / DESCRIPTOR
+    pmp = json.loads(path.read_text()).get("pmp") if path.is_file() else None
+    return dict(pmp) if isinstance(pmp, dict) else {}
+
+
 def export_mask(tag_dir, private_dir, overwrite: bool = False, with_init: bool = False) -> Path:
     """The private artifact (and with `with_init` θ(0) as init.safetensors) from a checkpoint's
     per-rank client state, for a checkpoint of any world size."""
@@ -580,12 +589,11 @@ def export_mask(tag_dir, private_dir, overwrite: bool = False, with_init: bool =
     param_shapes = {n: tuple(s) for group in states[0]["param_shapes"] for n, s in group.items()}
     shapes = {s[0]: param_shapes[s[0]] for s in pmp[0]["mask"]["signature"]}  # canonical order
     discovery = pmp[0]["discovery"]
-    meta = {"source": f"checkpoint {tag_dir}", "world_size": len(pmp),
+    meta = {**_pmp_settings(tag_dir), "source": f"checkpoint {tag_dir}", "world_size": len(pmp),
             "init_seed": pmp[0]["init_seed"], "mask_seed": pmp[0]["mask_seed"],
             "stage2_start_step": pmp[0]["stage2_start"],
             "discovery": None if discovery is None else {
-                k: discovery[k] for k in ("steps", "stop_reason", "trace")},
-            **{k: v for k, v in states[0].get("pmp_fingerprint", {}).items() if k != "world_size"}}
+                k: discovery[k] for k in ("steps", "stop_reason", "trace")}}
     write_artifact(private_dir, merge_mask_slices([p["mask"]["bits"] for p in pmp], shapes),
                    meta, overwrite=True)
     if with_init:

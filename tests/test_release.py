@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pmp_scale.checkpoint import file_digest
 from pmp_scale.mask import read_artifact, unpack_bits, write_artifact
 from pmp_scale.release import (audit_files, audit_release, merge_mask_slices, record_release,
                                release_checkpoint, release_sha256, release_tensors,
@@ -236,6 +237,23 @@ def test_incomplete_or_corrupt_tag_is_refused(source, tmp_path, capsys):
         assert "zero_pp_rank_1_mp_rank_00_model_states.pt is corrupt (checksum mismatch)" in \
             _error(capsys)
         assert not dest.exists()
+
+
+def test_export_records_the_runs_pmp_settings(source, tmp_path):
+    """mask.json carries the PMP settings the tag's descriptor records (its "pmp" dict)."""
+    tag = _copy_latest(source["run"], tmp_path)
+    settings = {"mask_ratio": 0.5, "mask_source": "random", "score": "step",
+                "topk_scope": "global", "exclude": ["*.ln_*"], "rewind": "init",
+                "complement": "frozen"}
+    descriptor = json.loads((tag / "pmp_scale.json").read_text())
+    (tag / "pmp_scale.json").write_text(json.dumps({**descriptor, "pmp": settings}))
+    marker = json.loads((tag / "complete.json").read_text())
+    marker["files"]["pmp_scale.json"] = file_digest(tag / "pmp_scale.json")
+    (tag / "complete.json").write_text(json.dumps(marker))
+    assert export_cli.main([str(tmp_path / "run"), str(tmp_path / "mask")]) == 0
+    _, meta = read_artifact(tmp_path / "mask")
+    assert {k: meta.get(k) for k in settings} == settings
+    assert meta["world_size"] == 2 and meta["init_seed"] == 7
 
 
 def _error(capsys) -> str:
