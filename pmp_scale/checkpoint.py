@@ -266,6 +266,8 @@ class Checkpointer:
         newest = complete[-1] if complete else None
         for t in tags:
             if t not in keep and (t in complete or (newest and t < newest)):
+                # marker first: a tag half-deleted by a crash must not look complete
+                (self.directory / t / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(self.directory / t, ignore_errors=True)
 
     # --- resume --------------------------------------------------------------------------------

@@ -619,21 +619,28 @@ def reshard_mask(private_dir, world_size: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def write_resharded_mask(private_dir, world_size: int, out_dir) -> list[Path]:
-    """rank{r}.safetensors (packed slices) per rank + layout.json (shapes, per-rank start/length)."""
+def write_resharded_mask(private_dir, world_size: int, out_dir, overwrite: bool = False) -> list[Path]:
+    """rank{r}.safetensors (packed slices) per rank + layout.json (shapes, per-rank start/length),
+    written beside `out_dir` and renamed into place: never a partial set of rank files."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
+    _refuse_non_empty(out_dir, overwrite)
     per_rank = reshard_mask(private_dir, world_size)
     _, meta = read_artifact(private_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layout = {"world_size": world_size, "release_sha256": meta.get("release_sha256"), "params": {}}
     for name, shape in meta["shapes"].items():
         cuts = [LocalSlice.for_rank(0, math.prod(shape), r, world_size) for r in range(world_size)]
         layout["params"][name] = {"shape": shape, "start": [c.start for c in cuts],
                                   "length": [c.length for c in cuts]}
-    files = []
-    for r, bits in enumerate(per_rank):
-        files.append(out_dir / f"rank{r}.safetensors")
-        save_file(bits, str(files[-1]), metadata={"rank": str(r), "world_size": str(world_size)})
-    (out_dir / "layout.json").write_text(json.dumps(layout, indent=1))
-    return files
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for r, bits in enumerate(per_rank):
+            save_file(bits, str(tmp / f"rank{r}.safetensors"),
+                      metadata={"rank": str(r), "world_size": str(world_size)})
+        (tmp / "layout.json").write_text(json.dumps(layout, indent=1))
+        move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / f"rank{r}.safetensors" for r in range(world_size)]

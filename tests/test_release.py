@@ -156,6 +156,15 @@ def test_mask_export_and_reshard_round_trip(source, released, tmp_path):
         write_artifact(tmp_path / f"merged{world}", merge_mask_slices(rank_bits, shapes), {})
         assert (tmp_path / f"merged{world}" / "mask.safetensors").read_bytes() == \
             (exported / "mask.safetensors").read_bytes()
+    # an existing output is refused unless --overwrite, which swaps it whole
+    out = tmp_path / "w4"
+    assert reshard_cli.main([str(exported), "--world-size", "2", "--out", str(out)]) == 2
+    assert len(list(out.glob("rank*.safetensors"))) == 4
+    assert reshard_cli.main([str(exported), "--world-size", "2", "--out", str(out),
+                             "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["layout.json", "rank0.safetensors",
+                                                     "rank1.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no temporary dirs left beside it
 
 
 def test_dense_llama_release_and_tags(dist_results, tmp_path):
