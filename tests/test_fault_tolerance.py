@@ -16,6 +16,10 @@ KILLS = [
     ("rank0:save_marker:8", "inside checkpoint writing: marker written, `latest` not moved"),
     ("rank1:save_files:10", "inside checkpoint writing, in Stage II"),
 ]
+# The step each launch of the chain resumes from (0: fresh; the last is the uninterrupted launch):
+# the newest tag that verifies. Tag 4 of launch 2 has no marker, so launch 3 starts from 2 again;
+# tag 8 has its marker although `latest` never moved to it; tag 10 has no marker.
+RESUMED_FROM = [0, 2, 2, 4, 8, 8]
 
 
 def _launch(out, data, names, env=None):
@@ -35,8 +39,13 @@ def fault_results(tmp_path_factory, tiny_data):
     first = _launch(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup",
                                      "elastic_setup"])
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    outcomes = []
+    outcomes, chain_log = [], out / "fault_chain" / "metrics.jsonl"
+
+    def logged() -> int:  # metrics lines so far: where the next launch's records begin
+        return len(chain_log.read_text().splitlines()) if chain_log.exists() else 0
+    starts = []
     for spec, _ in KILLS:
+        starts.append(logged())
         proc = _launch(out, tiny_data, ["fault_chain"], env={"PMP_FAULT": spec})
         outcomes.append(proc.returncode)
     sigterm = _launch(out, tiny_data, ["sigterm_run"], env={"PMP_FAULT": "rank1:step:5:TERM"})
@@ -48,14 +57,17 @@ def fault_results(tmp_path_factory, tiny_data):
     # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
     _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
     _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    starts.append(logged())
     final = _launch(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"])
     assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
+    records = chain_log.read_text().splitlines()
+    first_steps = [json.loads(records[i])["step"] for i in starts]
     for world in (1, 4):
         proc = launch(SCENARIOS, ["--out", str(out), "--data", tiny_data["data"], "--tokenizer",
                                   tiny_data["tokenizer"], "--scenarios", "elastic_resume"], world)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"out": out, "kills": outcomes, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
-            "enospc": enospc}
+            "enospc": enospc, "chain_first_steps": first_steps}
 
 
 def _load(results, name):
@@ -64,6 +76,10 @@ def _load(results, name):
 
 def test_sigkill_at_five_points_then_resume_is_bit_exact(fault_results):
     assert all(code != 0 for code in fault_results["kills"]), fault_results["kills"]
+    # Where each launch resumed, from metrics.jsonl (the Trainer records no `resumed_from`): a
+    # launch's first record is step 0 (a fresh run's val loss) or the step after its resume.
+    resumed = [max(step - 1, 0) for step in fault_results["chain_first_steps"]]
+    assert resumed == RESUMED_FROM, fault_results["chain_first_steps"]
     ref, chain = _load(fault_results, "fault_ref_final.pt"), _load(fault_results,
                                                                    "fault_chain_final.pt")
     assert sorted(ref["losses"]) == list(range(1, 13)) == sorted(chain["losses"])
