@@ -11,6 +11,7 @@ crash while saving, or a corrupt file (a mask slice included), never resumes sil
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,14 +66,15 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def file_digest(path: Path) -> str:
-    """xxh3-128 of the file (fast: checkpoints are large); also fsyncs it to disk."""
+def file_digest(path: Path, sync: bool = True) -> str:
+    """xxh3-128 of the file (fast: checkpoints are large); when saving, also fsyncs it to disk."""
     import xxhash
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 
@@ -82,6 +84,32 @@ def _owner(relative: str, world_size: int) -> int:
     return int(m.group(1)) % world_size if m else 0
 
 
+INCOMPLETE = "incomplete (no completion marker: the save was interrupted)"
+
+
+def tag_problem(where: Path, mine: Callable[[str], bool] = lambda name: True,
+                existence: bool = True) -> str | None:
+    """Why tag directory `where` is not a complete, intact checkpoint (None: it is).
+
+    Checks the checksums of the files `mine` selects (by default all: the offline tools' check)
+    and, with `existence`, that every other recorded file is there."""
+    if not where.is_dir():
+        return "it does not exist"
+    if not (where / MARKER).is_file():
+        return INCOMPLETE
+    try:
+        files = json.loads((where / MARKER).read_text())["files"]
+    except (ValueError, KeyError):
+        return f"its completion marker {MARKER} is unreadable"
+    for name, digest in sorted(files.items()):
+        path = where / name
+        if (mine(name) or existence) and not path.is_file():
+            return f"file {name} is missing"
+        if mine(name) and file_digest(path, sync=False) != digest:
+            return f"file {name} is corrupt (checksum mismatch)"
+    return None
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -89,6 +117,46 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class _WriteFailed(Exception):
+    """Some rank could not write its part of a checkpoint (raised on every rank alike)."""
+
+
+def _failure_reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"torch.save failed, is the disk full? ({first})"
+
+
+@contextlib.contextmanager
+def _write_failures_recorded(engine, failed: list[BaseException]):
+    """Inside DeepSpeed's save_checkpoint, record a failed write instead of raising it.
+
+    save_checkpoint ends with a barrier: a rank that raised out of it would leave the others
+    waiting there. torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed
+    writing file", "unexpected pos ..."), not OSError, so both count. Once a write failed, this
+    rank's remaining writes are skipped. Rank 0 also copies zero_to_fp32.py beside the tags."""
+    targets = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]
+    originals = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
+
+    def recording(write):
+        def wrapper(*args, **kwargs):
+            if not failed:
+                try:
+                    write(*args, **kwargs)
+                except (OSError, RuntimeError) as err:
+                    failed.append(err)
+        return wrapper
+
+    for obj, name, write in originals:
+        setattr(obj, name, recording(write))
+    try:
+        yield
+    finally:
+        for obj, name, write in originals:
+            setattr(obj, name, write)
 
 
 class Checkpointer:
@@ -107,49 +175,83 @@ class Checkpointer:
 
     # --- save ----------------------------------------------------------------------------------
     def save(self, step: int) -> str:
-        """Write tag `step` completely or not at all (a failed save leaves older tags intact)."""
+        """Write tag `step` completely or not at all (a failed save leaves older tags intact).
+
+        A write that fails on any rank (full disk, I/O error) fails the save on every rank
+        together, with the same message: see `_agree`."""
         try:
             return self._save(step)
-        except OSError as err:
+        except _WriteFailed as err:
             where = self.directory / tag_for(step)
             shutil.rmtree(where, ignore_errors=True)
             previous = [t for t in self.tags() if (self.directory / t / MARKER).is_file()]
             raise CheckpointError(
-                f"could not write checkpoint {where}: {err.strerror or err}; the partial tag was "
+                f"could not write checkpoint {where}: {err}; the partial tag was "
                 f"removed and the newest complete checkpoint ({previous[-1] if previous else 'none'})"
-                " is intact — free space or change run_dir, then --resume auto") from err
+                " is intact — free space or change run_dir, then --resume auto") from None
 
     def _save(self, step: int) -> str:
         tag = tag_for(step)
         where = self.directory / tag
         rank, world = dist.get_rank(), dist.get_world_size()
-        if rank == 0 and where.exists():  # a stale, incomplete attempt at this step
-            shutil.rmtree(where)
+        failed: list[BaseException] = []  # this rank's first write failure
+
+        def attempt(write, *args):
+            """Run one local write unless this rank already failed; record an OSError."""
+            if not failed:
+                try:
+                    return write(*args)
+                except OSError as err:
+                    failed.append(err)
+
+        if rank == 0:
+            attempt(self._fresh_tag_dir, where)
         dist.barrier()
         client_state = {"pmp_step": step, "pmp_components":
                         {k: c.state_dict() for k, c in self.components.items()}}
-        self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
-                                    save_latest=False)
-        fault_point(f"save_files:{step}")
+        with _write_failures_recorded(self.engine, failed):
+            self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
+                                        save_latest=False)
+        attempt(fault_point, f"save_files:{step}")
         if rank == 0:
-            (where / DESCRIPTOR).write_text(json.dumps({"step": step, **self.fingerprint},
-                                                       indent=1))
-            if self.describe is not None:
-                self.describe(where / "hf")
-        dist.barrier()
-        mine = {f: file_digest(where / f) for f in self._files(where)
-                if _owner(f, world) == rank}
-        gathered: list[dict] = [None] * world
-        dist.all_gather_object(gathered, mine)
+            attempt(self._write_description, where, step)
+        self._agree(failed)
+        mine = attempt(lambda: {f: file_digest(where / f) for f in self._files(where)
+                                if _owner(f, world) == rank})
+        gathered = self._agree(failed, mine)
         if rank == 0:
             digests = {k: v for part in gathered for k, v in part.items()}
-            _atomic_write(where / MARKER, json.dumps(
+            attempt(_atomic_write, where / MARKER, json.dumps(
                 {"step": step, "world_size": world, "files": digests}, indent=1))
-            fault_point(f"save_marker:{step}")
-            _atomic_write(self.directory / "latest", tag)
-            self._prune()
-        dist.barrier()
+            attempt(fault_point, f"save_marker:{step}")
+            attempt(_atomic_write, self.directory / "latest", tag)
+            attempt(self._prune)
+        self._agree(failed)
         return tag
+
+    @staticmethod
+    def _fresh_tag_dir(where: Path) -> None:
+        if where.exists():  # a stale, incomplete attempt at this step
+            shutil.rmtree(where)
+        where.mkdir(parents=True)
+
+    def _write_description(self, where: Path, step: int) -> None:
+        (where / DESCRIPTOR).write_text(json.dumps({"step": step, **self.fingerprint}, indent=1))
+        if self.describe is not None:
+            self.describe(where / "hf")
+
+    @staticmethod
+    def _agree(failed: list[BaseException], mine: Any = None) -> list:
+        """Stands in for a barrier: every rank learns whether any rank failed to write, so all
+        stop together (none is left waiting in a collective) and report the same ranks. Returns
+        every rank's `mine`."""
+        world = dist.get_world_size()
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (_failure_reason(failed[0]) if failed else None, mine))
+        reasons = [f"rank {r}: {why}" for r, (why, _) in enumerate(gathered) if why]
+        if reasons:
+            raise _WriteFailed("; ".join(reasons))
+        return [m for _, m in gathered]
 
     @staticmethod
     def _files(where: Path) -> list[str]:
@@ -164,6 +266,8 @@ class Checkpointer:
         newest = complete[-1] if complete else None
         for t in tags:
             if t not in keep and (t in complete or (newest and t < newest)):
+                # marker first: a tag half-deleted by a crash must not look complete
+                (self.directory / t / MARKER).unlink(missing_ok=True)
                 shutil.rmtree(self.directory / t, ignore_errors=True)
 
     # --- resume --------------------------------------------------------------------------------
@@ -174,27 +278,21 @@ class Checkpointer:
 
     def _problem(self, tag: str) -> str | None:
         """Why `tag` cannot be resumed from (None: it verifies). Every rank checks its files."""
-        where = self.directory / tag
-        marker = where / MARKER
         rank, world = dist.get_rank(), dist.get_world_size()
-        problem = None
-        if not marker.is_file():
-            problem = "incomplete (no completion marker: the save was interrupted)"
-        else:
-            files = json.loads(marker.read_text())["files"]
-            for name, digest in sorted(files.items()):
-                if _owner(name, world) != rank and rank != 0:
-                    continue
-                path = where / name
-                if not path.is_file():
-                    problem = f"file {name} is missing"
-                elif _owner(name, world) == rank and file_digest(path) != digest:
-                    problem = f"file {name} is corrupt (checksum mismatch)"
-                if problem:
-                    break
+        problem = tag_problem(self.directory / tag, lambda name: _owner(name, world) == rank,
+                              existence=rank == 0)
         problems: list[str | None] = [None] * world
         dist.all_gather_object(problems, problem)
         return next((p for p in problems if p), None)
+
+    def verified(self, tag: str) -> str:
+        """`tag` if it verifies on every rank, else a CheckpointError naming the problem: an
+        explicitly named tag gets the checks `resumable_tag` makes, without its fallback."""
+        problem = self._problem(tag)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {self.directory / tag} cannot be resumed from: "
+                                  f"{problem}; pick another tag or --resume auto")
+        return tag
 
     def resumable_tag(self) -> str | None:
         """Newest tag that verifies; warns about each newer one that does not."""
@@ -206,7 +304,7 @@ class Checkpointer:
                     self._warn(f"checkpoint {bad} skipped: {why}; resuming from {tag} instead")
                 return tag
             skipped.append((tag, problem))
-        corrupt = [f"{t}: {why}" for t, why in skipped if not why.startswith("incomplete")]
+        corrupt = [f"{t}: {why}" for t, why in skipped if why != INCOMPLETE]
         if corrupt:
             raise CheckpointError(f"no checkpoint in {self.directory} verifies ("
                                   + "; ".join(corrupt) + "); refusing to start over silently")

@@ -31,6 +31,21 @@ def _exit_code(err: Exception) -> int | None:
     return None
 
 
+def report_error(err: BaseException) -> None:
+    """One line on stderr. Before the process group is up, errors come from checks every rank
+    makes alike (config, data): rank 0 speaks for all. After it, an error may be one rank's own
+    (its disk, its shard), so every rank that hits one says so, naming itself."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+    elif os.environ.get("RANK", "0") == "0":
+        rank = 0
+    else:
+        return
+    prefix = "error" if rank == 0 else f"error (rank {rank})"
+    print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+
+
 def fail_cleanly(main):
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -40,7 +55,6 @@ def fail_cleanly(main):
             code = _exit_code(err)
             if code is None:
                 raise
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {err}", file=sys.stderr, flush=True)
+            report_error(err)
             return code
     return wrapper

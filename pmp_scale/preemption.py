@@ -16,17 +16,21 @@ class Preemption:
     def __init__(self, grace_s: float):
         self.grace_s = grace_s
         self._flag = False
+        self._timer: threading.Timer | None = None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if self._flag:  # a second signal: stop waiting
-            os._exit(128 + signum)
+        """Repeats are ignored: the DeepSpeed launcher forwards SIGTERM to every rank, so a
+        scheduler that signals the whole process group reaches each rank twice. Only the grace
+        timer cuts the checkpoint short."""
+        if self._flag:
+            return
         self._flag = True
-        timer = threading.Timer(self.grace_s, os._exit, args=(128 + signum,))
-        timer.daemon = True
-        timer.start()
+        self._timer = threading.Timer(self.grace_s, os._exit, args=(128 + signum,))
+        self._timer.daemon = True
+        self._timer.start()
 
     def requested(self) -> bool:
         """True on every rank if any rank got a signal (one tiny all-reduce per step)."""
@@ -36,5 +40,8 @@ class Preemption:
         return bool(flag.item())
 
     def close(self) -> None:
+        """The checkpoint is written (or training ended): the watchdog must not fire later."""
+        if self._timer is not None:
+            self._timer.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

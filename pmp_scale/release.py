@@ -47,24 +47,31 @@ class ReleaseError(ValueError):
 
 # --- locating a checkpoint ------------------------------------------------------------------------
 _MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+# DeepSpeed prefixes the optimizer files of bf16 runs with `bf16_` (engine._get_zero_ckpt_prefix)
+_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def rank_files(tag_dir: Path) -> list[Path]:
     """The per-rank model-state files of a ZeRO-3 checkpoint tag, in rank order."""
     if not tag_dir.is_dir():
         raise ReleaseError(f"no checkpoint at {tag_dir}")
-    ranks = {int(m.group(1)): tag_dir / m.group(0)
-             for m in (_MODEL_STATES.match(f.name) for f in tag_dir.iterdir()) if m}
-    optim = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    if not ranks or sorted(ranks) != list(range(len(ranks))) or len(optim) != len(ranks):
-        found = sorted(f.name for f in tag_dir.iterdir() if f.suffix == ".pt") or "no .pt files"
+    names = [f.name for f in tag_dir.iterdir()]
+    ranks = {int(m.group(1)): tag_dir / m.group(0) for m in map(_MODEL_STATES.match, names) if m}
+    optim = sorted(int(m.group(1)) for m in map(_OPTIM_STATES.match, names) if m)
+    if not ranks or sorted(ranks) != list(range(len(ranks))) or optim != sorted(ranks):
+        found = sorted(n for n in names if n.endswith(".pt")) or "no .pt files"
         raise ReleaseError(f"{tag_dir} is not a ZeRO-3 checkpoint: expected zero_pp_rank_R_mp_rank_00_"
-                           f"{{model,optim}}_states.pt for R = 0..W-1, found {found}")
+                           f"model_states.pt and [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt "
+                           f"for R = 0..W-1, found {found}")
     return [ranks[r] for r in range(len(ranks))]
 
 
-def resolve_checkpoint(path, tag: str | None = None) -> Path:
-    """The tag directory meant by a run dir, its `checkpoints/` dir or a tag dir (`latest` by default)."""
+def resolve_checkpoint(path, tag: str | None = None, verify: bool = True) -> Path:
+    """The tag directory meant by a run dir, its `checkpoints/` dir or a tag dir (`latest` by default).
+
+    With `verify`, the tag must be complete (the trainer's completion marker) and every file
+    must match its recorded checksum: a crash mid-save or a corrupt shard is never released."""
+    from .checkpoint import INCOMPLETE, tag_problem
     path = Path(path)
     if not path.exists():
         raise ReleaseError(f"no checkpoint at {path}: it does not exist")
@@ -75,6 +82,12 @@ def resolve_checkpoint(path, tag: str | None = None) -> Path:
     elif tag is None and (path / "latest").is_file():
         path = path / (path / "latest").read_text().strip()
     rank_files(path)
+    problem = tag_problem(path) if verify else None
+    if problem is not None:
+        hint = (" (a ZeRO-3 checkpoint not written by pmp_scale has no marker: release it with "
+                "tools/release.py --unverified)" if problem == INCOMPLETE else "")
+        raise ReleaseError(f"checkpoint {path} is not usable: {problem}; name another with "
+                           f"--tag{hint}")
     return path
 
 
@@ -558,6 +571,15 @@ def _theta0_params(pmp: list[dict], shapes: Mapping[str, tuple]) -> Iterator[tup
         yield name, torch.cat(parts).reshape(shape)
 
 
+def _pmp_settings(tag_dir: Path) -> dict:
+    """The run's PMP settings (mask_ratio, mask_source, exclude, complement, ...) from the tag's
+    descriptor; older checkpoints recorded only `"pmp": true`, so nothing to add then."""
+    from .checkpoint import DESCRIPTOR
+    path = tag_dir / DESCRIPTOR
+    pmp = json.loads(path.read_text()).get("pmp") if path.is_file() else None
+    return dict(pmp) if isinstance(pmp, dict) else {}
+
+
 def export_mask(tag_dir, private_dir, overwrite: bool = False, with_init: bool = False) -> Path:
     """The private artifact (and with `with_init` θ(0) as init.safetensors) from a checkpoint's
     per-rank client state, for a checkpoint of any world size."""
@@ -567,12 +589,11 @@ def export_mask(tag_dir, private_dir, overwrite: bool = False, with_init: bool =
     param_shapes = {n: tuple(s) for group in states[0]["param_shapes"] for n, s in group.items()}
     shapes = {s[0]: param_shapes[s[0]] for s in pmp[0]["mask"]["signature"]}  # canonical order
     discovery = pmp[0]["discovery"]
-    meta = {"source": f"checkpoint {tag_dir}", "world_size": len(pmp),
+    meta = {**_pmp_settings(tag_dir), "source": f"checkpoint {tag_dir}", "world_size": len(pmp),
             "init_seed": pmp[0]["init_seed"], "mask_seed": pmp[0]["mask_seed"],
             "stage2_start_step": pmp[0]["stage2_start"],
             "discovery": None if discovery is None else {
-                k: discovery[k] for k in ("steps", "stop_reason", "trace")},
-            **{k: v for k, v in states[0].get("pmp_fingerprint", {}).items() if k != "world_size"}}
+                k: discovery[k] for k in ("steps", "stop_reason", "trace")}}
     write_artifact(private_dir, merge_mask_slices([p["mask"]["bits"] for p in pmp], shapes),
                    meta, overwrite=True)
     if with_init:
@@ -598,21 +619,28 @@ def reshard_mask(private_dir, world_size: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def write_resharded_mask(private_dir, world_size: int, out_dir) -> list[Path]:
-    """rank{r}.safetensors (packed slices) per rank + layout.json (shapes, per-rank start/length)."""
+def write_resharded_mask(private_dir, world_size: int, out_dir, overwrite: bool = False) -> list[Path]:
+    """rank{r}.safetensors (packed slices) per rank + layout.json (shapes, per-rank start/length),
+    written beside `out_dir` and renamed into place: never a partial set of rank files."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
+    _refuse_non_empty(out_dir, overwrite)
     per_rank = reshard_mask(private_dir, world_size)
     _, meta = read_artifact(private_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layout = {"world_size": world_size, "release_sha256": meta.get("release_sha256"), "params": {}}
     for name, shape in meta["shapes"].items():
         cuts = [LocalSlice.for_rank(0, math.prod(shape), r, world_size) for r in range(world_size)]
         layout["params"][name] = {"shape": shape, "start": [c.start for c in cuts],
                                   "length": [c.length for c in cuts]}
-    files = []
-    for r, bits in enumerate(per_rank):
-        files.append(out_dir / f"rank{r}.safetensors")
-        save_file(bits, str(files[-1]), metadata={"rank": str(r), "world_size": str(world_size)})
-    (out_dir / "layout.json").write_text(json.dumps(layout, indent=1))
-    return files
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for r, bits in enumerate(per_rank):
+            save_file(bits, str(tmp / f"rank{r}.safetensors"),
+                      metadata={"rank": str(r), "world_size": str(world_size)})
+        (tmp / "layout.json").write_text(json.dumps(layout, indent=1))
+        move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [out_dir / f"rank{r}.safetensors" for r in range(world_size)]

@@ -16,6 +16,10 @@ KILLS = [
     ("rank0:save_marker:8", "inside checkpoint writing: marker written, `latest` not moved"),
     ("rank1:save_files:10", "inside checkpoint writing, in Stage II"),
 ]
+# The step each launch of the chain resumes from (0: fresh; the last is the uninterrupted launch):
+# the newest tag that verifies. Tag 4 of launch 2 has no marker, so launch 3 starts from 2 again;
+# tag 8 has its marker although `latest` never moved to it; tag 10 has no marker.
+RESUMED_FROM = [0, 2, 2, 4, 8, 8]
 
 
 def _launch(out, data, names, env=None):
@@ -35,8 +39,13 @@ def fault_results(tmp_path_factory, tiny_data):
     first = _launch(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup",
                                      "elastic_setup"])
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    outcomes = []
+    outcomes, chain_log = [], out / "fault_chain" / "metrics.jsonl"
+
+    def logged() -> int:  # metrics lines so far: where the next launch's records begin
+        return len(chain_log.read_text().splitlines()) if chain_log.exists() else 0
+    starts = []
     for spec, _ in KILLS:
+        starts.append(logged())
         proc = _launch(out, tiny_data, ["fault_chain"], env={"PMP_FAULT": spec})
         outcomes.append(proc.returncode)
     sigterm = _launch(out, tiny_data, ["sigterm_run"], env={"PMP_FAULT": "rank1:step:5:TERM"})
@@ -44,18 +53,21 @@ def fault_results(tmp_path_factory, tiny_data):
     marker = ckpts / "step00000005" / "complete.json"
     sigterm_ckpt = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").exists() else None,
                     "marker": json.loads(marker.read_text()) if marker.exists() else None}
-    enospc = _launch(out, tiny_data, ["enospc_save"], env={"PMP_FAULT": "rank0:save_files:6:ENOSPC"})
+    enospc = _launch(out, tiny_data, ["enospc_in_torch_save"])
     # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
     _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
     _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
+    starts.append(logged())
     final = _launch(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"])
     assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
+    records = chain_log.read_text().splitlines()
+    first_steps = [json.loads(records[i])["step"] for i in starts]
     for world in (1, 4):
         proc = launch(SCENARIOS, ["--out", str(out), "--data", tiny_data["data"], "--tokenizer",
                                   tiny_data["tokenizer"], "--scenarios", "elastic_resume"], world)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"out": out, "kills": outcomes, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
-            "enospc": enospc}
+            "enospc": enospc, "chain_first_steps": first_steps}
 
 
 def _load(results, name):
@@ -64,6 +76,10 @@ def _load(results, name):
 
 def test_sigkill_at_five_points_then_resume_is_bit_exact(fault_results):
     assert all(code != 0 for code in fault_results["kills"]), fault_results["kills"]
+    # Where each launch resumed, from metrics.jsonl (the Trainer records no `resumed_from`): a
+    # launch's first record is step 0 (a fresh run's val loss) or the step after its resume.
+    resumed = [max(step - 1, 0) for step in fault_results["chain_first_steps"]]
+    assert resumed == RESUMED_FROM, fault_results["chain_first_steps"]
     ref, chain = _load(fault_results, "fault_ref_final.pt"), _load(fault_results,
                                                                    "fault_chain_final.pt")
     assert sorted(ref["losses"]) == list(range(1, 13)) == sorted(chain["losses"])
@@ -122,14 +138,102 @@ def test_only_checkpoint_corrupt_is_refused(fault_results):
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(fault_results):
+    """Rank 1's torch.save fails inside DeepSpeed's save (a full disk raises RuntimeError there):
+    every rank stops with the same one line, rank 1 naming itself; nothing older is damaged."""
     proc = fault_results["enospc"]
-    assert proc.returncode == 2
     text = proc.stdout + proc.stderr
-    assert "error: could not write checkpoint" in text and "No space left on device" in text
-    assert "newest complete checkpoint (step00000004) is intact" in text
+    assert proc.returncode == 2, text[-4000:]
+    for prefix in ("error: ", "error (rank 1): "):
+        line = next((l for l in text.splitlines()
+                     if l.startswith(prefix + "could not write checkpoint")), None)
+        assert line is not None, (prefix, text[-4000:])
+        assert "rank 1: torch.save failed, is the disk full?" in line
+        assert "newest complete checkpoint (step00000004) is intact" in line
+    assert "Traceback" not in text
     ckpts = fault_results["out"] / "enospc" / "checkpoints"
     assert not (ckpts / "step00000006").exists()
     assert _load(fault_results, "corrupt_resume.pt")["enospc"]["step"] == 4
+
+
+def test_errors_print_on_every_rank_once_the_process_group_is_up(monkeypatch, capsys):
+    """Before: checks every rank makes alike, rank 0 speaks. After: each rank that fails says so."""
+    import torch.distributed as dist
+    from pmp_scale.checkpoint import CheckpointError
+    from pmp_scale.cli import fail_cleanly
+
+    @fail_cleanly
+    def main():
+        raise CheckpointError("shard unreadable")
+    monkeypatch.setenv("RANK", "1")
+    assert main() == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    assert main() == 2 and capsys.readouterr().err == "error (rank 1): shard unreadable\n"
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert main() == 2 and capsys.readouterr().err == "error: shard unreadable\n"
+
+
+def _verify_each(rank, world, root):
+    from pmp_scale.checkpoint import CheckpointError, Checkpointer
+    checkpointer = Checkpointer(None, root, keep=2, components={}, fingerprint={})
+    out = {}
+    for tag in ("step00000002", "step00000004", "step00000006", "step00000008"):
+        try:
+            out[tag] = checkpointer.verified(tag)
+        except CheckpointError as err:
+            out[tag] = str(err)
+    return out
+
+
+def test_an_explicitly_named_tag_is_verified(tmp_path):
+    """`--resume TAG` gets the checks `auto` makes: every rank hashes its own files and all
+    refuse together, naming the problem (here rank 1's file is the corrupt one)."""
+    from dist_util import run_distributed
+    from pmp_scale.checkpoint import MARKER, file_digest
+    for step in (2, 4, 6):
+        tag = tmp_path / f"step{step:08d}"
+        tag.mkdir()
+        for r in range(2):
+            (tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(bytes([r, step]) * 64)
+        if step != 4:  # step 4: interrupted before its marker
+            files = {f.name: file_digest(f) for f in tag.iterdir()}
+            (tag / MARKER).write_text(json.dumps({"step": step, "world_size": 2, "files": files}))
+    (tmp_path / "step00000006" / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"x")
+    for result in run_distributed(_verify_each, 2, tmp_path):
+        assert result["step00000002"] == "step00000002"
+        assert "step00000004 cannot be resumed from: incomplete" in result["step00000004"]
+        assert result["step00000006"].endswith("cannot be resumed from: file zero_pp_rank_1_mp_"
+                                               "rank_00_model_states.pt is corrupt (checksum "
+                                               "mismatch); pick another tag or --resume auto")
+        assert "step00000008 cannot be resumed from: it does not exist" in result["step00000008"]
+
+
+_PREEMPTION = """
+import os, signal, sys, time
+from pmp_scale.preemption import Preemption
+p = Preemption(grace_s=1.0)
+os.kill(os.getpid(), signal.SIGTERM)
+os.kill(os.getpid(), signal.SIGTERM)  # the launcher's forwarded copy: ignored
+time.sleep(0.2)
+p.close()  # checkpoint written: the watchdog is cancelled
+time.sleep(1.5)
+print("survived", p._flag, flush=True)
+Preemption(grace_s=0.5)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("not ended by the grace timer")
+"""
+
+
+def test_preemption_ignores_repeated_signals_and_close_cancels_the_watchdog():
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-c", _PREEMPTION], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout == "survived True\n", proc.stdout + proc.stderr
+    assert proc.returncode == 128 + 15  # the grace timer still ends a stuck process
 
 
 @pytest.mark.parametrize("world", [1, 4])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pmp_scale.checkpoint import file_digest
 from pmp_scale.mask import read_artifact, unpack_bits, write_artifact
 from pmp_scale.release import (audit_files, audit_release, merge_mask_slices, record_release,
                                release_checkpoint, release_sha256, release_tensors,
@@ -155,6 +156,15 @@ def test_mask_export_and_reshard_round_trip(source, released, tmp_path):
         write_artifact(tmp_path / f"merged{world}", merge_mask_slices(rank_bits, shapes), {})
         assert (tmp_path / f"merged{world}" / "mask.safetensors").read_bytes() == \
             (exported / "mask.safetensors").read_bytes()
+    # an existing output is refused unless --overwrite, which swaps it whole
+    out = tmp_path / "w4"
+    assert reshard_cli.main([str(exported), "--world-size", "2", "--out", str(out)]) == 2
+    assert len(list(out.glob("rank*.safetensors"))) == 4
+    assert reshard_cli.main([str(exported), "--world-size", "2", "--out", str(out),
+                             "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["layout.json", "rank0.safetensors",
+                                                     "rank1.safetensors"]
+    assert not list(tmp_path.glob(".*"))  # no temporary dirs left beside it
 
 
 def test_dense_llama_release_and_tags(dist_results, tmp_path):
@@ -169,6 +179,90 @@ def test_dense_llama_release_and_tags(dist_results, tmp_path):
                              "step00000003"]) == 0
     assert not torch.equal(load_file(tmp_path / "s3" / "model.safetensors")["lm_head.weight"],
                            final["lm_head.weight"])
+
+
+def test_bf16_run_releases_and_exports(dist_results, tmp_path):
+    """A bf16 run (DeepSpeed names its optimizer files bf16_zero_pp_rank_*): the fp32 release is
+    the fp32 master, cut here from the optimizer files by the mask's layout table rather than by
+    zero_to_fp32's arithmetic; its bf16 cast, and the bf16 release, are the trained bf16 params."""
+    run = dist_results / "pmp_frozen_bf16"
+    tag = resolve_checkpoint(run)
+    assert release_cli.main([str(run), str(tmp_path / "fp32")]) == 0
+    assert release_cli.main([str(run), str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    fp32 = load_file(tmp_path / "fp32" / "model.safetensors")
+    bf16 = load_file(tmp_path / "bf16" / "model.safetensors")
+    trained = torch.load(dist_results / "pmp_frozen_bf16.pt", weights_only=False)["after"]
+    masters = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", mmap=True,
+                          weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
+               for r in range(2)]
+    layouts = [{s[0]: s for s in torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                                            mmap=True, weights_only=False)
+                ["pmp_components"]["pmp"]["mask"]["signature"]} for r in range(2)]
+    assert fp32.keys() == bf16.keys() == trained.keys()
+    for name, param in trained.items():
+        parts = []
+        for groups, layout in zip(masters, layouts):
+            *_, length, group, offset = layout[name]
+            parts.append(groups[group][offset:offset + length])
+        master = torch.cat(parts).reshape(param.shape)
+        assert fp32[name].dtype == torch.float32 and torch.equal(fp32[name], master), name
+        assert param.dtype == torch.bfloat16 and torch.equal(fp32[name].bfloat16(), param), name
+        assert torch.equal(bf16[name], param), name
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in fp32.values())  # not bf16 values
+    assert export_cli.main([str(run), str(tmp_path / "mask")]) == 0
+    assert (tmp_path / "mask" / "mask.safetensors").read_bytes() == \
+        (run / "private" / "mask" / "mask.safetensors").read_bytes()
+
+
+def _copy_latest(run, tmp_path):
+    """The run's latest tag copied as a one-tag run at tmp_path/run; returns the tag dir."""
+    tag = resolve_checkpoint(run)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(tag, ckpts / tag.name)
+    (ckpts / "latest").write_text(tag.name)
+    return ckpts / tag.name
+
+
+def test_incomplete_or_corrupt_tag_is_refused(source, tmp_path, capsys):
+    """The tools resolve a tag only if it has its completion marker and every file matches its
+    recorded checksum; --unverified releases a checkpoint without a marker."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    tag = _copy_latest(source["run"], tmp_path)
+    (tag / "complete.json").unlink()
+    assert release_cli.main([str(run), str(out)]) == 2
+    assert "incomplete (no completion marker" in _error(capsys)
+    assert export_cli.main([str(run), str(tmp_path / "mask")]) == 2
+    assert "incomplete (no completion marker" in _error(capsys)
+    assert not out.exists() and not (tmp_path / "mask").exists()
+    assert release_cli.main([str(run), str(out), "--unverified"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(run)
+    tag = _copy_latest(source["run"], tmp_path)
+    blob = bytearray((tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(bytes(blob))
+    for cli, dest in ((release_cli, tmp_path / "out2"), (export_cli, tmp_path / "mask")):
+        assert cli.main([str(run), str(dest)]) == 2
+        assert "zero_pp_rank_1_mp_rank_00_model_states.pt is corrupt (checksum mismatch)" in \
+            _error(capsys)
+        assert not dest.exists()
+
+
+def test_export_records_the_runs_pmp_settings(source, tmp_path):
+    """mask.json carries the PMP settings the tag's descriptor records (its "pmp" dict)."""
+    tag = _copy_latest(source["run"], tmp_path)
+    settings = {"mask_ratio": 0.5, "mask_source": "random", "score": "step",
+                "topk_scope": "global", "exclude": ["*.ln_*"], "rewind": "init",
+                "complement": "frozen"}
+    descriptor = json.loads((tag / "pmp_scale.json").read_text())
+    (tag / "pmp_scale.json").write_text(json.dumps({**descriptor, "pmp": settings}))
+    marker = json.loads((tag / "complete.json").read_text())
+    marker["files"]["pmp_scale.json"] = file_digest(tag / "pmp_scale.json")
+    (tag / "complete.json").write_text(json.dumps(marker))
+    assert export_cli.main([str(tmp_path / "run"), str(tmp_path / "mask")]) == 0
+    _, meta = read_artifact(tmp_path / "mask")
+    assert {k: meta.get(k) for k in settings} == settings
+    assert meta["world_size"] == 2 and meta["init_seed"] == 7
 
 
 def _error(capsys) -> str:

@@ -3,7 +3,8 @@
     python tools/release.py runs/demo_pmp release/demo_pmp --dtype bf16 \\
         --private runs/demo_pmp/private/mask
 
-CKPT_DIR: a run dir, its checkpoints/ dir or one tag dir (default: the `latest` tag). Only dense
+CKPT_DIR: a run dir, its checkpoints/ dir or one tag dir (default: the `latest` tag), which must
+be complete and match its recorded checksums. Only dense
 weights, config, generation config and tokenizer are written; then run tools/audit_release.py.
 """
 from __future__ import annotations
@@ -30,8 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--private", type=Path, metavar="PRIVATE_MASK_DIR",
                         help="record the release sha256 and dtype in this mask artifact's mask.json")
+    parser.add_argument("--unverified", action="store_true",
+                        help="skip the completion-marker and checksum check (a ZeRO-3 checkpoint "
+                             "not written by pmp_scale)")
     args = parser.parse_args(argv)
-    tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag)
+    tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag, verify=not args.unverified)
     sha = release_checkpoint(tag_dir, args.out_dir, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                              private_dir=args.private)

@@ -3,7 +3,8 @@
     python tools/reshard_mask.py runs/demo_pmp/private/mask --world-size 8 --out mask_w8
 
 Writes rank{r}.safetensors (per parameter: the rank's slice, packed from its own bit 0) and
-layout.json (shapes, per-rank start and length).
+layout.json (shapes, per-rank start and length), atomically; refuses a non-empty --out unless
+--overwrite.
 """
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def main(argv=None) -> int:
     parser.add_argument("private_dir", type=Path)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out dir")
     args = parser.parse_args(argv)
-    files = write_resharded_mask(args.private_dir, args.world_size, args.out)
+    files = write_resharded_mask(args.private_dir, args.world_size, args.out,
+                                 overwrite=args.overwrite)
     print(f"{len(files)} rank slice files in {args.out}")
     return 0
 

@@ -393,6 +393,25 @@ def enospc_save(args):
 
 
 @scenario
+def enospc_in_torch_save(args):
+    """Rank 1's disk fills while DeepSpeed writes its step-6 optimizer file: torch.save leaves a
+    partial file and raises its own RuntimeError (the real one, from writing to /dev/full)."""
+    real_save = torch.save
+
+    def save(obj, f, *a, **kw):
+        if rank() == 1 and str(f).endswith("step00000006/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            Path(f).write_bytes(b"PK\x03\x04 truncated")
+            return real_save(obj, "/dev/full", *a, **kw)
+        return real_save(obj, f, *a, **kw)
+
+    torch.save = save
+    try:
+        _run_to_end(args, "enospc")
+    finally:
+        torch.save = real_save
+
+
+@scenario
 def corrupt_resume(args):
     """After the test planted corruption / a failed save: what does resume pick?"""
     records = logging.getLogger("pmp_scale")
