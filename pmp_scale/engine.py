@@ -196,6 +196,7 @@ class Trainer:
             local_cache=cfg.data.local_cache, num_workers=cfg.data.num_workers)
         self.val_batches = self._load_val_batches()
         self.state = TrainState()
+        self.resumed_from: str | None = None  # the checkpoint tag this process started from
         self.rng = RNGState()
         components = {"train": self.state, "data": self.train_loader, "rng": self.rng}
         self.pmp = None
@@ -333,11 +334,13 @@ class Trainer:
         """`spec`: None (fresh), "auto" (newest checkpoint if any) or a tag name."""
         if spec is None:
             return
-        tag = self.checkpointer.resumable_tag() if spec == "auto" else spec
+        tag = (self.checkpointer.resumable_tag() if spec == "auto"
+               else self.checkpointer.verified(spec))
         if tag is None:
             self.telemetry.info("resume auto: no checkpoint yet, starting fresh")
             return
         step = self.checkpointer.load(tag)
+        self.resumed_from = tag
         self.telemetry.info(f"resumed from {tag} (step {step})")
 
     def summary(self) -> str:
