@@ -35,9 +35,16 @@ def ensure_universal(tag_dir: Path) -> None:
 def load_universal(engine, tag_dir: Path) -> None:
     """DeepSpeed loads model, optimizer and scheduler state sliced for this world size.
 
-    DeepSpeed 0.19's ZeRO-3 universal loader copies param group 0's hyperparameters onto every
-    group, which would give norms and biases (our no-decay group) weight decay; the groups'
-    own values are put back (lr excepted: the restored scheduler owns it)."""
+    Two defects of DeepSpeed 0.19's ZeRO-3 universal loader
+    (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) are undone here:
+    - it copies param group 0's hyperparameters onto every group, which would give norms and
+      biases (our no-decay group) weight decay; the groups' own values are put back (lr
+      excepted: the restored scheduler owns it);
+    - it puts one and the same `step` tensor into every ZeRO-3 sub-group's Adam state. The
+      inner optimizer steps once per sub-group and increments `step` in place, so with S
+      sub-groups the shared count advanced by S per optimizer step: Adam's bias correction
+      used the wrong step from the first resumed step on (losses off by ~1e-2 nats within
+      three steps). Each sub-group gets its own copy."""
     ensure_universal(tag_dir)
     groups = engine.optimizer.optimizer.param_groups
     own = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
@@ -51,6 +58,15 @@ def load_universal(engine, tag_dir: Path) -> None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint in {tag_dir}")
     for group, values in zip(groups, own):
         group.update(values)
+    _unshare_step_counts(engine.optimizer)
+
+
+def _unshare_step_counts(zero) -> None:
+    state = zero.optimizer.state
+    for flat in zero.fp32_partitioned_groups_flat:
+        step = state.get(flat, {}).get("step")
+        if torch.is_tensor(step):
+            state[flat]["step"] = step.clone()
 
 
 def old_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
