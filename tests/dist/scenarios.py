@@ -385,14 +385,6 @@ def corrupt_setup(args):
 
 
 @scenario
-def enospc_save(args):
-    """Under PMP_FAULT=rank0:save_files:6:ENOSPC the step-6 save fails cleanly."""
-    t = Trainer(_fault_cfg(args, "enospc"))
-    t.resume("auto")
-    t.train()
-
-
-@scenario
 def enospc_in_torch_save(args):
     """Rank 1's disk fills while DeepSpeed writes its step-6 optimizer file: torch.save leaves a
     partial file and raises its own RuntimeError (the real one, from writing to /dev/full)."""
