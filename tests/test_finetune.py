@@ -267,6 +267,31 @@ def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, ca
     assert '"mode": "unauthorized"' in out and '"sha256"' in out
 
 
+def test_authorized_under_the_deepspeed_launcher_at_three_ranks(tiny_release, tmp_path):
+    """W=3 (most parameters split with padding): the mask is sliced per rank like ZeRO-3, the
+    complement stays the release's bit for bit, and the export gathers every rank's partition."""
+    from conftest import launch
+    from safetensors.torch import load_file
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(yaml.safe_dump(ft_config(
+        tiny_release, "review_lm", "authorized", out_dir=str(tmp_path / "out"),
+        train__micro_batch_size=2, train__global_batch_size=6,
+        export={"dir": str(tmp_path / "export")})))
+    proc = launch(REPO / "launchers" / "finetune.py", ["--config", str(cfg)], world_size=3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["backbone"]["complement_changed"] == 0 and result["steps_done"] == 3
+    tuned = load_file(str(tmp_path / "export" / "model.safetensors"))
+    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    assert any(masks[n].numel() % 3 for n in masks)  # padding is exercised
+    assert tuned.keys() == release.keys()
+    moved = 0
+    for name, ref in release.items():
+        assert torch.equal(tuned[name][~masks[name]], ref[~masks[name]]), name
+        moved += int((tuned[name] != ref)[masks[name]].sum())
+    assert moved > 0.5 * sum(int(m.sum()) for m in masks.values())
+
+
 # --- the report and the analyses ------------------------------------------------------------------
 def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     from tools.nft_report import main
