@@ -229,10 +229,13 @@ def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,
 
 # --- release ---------------------------------------------------------------------------------------
 def _write_description(hf_dir: Path, out: Path, dtype: torch.dtype) -> None:
-    """config.json as save_pretrained writes it (architectures, dtype); the rest of hf/ copied."""
+    """config.json as save_pretrained writes it (architectures, dtype); the rest of hf/ copied.
+    The architecture is the one hf/config.json names (a fine-tuned classifier does), else the
+    family's causal LM (what pre-training checkpoints hold)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    if not config.architectures:
+        config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     config.dtype = dtype
     config.save_pretrained(out)
     for f in sorted(hf_dir.iterdir()):
@@ -429,12 +432,22 @@ class Audit:
 
 
 def _load_and_generate(release_dir: Path, audit: Audit) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the release the way its users will, offline, and run it: a causal LM generates a few
+    greedy tokens; another head (a fine-tuned classifier) classifies the prompt."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    arch = (AutoConfig.from_pretrained(release_dir, local_files_only=True).architectures
+            or ["?ForCausalLM"])[0]
+    causal = arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel")
+    loader = AutoModelForCausalLM if causal else getattr(transformers, arch, None)
+    if loader is None:
+        audit.problems.append(f"config.json names architecture {arch!r}, unknown to transformers")
+        return
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = loader.from_pretrained(
             release_dir, local_files_only=True, output_loading_info=True)
     except Exception as e:  # anything transformers raises means "does not load like a model"
-        audit.problems.append(f"AutoModelForCausalLM.from_pretrained failed: {type(e).__name__}: {e}")
+        audit.problems.append(f"{loader.__name__}.from_pretrained failed: {type(e).__name__}: {e}")
         return
     try:
         tok = AutoTokenizer.from_pretrained(release_dir, local_files_only=True)
@@ -447,12 +460,17 @@ def _load_and_generate(release_dir: Path, audit: Audit) -> None:
             audit.problems.append(f"from_pretrained: {kind.replace('_', ' ')}: {sorted(info[kind])[:5]}")
     prompt = "It is a truth universally acknowledged"
     ids = tok(prompt, return_tensors="pt")
+    loaded = (f"loaded {type(model).__name__} ({model.num_parameters():,} parameters, "
+              f"{model.dtype})")
     with torch.no_grad():
+        if not causal:
+            label = int(model(**ids).logits.argmax(-1)[0])
+            audit.report.append(f"{loaded}; the prompt is classified as label {label}")
+            return
         out = model.generate(**ids, max_new_tokens=8, do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None
                              else tok.eos_token_id)
-    audit.report.append(f"loaded {type(model).__name__} ({model.num_parameters():,} parameters, "
-                        f"{model.dtype}); greedy: {tok.decode(out[0], skip_special_tokens=True)!r}")
+    audit.report.append(f"{loaded}; greedy: {tok.decode(out[0], skip_special_tokens=True)!r}")
 
 
 def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> None:

@@ -200,10 +200,35 @@ def test_export_writes_the_fine_tuned_model_through_the_release_path(tiny_releas
         assert torch.equal(tuned[name][~masks[name]], ref[~masks[name]])
 
 
+def test_classifier_export_loads_as_its_own_architecture(tiny_release, tmp_path):
+    """A fine-tuned classifier goes through the same release path: its config names the
+    sequence-classification architecture, the audit loads and runs it, the weights are the
+    fine-tuned ones (new head included)."""
+    from transformers import AutoModelForSequenceClassification
+    from pmp_scale.finetune.train import Finetuner
+    from pmp_scale.release import audit_release
+    export = tmp_path / "export"
+    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized",
+                                                   export={"dir": str(export)})))
+    try:
+        ft.run()
+        tuned = gathered(ft.model)
+        ft.export(export)
+    finally:
+        ft.close()
+    audit = audit_release(export)
+    assert not audit.problems, audit.problems
+    assert any("LlamaForSequenceClassification" in line for line in audit.report)
+    model = AutoModelForSequenceClassification.from_pretrained(export, local_files_only=True)
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.num_labels == 2 and model.config.use_cache
+    loaded = dict(model.named_parameters())
+    assert loaded.keys() == tuned.keys() and "score.weight" in loaded
+    for name, value in tuned.items():
+        assert torch.equal(loaded[name].detach(), value), name
+
+
 def test_export_is_refused_where_it_cannot_work(tiny_release, tmp_path):
-    with pytest.raises(ConfigError, match="only causal-LM fine-tunes can be exported"):
-        parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized",
-                                        export={"dir": "x"}))
     with pytest.raises(ConfigError, match="LoRA runs cannot be exported"):
         parse_finetune_config(ft_config(tiny_release, "review_lm", "unauthorized-lora",
                                         export={"dir": "x"}))

@@ -144,13 +144,9 @@ class FinetuneConfig(_Strict):
     def _check(self) -> "FinetuneConfig":
         if self.mode == "authorized" and self.mask is None:
             raise ValueError("mode 'authorized' needs `mask`: the private mask artifact directory")
-        if self.export.dir is not None:
-            if self.task.kind != "lm":  # release.py writes a *ForCausalLM config.json
-                raise ValueError("export.dir: only causal-LM fine-tunes can be exported (the "
-                                 "release path writes a *ForCausalLM model)")
-            if self.mode == "unauthorized-lora":
-                raise ValueError("export.dir: LoRA runs cannot be exported (the adapters are not "
-                                 "merged into the ZeRO-3 weights)")
+        if self.export.dir is not None and self.mode == "unauthorized-lora":
+            raise ValueError("export.dir: LoRA runs cannot be exported (the adapters are not "
+                             "merged into the ZeRO-3 weights)")
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
         return self
 

@@ -14,6 +14,7 @@ partitions) and checked against the release bit for bit, partition by partition.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -590,9 +591,15 @@ class Finetuner:
             try:
                 hf = work / "final" / "hf"
                 hf.mkdir()
-                for f in self.release.path.iterdir():  # config, generation config, tokenizer
-                    if f.is_file() and f.suffix != ".safetensors" and f.name != INDEX_FILE:
+                for f in self.release.path.iterdir():  # generation config, tokenizer
+                    if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                            INDEX_FILE, "config.json"):
                         shutil.copyfile(f, hf / f.name)
+                # the fine-tuned model's own config: a classifier's head, labels and padding
+                config = copy.deepcopy(self.model.config)
+                config.architectures = [type(self.model).__name__]
+                config.use_cache = True  # off for training only
+                config.save_pretrained(hf)
                 sha = release_checkpoint(work / "final", out_dir, dtype=self.precision,
                                          overwrite=self.cfg.export.overwrite, progress=False)
                 outcome[0] = {"dir": str(out_dir), "sha256": sha, "dtype": self.precision}
