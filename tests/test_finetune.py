@@ -172,21 +172,25 @@ def test_non_finite_gradient_skips_the_step(tiny_release):
     assert result["diverged"] and result["steps_done"] == 3 and result["skipped_steps"] == 3
 
 
+def finetune_and_export(tiny_release, task: str, export):
+    """Authorized fine-tune, then export: (gathered fine-tuned params, export info)."""
+    from pmp_scale.finetune.train import Finetuner
+    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, task, "authorized",
+                                                   export={"dir": str(export)})))
+    try:
+        ft.run()
+        return gathered(ft.model), ft.export(export)
+    finally:
+        ft.close()
+
+
 def test_export_writes_the_fine_tuned_model_through_the_release_path(tiny_release, tmp_path):
     """Authorized LM fine-tune → export.dir: a flat, audited HF directory that loads with
     AutoModelForCausalLM and holds exactly the fine-tuned weights (complement still the release's)."""
     from transformers import AutoModelForCausalLM
-    from pmp_scale.finetune.train import Finetuner
     from pmp_scale.release import audit_files, release_sha256
     export = tmp_path / "export"
-    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized",
-                                                   export={"dir": str(export)})))
-    try:
-        ft.run()
-        tuned = gathered(ft.model)
-        info = ft.export(export)
-    finally:
-        ft.close()
+    tuned, info = finetune_and_export(tiny_release, "review_lm", export)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # temp checkpoint removed
     assert audit_files(export) == [] and info["sha256"] == release_sha256(export)
     model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
@@ -205,17 +209,9 @@ def test_classifier_export_loads_as_its_own_architecture(tiny_release, tmp_path)
     sequence-classification architecture, the audit loads and runs it, the weights are the
     fine-tuned ones (new head included)."""
     from transformers import AutoModelForSequenceClassification
-    from pmp_scale.finetune.train import Finetuner
     from pmp_scale.release import audit_release
     export = tmp_path / "export"
-    ft = Finetuner(parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized",
-                                                   export={"dir": str(export)})))
-    try:
-        ft.run()
-        tuned = gathered(ft.model)
-        ft.export(export)
-    finally:
-        ft.close()
+    tuned, _ = finetune_and_export(tiny_release, "movie_reviews", export)
     audit = audit_release(export)
     assert not audit.problems, audit.problems
     assert any("LlamaForSequenceClassification" in line for line in audit.report)
