@@ -161,4 +161,5 @@ class EarlyBird:
                           ShardedMask.from_state_dict(layout, state["candidate"],
                                                       self.selector.device))
         self.history = [ShardedMask.from_state_dict(layout, s) for s in state["history"]]
-        self.ema = state["ema"]
+        self.ema = (None if state["ema"] is None  # beside the gradients it is updated with
+                    else [e.to(self.selector.device) for e in state["ema"]])
