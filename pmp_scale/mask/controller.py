@@ -47,7 +47,7 @@ def layer_kind(name: str) -> str:
 
 class PMPController:
     def __init__(self, cfg: PMPConfig, engine, run_dir: str | Path, init_seed: int,
-                 reset_schedule, telemetry):
+                 reset_schedule, telemetry, constant_init: list[str] = ()):
         self.cfg = cfg
         self.engine = engine
         self.private_dir = Path(run_dir) / "private"
@@ -56,7 +56,10 @@ class PMPController:
         self.telemetry = telemetry
         self.rank = dist.get_rank()
         self.layout = PartitionLayout.from_engine(engine)
-        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude,
+        # Exact names are fnmatch patterns that match only themselves (HF names have no [*?]).
+        self.excluded = list(cfg.exclude) + (list(constant_init) if cfg.exclude_constant_init
+                                             else [])
+        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, self.excluded,
                                      device=_device())
         self.theta0 = self._snapshot_master()
         self.mask_seed = cfg.mask_seed
@@ -107,15 +110,11 @@ class PMPController:
     @torch.no_grad()
     def _rewind(self) -> None:
         """All weights back to θ(0) and fresh optimizer moments and schedule (DESIGN: rewind)."""
+        from ..zero3 import master_to_params
         zero = self.engine.optimizer
         for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
             flat.copy_(self.theta0[g].to(flat.device))
-            zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
-        # Persistent (small) parameters stay gathered between steps and all_gather skips
-        # gathered ones: release everything first, or they would keep their Stage I values.
-        zero._partition_all_parameters()
-        if zero.persistent_parameters:
-            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
+        master_to_params(self.engine)
         zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
         self.reset_schedule()
 
@@ -268,6 +267,8 @@ class PMPController:
             "mask_ratio": self.cfg.mask_ratio, "mask_source": self.cfg.mask_source,
             "score": self.cfg.score, "topk_scope": self.cfg.topk_scope,
             "exclude": self.cfg.exclude, "complement": self.cfg.complement,
+            "exclude_constant_init": self.cfg.exclude_constant_init,
+            "excluded_params": self.excluded,
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
             "world_size": self.layout.world_size,
             "discovery": None if d is None else {

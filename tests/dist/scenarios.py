@@ -295,7 +295,7 @@ def big_presets(args):
     for preset in ("llama-1.1b", "llama-7b"):
         gc.collect()
         before = psutil.Process().memory_info().rss
-        model = build_model(build_hf_config(preset), seed=1, ds_config=ds, dtype=torch.bfloat16)
+        model = build_model(build_hf_config(preset), ds_config=ds, dtype=torch.bfloat16)
         result[preset] = {
             "params": {n: [p.ds_numel, p.ds_tensor.numel()] for n, p in model.named_parameters()},
             "rss_growth": psutil.Process().memory_info().rss - before}
