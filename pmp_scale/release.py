@@ -538,6 +538,9 @@ def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
     root = Path(release_dir)
     if not root.is_dir():
         raise ReleaseError(f"no release at {root}")
+    if not (root / "config.json").is_file():
+        raise ReleaseError(f"{root} is not a release: no config.json (give the directory "
+                           "tools/release.py wrote)")
     audit = Audit(problems=audit_files(root))
     for path in sorted(root.rglob("*")):
         if path.is_file():

@@ -271,7 +271,8 @@ def pmp_random_mask(args):
 @scenario
 def release_source(args):
     """A tied-embedding GPT-2 PMP run: its final params and logits, for the release round trip."""
-    cfg = config(args, "release_source", model={"preset": "gpt2-tiny"}, train={"max_steps": 4},
+    cfg = config(args, "release_source", seed=None, model={"preset": "gpt2-tiny"},
+                 train={"max_steps": 4},
                  pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
                       "save_init": True})
     t = Trainer(cfg)
@@ -282,6 +283,15 @@ def release_source(args):
         logits = t.engine(input_ids=ids.to(t.engine.device)).logits.float().cpu()
     save0({"params": gathered(t.model), "input_ids": ids, "logits": logits},
           Path(args.out) / "release_source_final.pt")
+
+
+@scenario
+def leaky(args):
+    """A PMP run with both exact leaks planted through the real path: a public (guessable) seed
+    and constant-initialised norm weights left maskable."""
+    Trainer(config(args, "leaky", seed=1234, train={"max_steps": 6},
+                   pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
+                        "exclude_constant_init": False, "save_init": True})).train()
 
 
 @scenario
