@@ -2,7 +2,7 @@
 
 A release must look like any other pre-trained model: dense weights, an HF config, a tokenizer.
 Everything else a checkpoint holds reveals the mask (optimizer moments are exactly zero on the
-complement; seeds and θ(0) regenerate it; RNG and data state are private too; DESIGN.md "Mask
+complement; seeds and θ(0) regenerate it; RNG and data state are private too; docs/design.md "Mask
 secrecy"). Weights are rebuilt with DeepSpeed's own lazy ZeRO-3 reconstruction and streamed one
 tensor at a time into safetensors shards whose headers are planned up front, so memory stays
 bounded by the largest tensor, at any model size and any world size.

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--public", help="public text: a prepared MDS dir or .txt/.jsonl[.gz] glob")
     p.add_argument("--attacks", type=_csv, help="comma-separated subset (default: all the "
                    "inputs allow), e.g. bits,constant,magnitude,seed_guess,grad_abs,shadow")
-    p.add_argument("--seeds", type=_csv, default=[], help="extra init seeds to guess")
+    p.add_argument("--seeds", type=_csv, default=[], help="init seeds to guess (default: 22 "
+                   "common ones: 0-10, 17, 42, 123, 1234, 1337, 2023-2025, 3407, 12345, 31337)")
     p.add_argument("--ratio", type=float, help="ρ for the predicted masks (default: the true "
                    "share with --private, else 0.7)")
     p.add_argument("--k", type=_csv, default=["1", "4", "16", "64"],
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
                   "ranks": args.shadow_ranks,
                   "workdir": args.shadow_dir or args.out.with_name(args.out.name + "-shadow")}
     result = run_attacks(args.release, args.out, private_dir=args.private, public=args.public,
-                         attacks=args.attacks, seeds=[int(s) for s in args.seeds],
+                         attacks=args.attacks, seeds=[int(s) for s in args.seeds] or None,
                          ratio=args.ratio, ks=tuple(int(k) for k in args.k), shadow=shadow,
                          payoff_config=args.payoff)
     print((args.out / "attack.md").read_text())

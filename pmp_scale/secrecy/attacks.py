@@ -6,7 +6,6 @@ true mask (the owner's view) and turns any of them into a predicted mask an atta
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -48,13 +47,16 @@ class Target:
             raise AttackError(f"no release at {self.path}: give the directory tools/release.py wrote")
         try:
             self.release = Release.open(self.path)
-            with contextlib.ExitStack():
-                next(iter(release_tensors(self.path)))
         except ReleaseLoadError as e:
             raise AttackError(str(e)) from e
-        except Exception as e:  # safetensors raises its own types for a damaged file
-            raise AttackError(f"{self.path}: the weights cannot be read ({type(e).__name__}: "
-                              f"{e}); re-download or re-release it") from e
+        for f in sorted(self.path.glob("*.safetensors")):
+            problem = _truncated(f)
+            if problem:
+                raise AttackError(f"{f}: {problem}; re-download or re-release it")
+        arch = (self.hf_config().architectures or ["?"])[0]
+        if not arch.endswith(("ForCausalLM", "LMHeadModel")):
+            raise AttackError(f"{self.path} is a {arch}: the attacks target pre-trained causal-LM "
+                              "releases (the model PMP pre-trained)")
         self.shapes = self.release.shapes
         self.names = sorted(self.shapes)
 
@@ -91,6 +93,21 @@ class Target:
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True,
                                                     dtype=torch.float32)
+
+
+def _truncated(path: Path) -> str | None:
+    """Why a safetensors file cannot hold what its header promises, or None."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"not a readable safetensors file ({type(e).__name__}: {e})"
+    size = path.stat().st_size
+    return None if size == 8 + n + end else (f"the weights cannot be read: {size:,} bytes, its "
+                                             f"header promises {8 + n + end:,} (truncated?)")
 
 
 def _per_tensor(target: Target, fn) -> Callable[[], Scores]:

@@ -50,13 +50,13 @@ def check_private(target: A.Target, private_dir) -> dict:
     return {"masks": masks, "meta": meta}
 
 
-def build_attacks(target: A.Target, names=None, public=None, seeds=(), ks=(1, 4, 16, 64),
+def build_attacks(target: A.Target, names=None, public=None, seeds=None, ks=(1, 4, 16, 64),
                   n_batches: int = 64, shadow: dict | None = None) -> list[A.Attack]:
     """The attacks asked for (default: every one the inputs allow)."""
     want = (lambda n: names is None or n in names or n.split("@")[0] in names)
     out = [a for a in A.data_free(target) if want(a.name)]
     if want("seed_guess"):
-        out.append(A.seed_guess(target, tuple(dict.fromkeys([*A.COMMON_SEEDS, *seeds]))))
+        out.append(A.seed_guess(target, tuple(seeds) if seeds else A.COMMON_SEEDS))
     batches = counts = None
     if public is not None:
         batches = A.public_batches(public, target, n_batches=max(max(ks), n_batches))
@@ -97,7 +97,7 @@ def leaks(result: dict) -> list[str]:
 
 
 def run_attacks(release_dir, out_dir=None, private_dir=None, public=None, attacks=None,
-                seeds=(), ratio: float | None = None, ks=(1, 4, 16, 64), shadow: dict | None = None,
+                seeds=None, ratio: float | None = None, ks=(1, 4, 16, 64), shadow: dict | None = None,
                 payoff_config=None, sample_cap: int = 2_000_000, write_masks: bool = True) -> dict:
     """Run the suite; with `private_dir` score every attack; with `out_dir` write the report."""
     target = A.Target(release_dir)

@@ -106,16 +106,15 @@ def release_channels(name: str, t: torch.Tensor) -> list[str]:
     bits: a tensor mixing elements with ≥ 16 zero mantissa bits and elements without them is
     two populations, one of them drawn in a narrower dtype: the frozen θ(0).
     constant: a spike (see `spike`) — elements pinned at their init constant."""
-    found = []
+    s = spike(t)
+    if s is not None and s[1] < t.numel():  # (a constant's mantissa is all zeros: one cause)
+        return [f"{name}: constant channel — {s[1]:,} of {t.numel():,} elements sit exactly at "
+                f"{s[0]:g} (neighbouring values: {s[2]:,}); they are frozen at their init "
+                "constant and reveal their mask bit"]
     if t.dtype == torch.float32 and t.numel() >= 64:
         narrow = float((trailing_zero_bits(t) >= 16).float().mean())
         if 0.01 <= narrow <= 0.99:
-            found.append(f"{name}: bits channel — {narrow:.1%} of its elements have ≥ 16 zero "
-                         "low mantissa bits (a bf16/fp16-drawn θ(0) released in fp32) and the "
-                         "rest do not; the frozen complement is readable from the bits")
-    s = spike(t)
-    if s is not None and s[1] < t.numel():
-        found.append(f"{name}: constant channel — {s[1]:,} of {t.numel():,} elements sit exactly "
-                     f"at {s[0]:g} (neighbouring values: {s[2]:,}); they are frozen at their "
-                     "init constant and reveal their mask bit")
-    return found
+            return [f"{name}: bits channel — {narrow:.1%} of its elements have ≥ 16 zero low "
+                    "mantissa bits (a bf16/fp16-drawn θ(0) released in fp32) and the rest do "
+                    "not; the frozen complement is readable from the bits"]
+    return []
