@@ -184,6 +184,19 @@ def test_any_torch_optimizer_keeps_the_complement(rel, name):
         mask.remove()
 
 
+def test_without_the_kit_the_same_loop_moves_the_complement(rel):
+    """The control: these checks do fail when the hooks are off (weight decay alone moves it)."""
+    model, task = load(rel), rel["task"]
+    mask = with_private_mask(model, rel["mask"])
+    mask.remove()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model(**task.collate("train", range(4))).loss.backward()
+    optimizer.step()
+    assert mask.complement_moved() > 0.9 * mask.complement_numel
+    with pytest.raises(AssertionError, match="complement moved"):
+        assert_authorized(rel, dict(model.named_parameters()))
+
+
 def _ddp_worker(rank: int, world: int, release: str, mask_dir: str, out: str, port: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -245,8 +258,9 @@ def test_loss_curve_equals_the_deepspeed_authorized_finetune(rel, in_process_gro
     """Same release, mask, batches (finetune's SampleOrder), AdamW + decay groups, LR schedule,
     clipping and accumulation: the kit in a plain loop vs pmp_scale.finetune at 1 rank (ZeRO-3).
     Not bit-exact: DeepSpeed computes the global norm over its flat fp32 partition and clips
-    with grad / ((norm + 1e-6) / c) where torch uses grad * (c / (norm + 1e-6)); measured
-    differences are ~1e-7 relative, the tolerance is 1e-5."""
+    with grad / ((norm + 1e-6) / c) where torch uses grad * (c / (norm + 1e-6)). Measured: the
+    first two losses equal, then 4e-8 relative (tolerance 1e-5); weights within 6e-6 after 4
+    steps (Adam magnifies rounding where the second moment is near zero; tolerance 1e-4)."""
     import deepspeed
     from pmp_scale.engine import param_groups
     from pmp_scale.finetune.config import parse_finetune_config
@@ -385,5 +399,38 @@ def test_drift_is_reported(rel):
         n = int((~rel["masks"]["model.norm.weight"]).sum())
         with pytest.raises(AuthorizationError, match=rf"^{n} of \d+ complement elements moved"):
             mask.assert_complement_intact()
+    finally:
+        mask.remove()
+
+
+def test_trl_sft_trainer_with_the_callback(rel, tmp_path):
+    """TRL's SFTTrainer is a Trainer: the same callback line; with its `peft_config` (LoRA) the
+    callback refuses to start."""
+    import trl  # a test dependency (the dev extra): small, and nothing new beyond it
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(rel["release"], local_files_only=True)
+    texts = Dataset.from_dict({"text": [tok.decode(x) for x in rel["task"].splits["train"][:32]]})
+
+    def sft(model, mask, **kw):
+        config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                               learning_rate=1e-2, weight_decay=0.1, max_grad_norm=1.0,
+                               max_length=32, use_cpu=True, report_to=[], save_strategy="no",
+                               disable_tqdm=True, dataloader_num_workers=0)
+        return trl.SFTTrainer(model=model, args=config, train_dataset=texts, processing_class=tok,
+                              callbacks=[mask.callback()], **kw)
+    model = load(rel)
+    mask = with_private_mask(model, rel["mask"])
+    try:
+        sft(model, mask).train()
+        assert_authorized(rel, dict(model.named_parameters()))
+    finally:
+        mask.remove()
+    model = load(rel)
+    mask = with_private_mask(model, rel["mask"])
+    try:
+        with pytest.raises(AuthorizationError, match="LoRA/PEFT adapters cannot be authorized"):
+            sft(model, mask, peft_config=LoraConfig(r=2, target_modules=["q_proj"])).train()
     finally:
         mask.remove()
