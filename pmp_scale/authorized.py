@@ -19,11 +19,12 @@ ordinary, unpartitioned parameters (one GPU, DDP, accelerate, HF Trainer):
    own inside `train()`) without the user handing them over.
 
 Memory: the mask stays packed (1 bit per element) on the parameter's device and is unpacked per
-tensor, with torch ops, when a hook runs (no host sync, no `.item()` in the hooks). The
-complement's release values are kept compacted, in the parameter's dtype, on its device
-(1 - rho of the model, 0.3x at rho = 0.7): restoring from them needs no per-step snapshot of
-the model (which would be 1x at every step) and no disk reads, and they are the reference of
-`assert_complement_intact()`. Both follow the model when it moves to another device.
+tensor (per CHUNK for the restore), with torch ops, when a hook runs: no host sync, no `.item()`
+in the hooks (CUDA's masked_scatter checks its sizes asynchronously). The complement's release
+values are kept compacted, in the parameter's dtype, on its device (1 - rho of the model, 0.3x
+at rho = 0.7): restoring from them needs no per-step snapshot of the model (1x at every step)
+and no disk reads, and they are the reference of `assert_complement_intact()`. Both follow the
+model when it moves to another device.
 Not for ZeRO-3 or FSDP-sharded parameters: use `launchers/finetune.py --set mode=authorized`.
 """
 from __future__ import annotations
@@ -45,12 +46,39 @@ class AuthorizationError(ValueError):
     """Fine-tuning that could not stay inside the private mask; the message says why."""
 
 
+# Elements restored or compared at a time: bounds the int64 prefix sum that masked_scatter and
+# masked_select build (8 bytes per element) to 128 MiB, whatever the size of the embedding.
+CHUNK = 1 << 24
+
+
+def _spans(numel: int) -> list[tuple[int, int]]:
+    return [(lo, min(numel, lo + CHUNK)) for lo in range(0, numel, CHUNK)]
+
+
+def _keep(packed: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of a packed mask (lo a multiple of 8) as bools: True = trainable."""
+    return unpack_bits(packed[lo // 8:(hi + 7) // 8], hi - lo)
+
+
 @dataclass
 class _Entry:
     name: str
     param: torch.nn.Parameter
     packed: torch.Tensor  # uint8[ceil(numel / 8)], numpy.packbits order, on the param's device
     frozen: torch.Tensor  # the complement's release values, compacted, in the param's dtype
+    starts: list[int]     # where each CHUNK of the parameter starts in `frozen`
+
+    def follow(self) -> None:
+        """The model moved (Trainer moves it to the GPU after the mask is attached): follow it."""
+        if self.packed.device != self.param.device:
+            self.packed, self.frozen = self.packed.to(self.param.device), self.frozen.to(self.param.device)
+
+    def chunks(self):
+        """(flat parameter slice, its keep bits, its complement's release values) per CHUNK."""
+        self.follow()
+        flat = self.param.detach().view(-1)
+        for i, (lo, hi) in enumerate(_spans(flat.numel())):
+            yield flat[lo:hi], _keep(self.packed, lo, hi), self.frozen[self.starts[i]:self.starts[i + 1]]
 
 
 def _refuse_unsupported(model) -> None:
@@ -83,7 +111,7 @@ class PrivateMask:
         self.model, self.release_dir, self.new_params = model, release_dir, new_params
         self._entries = entries
         self._ids = {id(e.param) for e in entries}
-        self.complement_numel = sum(e.frozen.numel() for e in entries)
+        self.complement_numel = sum(e.starts[-1] for e in entries)
         self._handles = [e.param.register_hook(self._grad_hook(e))
                          for e in entries if e.param.requires_grad]
         self._handles.append(register_optimizer_step_post_hook(self._after_step))
@@ -94,16 +122,11 @@ class PrivateMask:
             h.remove()
         self._handles = []
 
-    def _keep(self, e: _Entry) -> torch.Tensor:
-        """The unpacked mask of one parameter (True = trainable), on its device, for one op."""
-        p = e.param
-        if e.packed.device != p.device:  # the model moved (Trainer moves it to the GPU): follow
-            e.packed, e.frozen = e.packed.to(p.device), e.frozen.to(p.device)
-        return unpack_bits(e.packed, p.numel()).view(p.shape)
-
-    def _grad_hook(self, e: _Entry):
+    @staticmethod
+    def _grad_hook(e: _Entry):
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            return torch.where(self._keep(e), grad, 0)
+            e.follow()
+            return torch.where(_keep(e.packed, 0, grad.numel()).view(grad.shape), grad, 0)
         return hook
 
     @torch.no_grad()
@@ -115,17 +138,18 @@ class PrivateMask:
                     raise AuthorizationError(
                         f"{e.name} is {e.param.dtype} but was {e.frozen.dtype} when the mask was "
                         "attached: convert the model before with_private_mask")
-                e.param.masked_scatter_(~self._keep(e), e.frozen)
+                for flat, keep, frozen in e.chunks():
+                    flat.masked_scatter_(~keep, frozen)
 
     @torch.no_grad()
     def complement_moved(self) -> int:
         """Complement elements whose bits differ from the release now (a host sync: a check)."""
         moved = 0
         for e in self._entries:
-            now = torch.masked_select(e.param.detach(), ~self._keep(e))
-            if now.dtype != e.frozen.dtype:
+            if e.param.dtype != e.frozen.dtype:
                 return self.complement_numel
-            moved += int((_int_view(now) != _int_view(e.frozen)).sum())
+            for flat, keep, frozen in e.chunks():
+                moved += int((_int_view(flat.masked_select(~keep)) != _int_view(frozen)).sum())
         return moved
 
     def assert_complement_intact(self) -> int:
@@ -194,6 +218,7 @@ def with_private_mask(model, mask_dir, release_dir=None,
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     _refuse_unsupported(model)
     release_dir, mask_dir = _release_dir(model, release_dir), Path(mask_dir)
     try:
@@ -216,13 +241,15 @@ def with_private_mask(model, mask_dir, release_dir=None,
         p = params.get(name)
         if p is None or mask_shapes.get(name) != tuple(t.shape) or p.shape != t.shape:
             continue  # unused by this model (an LM head under a classifier), or reported below
-        bits = packed[name].to(p.device)
-        frozen = ~unpack_bits(bits, p.numel()).view(p.shape)
-        with torch.no_grad():
-            now = torch.masked_select(p.detach(), frozen)
-            ref = torch.masked_select(t.to(device=p.device, dtype=p.dtype), frozen)
-        moved += int((_int_view(now) != _int_view(ref)).sum())
-        entries.append(_Entry(name, p, bits, ref))
+        bits, ref = packed[name].to(p.device), t.reshape(-1).to(device=p.device, dtype=p.dtype)
+        flat, values, starts = p.detach().view(-1), [], [0]
+        for lo, hi in _spans(p.numel()):
+            frozen = ~_keep(bits, lo, hi)
+            now, was = flat[lo:hi].masked_select(frozen), ref[lo:hi].masked_select(frozen)
+            moved += int((_int_view(now) != _int_view(was)).sum())
+            values.append(was)
+            starts.append(starts[-1] + was.numel())
+        entries.append(_Entry(name, p, bits, torch.cat(values), starts))
     problem = _shape_problem(f"mask does not describe the release ({mask_dir} vs {release_dir})",
                              mask_shapes, release_shapes)
     if problem:
@@ -236,7 +263,7 @@ def with_private_mask(model, mask_dir, release_dir=None,
         raise AuthorizationError(f"mask belongs to another release: {mask_dir / 'mask.json'} records "
                                  f"release sha256 {recorded[:16]}…, {release_dir} has {sha[:16]}…")
     if moved:
-        total = sum(e.frozen.numel() for e in entries)
+        total = sum(e.starts[-1] for e in entries)
         raise AuthorizationError(
             f"the model already differs from the release on {moved} of {total} complement "
             "elements (fine-tuned without the mask?): authorized fine-tuning starts from the release")
