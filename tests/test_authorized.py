@@ -118,6 +118,7 @@ def test_readme_trainer_snippet_bf16_accumulation_clipping(rel, tmp_path):
     exec(snippets[0], ns)
     try:
         assert ns["trainer"].state.global_step == 4
+        assert ns["trainer"].accelerator.mixed_precision == "bf16"  # autocast, fp32 parameters
         assert any(type(c).__name__ == "AuthorizedCallback" for c in ns["trainer"].callback_handler.callbacks)
         assert_authorized(rel, dict(ns["model"].named_parameters()))
         saved = load({**rel, "release": tmp_path / "out"})  # a standard HF model directory
@@ -392,11 +393,15 @@ def test_peft_models_are_refused(rel):
         mask.remove()
 
 
-def test_drift_is_reported(rel):
+def test_drift_is_reported_and_the_mask_stays_packed(rel):
     model = load(rel)
     mask = with_private_mask(model, rel["mask"])
     try:
-        assert mask.assert_complement_intact() == sum(int((~m).sum()) for m in rel["masks"].values())
+        complement = sum(int((~m).sum()) for m in rel["masks"].values())
+        assert mask.assert_complement_intact() == complement
+        for e in mask._entries:  # resident: 1 bit per element + the complement's values
+            assert e.packed.dtype == torch.uint8 and e.packed.numel() == (e.param.numel() + 7) // 8
+        assert sum(e.frozen.numel() for e in mask._entries) == complement
         with torch.no_grad():
             model.model.norm.weight.add_(1.0)  # outside any optimizer: nothing restores it
         n = int((~rel["masks"]["model.norm.weight"]).sum())
@@ -435,5 +440,32 @@ def test_trl_sft_trainer_with_the_callback(rel, tmp_path):
     try:
         with pytest.raises(AuthorizationError, match="LoRA/PEFT adapters cannot be authorized"):
             sft(model, mask, peft_config=LoraConfig(r=2, target_modules=["q_proj"])).train()
+    finally:
+        mask.remove()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hooks_never_synchronise_the_host_on_cuda(rel):
+    """The gradient hooks (in backward) and the restore after a step run with CUDA's sync
+    debug mode set to raise on any synchronising call. The model moves to the GPU after the
+    mask is attached (as Trainer does): the packed mask follows it at the first step."""
+    model = load(rel)
+    mask = with_private_mask(model, rel["mask"])
+    model.cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    batch = {k: v.cuda() for k, v in rel["task"].collate("train", range(4)).items()}
+    try:
+        for step in range(3):
+            loss = model(**batch).loss
+            if step:  # the first step moves the packed mask and release values once
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss.backward()
+                optimizer.step()  # SGD (foreach on CUDA), then the kit's restore
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            optimizer.zero_grad()
+        assert all(e.packed.is_cuda and e.frozen.is_cuda for e in mask._entries)
+        assert_authorized(rel, {n: p.cpu() for n, p in model.named_parameters()})
     finally:
         mask.remove()
