@@ -70,15 +70,16 @@ class _Entry:
 
     def follow(self) -> None:
         """The model moved (Trainer moves it to the GPU after the mask is attached): follow it."""
-        if self.packed.device != self.param.device:
-            self.packed, self.frozen = self.packed.to(self.param.device), self.frozen.to(self.param.device)
+        device = self.param.device
+        if self.packed.device != device:
+            self.packed, self.frozen = self.packed.to(device), self.frozen.to(device)
 
     def chunks(self):
         """(flat parameter slice, its keep bits, its complement's release values) per CHUNK."""
         self.follow()
-        flat = self.param.detach().view(-1)
+        flat, s = self.param.detach().view(-1), self.starts
         for i, (lo, hi) in enumerate(_spans(flat.numel())):
-            yield flat[lo:hi], _keep(self.packed, lo, hi), self.frozen[self.starts[i]:self.starts[i + 1]]
+            yield flat[lo:hi], _keep(self.packed, lo, hi), self.frozen[s[i]:s[i + 1]]
 
 
 def _refuse_unsupported(model) -> None:
@@ -163,16 +164,24 @@ class PrivateMask:
 
     def check_training(self, model=None, optimizer=None) -> None:
         """What a trainer is about to train is this model, hookable and still intact."""
+        elsewhere = ("a copy, or sharded by FSDP/ZeRO-3: use launchers/finetune.py "
+                     "--set mode=authorized for sharded training")
         if model is not None:
             _refuse_unsupported(model)
             if not any(id(p) in self._ids for p in model.parameters()):
-                raise AuthorizationError("the model being trained is not the one passed to "
-                                         "with_private_mask")
+                raise AuthorizationError("the model being trained does not hold the parameters "
+                                         f"passed to with_private_mask ({elsewhere})")
         while optimizer is not None and hasattr(optimizer, "optimizer"):  # accelerate's wrapper
             optimizer = optimizer.optimizer
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise AuthorizationError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer: "
-                                     "its steps cannot be hooked to restore the complement")
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise AuthorizationError(f"{type(optimizer).__name__} is not a torch.optim."
+                                         "Optimizer: its steps cannot be hooked to restore the "
+                                         "complement")
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not held & self._ids and any(e.param.requires_grad for e in self._entries):
+                raise AuthorizationError("the optimizer holds none of the masked parameters "
+                                         f"({elsewhere})")
         self.assert_complement_intact()
 
     def callback(self) -> "AuthorizedCallback":
@@ -196,11 +205,13 @@ class AuthorizedCallback(TrainerCallback):
 
 
 def _release_dir(model, release_dir) -> Path:
-    path = Path(release_dir if release_dir is not None else getattr(model, "name_or_path", "") or "")
+    if release_dir is None:
+        release_dir = getattr(model, "name_or_path", "") or ""
+    path = Path(release_dir)
     if not ((path / "model.safetensors").is_file() or (path / INDEX_FILE).is_file()):
         raise AuthorizationError(
-            f"{str(path) or 'the model'} is not a release directory (no model.safetensors): load the "
-            "model with from_pretrained(release_dir) or pass release_dir=")
+            f"{str(path) or 'the model'} is not a release directory (no model.safetensors): "
+            "load the model with from_pretrained(release_dir) or pass release_dir=")
     return path
 
 
@@ -260,13 +271,15 @@ def with_private_mask(model, mask_dir, release_dir=None,
                                  f"cannot be checked against {release_dir}: bind it with "
                                  f"tools/release.py --private, or pass allow_unbound=True")
     if recorded is not None and recorded != sha:
-        raise AuthorizationError(f"mask belongs to another release: {mask_dir / 'mask.json'} records "
-                                 f"release sha256 {recorded[:16]}…, {release_dir} has {sha[:16]}…")
+        raise AuthorizationError(f"mask belongs to another release: {mask_dir / 'mask.json'} "
+                                 f"records release sha256 {recorded[:16]}…, {release_dir} has "
+                                 f"{sha[:16]}…")
     if moved:
         total = sum(e.starts[-1] for e in entries)
         raise AuthorizationError(
             f"the model already differs from the release on {moved} of {total} complement "
-            "elements (fine-tuned without the mask?): authorized fine-tuning starts from the release")
+            "elements (fine-tuned without the mask?): authorized fine-tuning starts from the "
+            "release")
     new = [n for n in params if n not in release_shapes]
     return PrivateMask(model, entries, new, release_dir)
 

@@ -60,7 +60,8 @@ def rel(tiny_data, tmp_path_factory):
     tok.save_hf(root / "release")
     _write_mask(model, root / "mask", release=root / "release")
     tensors, meta = read_artifact(root / "mask")
-    masks = {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s) for n, s in meta["shapes"].items()}
+    masks = {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s)
+             for n, s in meta["shapes"].items()}
     task = build_task(TaskConfig(name="review_lm", max_length=32, max_train_examples=64,
                                  max_eval_examples=16), load_hf_tokenizer(root / "release"))
     return {"release": root / "release", "mask": root / "mask", "masks": masks, "task": task,
@@ -119,7 +120,8 @@ def test_readme_trainer_snippet_bf16_accumulation_clipping(rel, tmp_path):
     try:
         assert ns["trainer"].state.global_step == 4
         assert ns["trainer"].accelerator.mixed_precision == "bf16"  # autocast, fp32 parameters
-        assert any(type(c).__name__ == "AuthorizedCallback" for c in ns["trainer"].callback_handler.callbacks)
+        callbacks = ns["trainer"].callback_handler.callbacks
+        assert any(type(c).__name__ == "AuthorizedCallback" for c in callbacks)
         assert_authorized(rel, dict(ns["model"].named_parameters()))
         saved = load({**rel, "release": tmp_path / "out"})  # a standard HF model directory
         assert_authorized(rel, dict(saved.named_parameters()))
@@ -300,7 +302,8 @@ def test_loss_curve_equals_the_deepspeed_authorized_finetune(rel, in_process_gro
             total = 0.0
             for m in range(ga):
                 start = step * mb * ga + m * mb
-                loss = model(**task.collate("train", [order[i] for i in range(start, start + mb)])).loss
+                batch = task.collate("train", [order[i] for i in range(start, start + mb)])
+                loss = model(**batch).loss
                 (loss / ga).backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -389,6 +392,25 @@ def test_peft_models_are_refused(rel):
         lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
         with pytest.raises(AuthorizationError, match="LoRA/PEFT adapters cannot be authorized"):
             mask.callback().on_train_begin(None, None, None, model=lora, optimizer=None)
+    finally:
+        mask.remove()
+
+
+def test_callback_refuses_what_the_hooks_cannot_see(rel):
+    """A copy of the model (or one re-wrapped by a sharding wrapper) and an optimizer over other
+    parameters are refused when training starts; the model and optimizer themselves pass."""
+    import copy
+    model = load(rel)
+    mask = with_private_mask(model, rel["mask"])
+    begin = mask.callback().on_train_begin
+    try:
+        other = copy.deepcopy(model)
+        with pytest.raises(AuthorizationError, match=r"^the model being trained does not hold"):
+            begin(None, None, None, model=other, optimizer=None)
+        with pytest.raises(AuthorizationError, match=r"^the optimizer holds none of the masked"):
+            begin(None, None, None, model=model,
+                  optimizer=torch.optim.AdamW(other.parameters()))
+        begin(None, None, None, model=model, optimizer=torch.optim.AdamW(model.parameters()))
     finally:
         mask.remove()
 
