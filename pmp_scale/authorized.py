@@ -145,6 +145,12 @@ class PrivateMask:
     @torch.no_grad()
     def complement_moved(self) -> int:
         """Complement elements whose bits differ from the release now (a host sync: a check)."""
+        now = dict(self.model.named_parameters())
+        for e in self._entries:
+            if now.get(e.name) is not e.param:
+                raise AuthorizationError(
+                    f"{e.name} was replaced after with_private_mask (resize_token_embeddings?): "
+                    "the new tensor is not hooked; attach the mask after changing the model")
         moved = 0
         for e in self._entries:
             if e.param.dtype != e.frozen.dtype:
@@ -192,7 +198,9 @@ class PrivateMask:
 class AuthorizedCallback(TrainerCallback):
     """Checks at the start (the optimizer Trainer made, PEFT, intact complement) and at the end
     of training. The hooks themselves are installed by `with_private_mask`, so they are active
-    whether or not a trainer calls back."""
+    whether or not a trainer calls back. transformers 4.57 creates the optimizer inside
+    `train()` and then passes `model` and `optimizer` (accelerate's wrapper) to
+    `on_train_begin`; a version that passed no optimizer would only skip that check."""
 
     def __init__(self, mask: PrivateMask):
         self.mask = mask

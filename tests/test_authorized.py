@@ -429,6 +429,10 @@ def test_drift_is_reported_and_the_mask_stays_packed(rel):
         n = int((~rel["masks"]["model.norm.weight"]).sum())
         with pytest.raises(AuthorizationError, match=rf"^{n} of \d+ complement elements moved"):
             mask.assert_complement_intact()
+        model.resize_token_embeddings(model.config.vocab_size + 8)  # new, unhooked tensors
+        with pytest.raises(AuthorizationError,
+                           match=r"^(lm_head|model\.embed_tokens)\.weight was replaced"):
+            mask.assert_complement_intact()
     finally:
         mask.remove()
 
