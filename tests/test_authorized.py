@@ -159,6 +159,7 @@ OPTIMIZERS = {
     "sgd_momentum_wd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=0.1),
     "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
     "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "adafactor_torch": lambda ps: torch.optim.Adafactor(ps, lr=1e-2, weight_decay=0.1),
     "adafactor_hf": lambda ps: __import__("transformers").Adafactor(
         ps, lr=1e-2, relative_step=False, scale_parameter=False, weight_decay=0.1),
 }
