@@ -79,6 +79,25 @@ def dist_results(tmp_path_factory, tiny_data):
     return out
 
 
+@pytest.fixture(scope="session")
+def save_tiny_llama(tiny_data):
+    """save(dir) -> model: a randomly initialised llama-tiny HF directory (weights + the tiny
+    tokenizer), the shape of a small release."""
+    def save(out, seed: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM
+        from pmp_scale.data import load_tokenizer
+        from pmp_scale.models import build_hf_config
+        tok = load_tokenizer(tiny_data["tokenizer"])
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            build_hf_config("llama-tiny", tokenizer_vocab_size=tok.vocab_size))
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_hf(out)
+        return model
+    return save
+
+
 @pytest.fixture(scope="module")
 def single_process_group():
     """One in-process W=1 process group for a module (the fine-tuner's engine); the env it

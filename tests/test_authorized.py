@@ -24,7 +24,6 @@ from pmp_scale.authorized import AuthorizationError, with_private_mask  # noqa: 
 from pmp_scale.mask import pack_bits, read_artifact, unpack_bits, write_artifact  # noqa: E402
 from pmp_scale.release import record_release, release_sha256  # noqa: E402
 
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,20 +43,12 @@ def _write_mask(model, out, seed=1, release=None):
 
 
 @pytest.fixture(scope="module")
-def rel(tiny_data, tmp_path_factory):
+def rel(save_tiny_llama, tmp_path_factory):
     """{release, mask, task (review_lm blocks of 32 tokens), masks (name -> bool mask)}."""
-    from transformers import AutoModelForCausalLM
-    from pmp_scale.data import load_tokenizer
     from pmp_scale.finetune.config import TaskConfig
     from pmp_scale.finetune.tasks import build_task, load_hf_tokenizer
-    from pmp_scale.models import build_hf_config
     root = tmp_path_factory.mktemp("kit")
-    tok = load_tokenizer(tiny_data["tokenizer"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        build_hf_config("llama-tiny", tokenizer_vocab_size=tok.vocab_size))
-    model.save_pretrained(root / "release", safe_serialization=True)
-    tok.save_hf(root / "release")
+    model = save_tiny_llama(root / "release")
     _write_mask(model, root / "mask", release=root / "release")
     tensors, meta = read_artifact(root / "mask")
     masks = {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s)
@@ -246,22 +237,7 @@ def test_ddp_two_processes_keep_the_complement(rel, tmp_path):
 
 
 # --- the same run as launchers/finetune.py --set mode=authorized ----------------------------------
-@pytest.fixture
-def in_process_group():
-    """launchers/finetune.py's W=1 in-process group; its env and group are removed after."""
-    import torch.distributed as dist
-    saved = {k: os.environ.get(k) for k in DIST_ENV}
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def test_loss_curve_equals_the_deepspeed_authorized_finetune(rel, in_process_group):
+def test_loss_curve_equals_the_deepspeed_authorized_finetune(rel, single_process_group):
     """Same release, mask, batches (finetune's SampleOrder), AdamW + decay groups, LR schedule,
     clipping and accumulation: the kit in a plain loop vs pmp_scale.finetune at 1 rank (ZeRO-3).
     Not bit-exact: DeepSpeed computes the global norm over its flat fp32 partition and clips

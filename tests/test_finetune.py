@@ -33,20 +33,12 @@ def _process_group(single_process_group):
 
 
 @pytest.fixture(scope="module")
-def tiny_release(tiny_data, tmp_path_factory):
+def tiny_release(save_tiny_llama, tmp_path_factory):
     """A llama-tiny HF release (save_pretrained + tokenizer) and a random ρ=0.7 private mask
     bound to it by its release sha256."""
-    from transformers import AutoModelForCausalLM
-    from pmp_scale.data import load_tokenizer
-    from pmp_scale.models import build_hf_config
     from pmp_scale.release import record_release, release_sha256
     root = tmp_path_factory.mktemp("ft_release")
-    tok = load_tokenizer(tiny_data["tokenizer"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        build_hf_config("llama-tiny", tokenizer_vocab_size=tok.vocab_size))
-    model.save_pretrained(root / "release", safe_serialization=True)
-    tok.save_hf(root / "release")
+    model = save_tiny_llama(root / "release")
     g = torch.Generator().manual_seed(1)
     items = [(n, pack_bits(torch.rand(p.numel(), generator=g) < 0.7), tuple(p.shape))
              for n, p in model.named_parameters()]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pmp_scale.mask import pack_bits, read_artifact, unpack_bits, write_artifact
+from pmp_scale.mask import pack_bits, read_artifact, write_artifact
 from pmp_scale.release import (ReleaseError, audit_release, record_release, release_checkpoint,
                                release_sha256, resolve_checkpoint)
 from pmp_scale.secrecy import run_attacks
@@ -44,19 +44,12 @@ def rank_auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tiny_data, tmp_path_factory):
+def synthetic(save_tiny_llama, tmp_path_factory):
     """A llama-tiny release whose complement is θ(0) of seed 99 and whose mask elements moved,
     with its private mask (random, ρ = 0.6, norm weights always trained)."""
-    from transformers import AutoModelForCausalLM
-    from pmp_scale.data import load_tokenizer
-    from pmp_scale.models import build_hf_config
     from pmp_scale.secrecy import Target
     root = tmp_path_factory.mktemp("synthetic")
-    tok = load_tokenizer(tiny_data["tokenizer"])
-    model = AutoModelForCausalLM.from_config(
-        build_hf_config("llama-tiny", tokenizer_vocab_size=tok.vocab_size))
-    model.save_pretrained(root / "base", safe_serialization=True)
-    tok.save_hf(root / "base")
+    save_tiny_llama(root / "base")
     theta0 = dict(Target(root / "base").init_replay(99))
     g = torch.Generator().manual_seed(3)
     weights, masks = {}, {}
@@ -133,7 +126,7 @@ def test_planted_leaks_through_the_real_path(dist_results, tmp_path, capsys):
                        progress=False, allow_leaks=True)
     result = run_attacks(tmp_path / "rel", private_dir=private, attacks=DATA_FREE)
     a = result["attacks"]
-    assert a["constant"]["groups"]["norm"]["auc"] < 0.05  # frozen norms sit at 1.0: score -1
+    assert a["constant"]["groups"]["norm"]["auc"] > 0.95  # frozen norms sit at 1.0: score -1
     assert a["seed_guess"]["best_seed"] == 1234 and a["seed_guess"]["auc"] > 0.95
     assert audit_cli.main([str(tmp_path / "rel"), "--private", str(private)]) == 1
     fails = [x for x in capsys.readouterr().out.splitlines() if x.startswith("FAIL")]
@@ -144,6 +137,7 @@ def test_planted_leaks_through_the_real_path(dist_results, tmp_path, capsys):
 def test_default_path_has_no_exact_channel(dist_results, tmp_path):
     """Secret seed, constant-init tensors trained, fp32 θ(0) — also for a bf16 run released in
     fp32: bits, constant and seed attacks at chance, audit clean."""
+    # pmp_frozen_bf16 has the scenarios' public seed 7: only its bits and constants are checked
     for run, attacks in (("release_source", DATA_FREE), ("pmp_frozen_bf16", ["bits", "constant"])):
         private = tmp_path / run / "mask"
         shutil.copytree(dist_results / run / "private" / "mask", private)
@@ -154,7 +148,8 @@ def test_default_path_has_no_exact_channel(dist_results, tmp_path):
             auc = result["attacks"][name]["auc"]
             assert 0.45 <= auc <= 0.55, (run, name, auc)
         problems = audit_release(tmp_path / run / "rel", private, load=False).problems
-        assert not [p for p in problems if "bits" in p or "constant" in p or "seed" in p], problems
+        assert not [p for p in problems if any(f"({a})" in p or f"{a} channel" in p
+                                               for a in attacks)], problems
 
 
 def test_cli_public_data_attacks_write_usable_masks(synthetic, tmp_path, capsys):
@@ -207,15 +202,16 @@ def test_bad_inputs_one_line_nothing_written(synthetic, tiny_data, tmp_path, cap
 
 def test_shadow_attack_and_payoff(dist_results, tiny_data, tmp_path, single_process_group):
     """The attacker's own PMP run through the launcher, a classifier on its elements, applied to
-    a release; then fine-tuning with the recovered mask against the true mask."""
-    run = dist_results / "release_source"
+    a Llama release; then fine-tuning with the recovered mask against the true mask."""
+    run = dist_results / "pmp_frozen_fp32"
     private = tmp_path / "mask"
     shutil.copytree(run / "private" / "mask", private)
     release_checkpoint(resolve_checkpoint(run), tmp_path / "rel", private_dir=private,
                        progress=False)
-    shadow_cfg = yaml.safe_load((dist_results / "release_source" / "config.yaml").read_text())
+    shadow_cfg = yaml.safe_load((run / "config.yaml").read_text())
     shadow_cfg.update(seed=None, run_dir="unused")
-    shadow_cfg["pmp"].update(enabled=True)
+    shadow_cfg["pmp"].update(enabled=True, mask_seed=None)  # the attacker has its own seeds
+    shadow_cfg["train"].update(max_steps=10)
     (tmp_path / "shadow.yaml").write_text(yaml.safe_dump(shadow_cfg))
     ft = {"release": "unused", "mode": "unauthorized", "seed": 0,
           "task": {"name": "review_lm", "max_length": 32, "max_train_examples": 32,

@@ -41,18 +41,17 @@ class Target:
 
     def __init__(self, path):
         from ..finetune.train import Release, ReleaseLoadError
-        from ..release import release_tensors
         self.path = Path(path)
         if not self.path.is_dir():
             raise AttackError(f"no release at {self.path}: give the directory tools/release.py wrote")
-        try:
-            self.release = Release.open(self.path)
-        except ReleaseLoadError as e:
-            raise AttackError(str(e)) from e
         for f in sorted(self.path.glob("*.safetensors")):
             problem = _truncated(f)
             if problem:
                 raise AttackError(f"{f}: {problem}; re-download or re-release it")
+        try:
+            self.release = Release.open(self.path)
+        except ReleaseLoadError as e:
+            raise AttackError(str(e)) from e
         arch = (self.hf_config().architectures or ["?"])[0]
         if not arch.endswith(("ForCausalLM", "LMHeadModel")):
             raise AttackError(f"{self.path} is a {arch}: the attacks target pre-trained causal-LM "

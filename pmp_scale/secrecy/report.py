@@ -33,6 +33,18 @@ FIXES = {
 }
 MAGNITUDE_FIX = ("no pmp_scale setting closes it: the mask is readable from weight sizes "
                  "(complement: project/decay make it worse); see README 'Mask secrecy'")
+GRADIENT_FIX = ("no pmp_scale setting closes it for early-bird masks, which follow gradient size "
+                "on public text; a random mask (mask_source: random) is not chosen from "
+                "gradients — measure it; see README 'Mask secrecy'")
+
+
+def fix_for(attack: str) -> str:
+    family = attack.split("@")[0]
+    if family in FIXES:
+        return FIXES[family]
+    if family in ("grad_abs", "fisher", "displacement", "structural", "shadow"):
+        return GRADIENT_FIX
+    return MAGNITUDE_FIX
 
 
 def check_private(target: A.Target, private_dir) -> dict:
@@ -91,7 +103,7 @@ def leaks(result: dict) -> list[str]:
             if tensors:
                 t, a = max(tensors, key=lambda ta: sym(ta[1]))
                 where.append(f"{len(tensors)} tensor(s), e.g. {t} AUC {a:.3f}")
-            fix = FIXES.get(name, MAGNITUDE_FIX)
+            fix = fix_for(name)
             lines.append(f"mask leak through {r['channel']} ({name}): {'; '.join(where)} — fix: {fix}")
     return lines
 

@@ -76,6 +76,14 @@ class Featurizer:
         return torch.stack([x.float() for x in cols_out], dim=1).numpy()
 
 
+def _free_port() -> int:
+    """A port nobody listens on: the attacker's run may share the machine with training."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: int) -> Path:
     """The attacker's own PMP run through the project's launcher (reused when finished)."""
     run_dir = workdir / "run"
@@ -85,7 +93,7 @@ def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: i
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           str(REPO / "launchers" / "pretrain.py"), "--config", str(config),
+           "--master_port", str(_free_port()), str(REPO / "launchers" / "pretrain.py"), "--config", str(config),
            "--set", f"run_dir={run_dir}", "--resume", "auto"]
     for item in overrides:
         cmd += ["--set", item]

@@ -34,7 +34,7 @@ def spike(t: torch.Tensor) -> tuple[float, int, int] | None:
     many elements at the next representable values. Elements frozen at a constant (a norm
     weight at 1.0, a bias at 0.0) pile up on one value: a spike. Returns (value, count,
     neighbour count) or None."""
-    flat = t.reshape(-1)
+    flat = t.detach().reshape(-1)
     values, counts = torch.unique(flat, return_counts=True)
     i = int(counts.argmax())
     count, value = int(counts[i]), values[i]
@@ -106,6 +106,8 @@ def release_channels(name: str, t: torch.Tensor) -> list[str]:
     bits: a tensor mixing elements with ≥ 16 zero mantissa bits and elements without them is
     two populations, one of them drawn in a narrower dtype: the frozen θ(0).
     constant: a spike (see `spike`) — elements pinned at their init constant."""
+    if not t.is_floating_point():
+        return []
     s = spike(t)
     if s is not None and s[1] < t.numel():  # (a constant's mantissa is all zeros: one cause)
         return [f"{name}: constant channel — {s[1]:,} of {t.numel():,} elements sit exactly at "
