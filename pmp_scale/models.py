@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import deepspeed
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 # vocab_size None = taken from the tokenizer the data was prepared with.
@@ -120,6 +119,7 @@ def build_model(cfg: PretrainedConfig, ds_config: dict,
     master (after `deepspeed.initialize`): drawing θ(0) in the training dtype would make the
     complement of a bf16 run bf16-valued in an fp32 release, which gives the mask away.
     """
+    import deepspeed
     # The dtype comes from ds_config's bf16/fp16 flags. Do not pass zero.Init(dtype=...): in
     # DeepSpeed 0.19 an explicit dtype is replaced by bf16 on accelerators without fp16 (CPU),
     # an operator-precedence slip in `Init._set_dtype`.

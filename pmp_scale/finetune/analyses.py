@@ -348,7 +348,7 @@ def overlap_coefficient(a: torch.Tensor, b: torch.Tensor, bins: int = 100,
 def grad_hist(release, mask, finetune_cfg: FinetuneConfig, out, grad_batches: int = 8,
               batch_size: int = 8, seed: int = 0, bins: int = 100) -> dict:
     """log10 |mean task gradient| at the released weights, masked vs unmasked elements."""
-    from ..mask.controller import layer_kind
+    from ..mask.kinds import layer_kind
     out = Path(out)
     rel, task, model, masks = _prepare(release, mask, finetune_cfg, seed)
     grads = task_gradient(model, task, grad_batches, batch_size, seed)

@@ -6,7 +6,6 @@ live under `<run>/private/` and in the (private) checkpoints, never in a release
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from ..config import PMPConfig
 from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
+from .kinds import layer_kind
 from .sharded import PartitionLayout, ShardedMask
 from .update import MaskedUpdate, complement_drift
 
@@ -34,15 +34,6 @@ def secret_seed() -> int:
                          device=_device())
     dist.broadcast(value, 0)
     return int(value.item())
-
-
-# Telemetry groups for mask density (first match wins).
-_KINDS = [("embedding", r"embed|wte|wpe"), ("lm_head", r"lm_head"), ("norm", r"norm|ln_"),
-          ("attention", r"attn|q_proj|k_proj|v_proj|o_proj"), ("mlp", r"mlp|proj|fc")]
-
-
-def layer_kind(name: str) -> str:
-    return next((kind for kind, pattern in _KINDS if re.search(pattern, name)), "other")
 
 
 class PMPController:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..mask.bits import pack_bits, unpack_bits
-from ..mask.controller import layer_kind
+from ..mask.kinds import NAMES as KIND_NAMES, layer_kind
 from .attacks import Attack, AttackError
 
 MIN_CLASS = 100  # elements of each class a tensor needs for its own AUC to mean anything
@@ -36,7 +36,7 @@ class Sample:
     """A uniform sample of (score, label, group) over the whole model, plus per-tensor AUCs."""
 
     def __init__(self, attack: Attack, shapes: Mapping[str, tuple], masks: Mapping | None,
-                 sample_cap: int = 2_000_000, tensor_cap: int = 200_000, seed: int = 0):
+                 sample_cap: int = 1_000_000, tensor_cap: int = 100_000, seed: int = 0):
         total = sum(math.prod(s) for s in shapes.values())
         frac = min(1.0, sample_cap / total)
         gen = torch.Generator().manual_seed(seed)
@@ -59,13 +59,14 @@ class Sample:
             scores.append((s if k is None else s[k]).numpy())
             if m is not None:
                 labels.append((m if k is None else m[k]).numpy())
-            groups += [layer_kind(name)] * (numel if k is None else int(k.sum()))
+            code = KIND_NAMES.index(layer_kind(name))
+            groups.append(np.full(numel if k is None else int(k.sum()), code, dtype=np.int8))
         if seen != set(shapes):
             raise AttackError(f"attack {attack.name} scored {len(seen)} of {len(shapes)} tensors")
         self.total = total
         self.scores = np.concatenate(scores)
         self.labels = np.concatenate(labels).astype(np.int8) if labels else None
-        self.groups = np.array(groups)
+        self.groups = np.concatenate(groups)
 
     def threshold(self, ratio: float) -> tuple[float, float]:
         """Score threshold selecting a fraction `ratio` of elements, and the probability with
@@ -81,8 +82,8 @@ class Sample:
         y, s = self.labels, self.scores
         auc = _auc(y, s)
         groups = {}
-        for g in sorted(set(self.groups.tolist())):
-            sel = self.groups == g
+        for code in np.unique(self.groups):
+            sel, g = self.groups == code, KIND_NAMES[code]
             groups[g] = {"share": self.group_size[g] / self.total, "auc": _auc(y[sel], s[sel])}
         # Predict the complement as the |M̄| lowest scores (random order among ties).
         n_comp = int((y == 0).sum())

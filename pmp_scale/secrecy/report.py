@@ -110,7 +110,7 @@ def leaks(result: dict) -> list[str]:
 
 def run_attacks(release_dir, out_dir=None, private_dir=None, public=None, attacks=None,
                 seeds=None, ratio: float | None = None, ks=(1, 4, 16, 64), shadow: dict | None = None,
-                payoff_config=None, sample_cap: int = 2_000_000, write_masks: bool = True) -> dict:
+                payoff_config=None, sample_cap: int = 1_000_000, write_masks: bool = True) -> dict:
     """Run the suite; with `private_dir` score every attack; with `out_dir` write the report."""
     target = A.Target(release_dir)
     private = check_private(target, private_dir) if private_dir is not None else None

@@ -16,12 +16,11 @@ import torch
 
 from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
-from ..mask.controller import layer_kind
+from ..mask.kinds import NAMES as _KINDS, layer_kind
 from . import stats
 from .attacks import Attack, AttackError, Scores, Target
 
 REPO = Path(__file__).resolve().parents[2]
-_KINDS = ["embedding", "lm_head", "norm", "attention", "mlp", "other"]
 FEATURES = ["abs", "z_tensor", "z_row", "z_col", "zero_bits", "at_spike", "init_nll", "kind",
             "depth", "log_numel", "row_frac", "col_frac", "token_logfreq", "grad_abs", "fisher"]
 
