@@ -203,6 +203,15 @@ def _init_new_params(model, release: Release, seed: int) -> list[str]:
     return names
 
 
+def _no_hf_init():
+    """transformers' context that skips `post_init`'s weight initialisation (moved in v5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config: dict,
                 dtype: torch.dtype):
     import deepspeed
@@ -217,7 +226,10 @@ def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config
     with hf_zero3(ds_config):
         if cfg.reinit:
             config = AutoConfig.from_pretrained(release.path, local_files_only=True, **kwargs)
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            # HF's own init would run on the already-partitioned (empty) tensors and index the
+            # embedding's padding row (classification configs set pad_token_id): skip it there
+            # and initialise module by module on gathered parameters instead.
+            with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_hf_init():
                 model = cls.from_config(config, dtype=dtype)
             init_partitioned(model, cfg.seed)
         else:
