@@ -90,7 +90,12 @@ class PMPConfig(_Strict):
     topk_scope: Literal["global", "per_tensor"] = "global"
     exclude: list[str] = Field(default_factory=list)  # fnmatch patterns: always trainable
     rewind: Literal["init", "none"] = "init"
-    complement: Literal["frozen", "decay"] = "frozen"
+    # frozen: bit-exact θ(0); decay: the reference code (weight decay moves the complement);
+    # project: the authors' Stage II (decay, then every `project_every` Stage II steps the
+    # complement is scaled to global L2 norm ≤ `project_radius`).
+    complement: Literal["frozen", "decay", "project"] = "frozen"
+    project_every: int = Field(200, ge=1)
+    project_radius: float = Field(2.0, gt=0)
     save_init: bool = False  # also write θ(0) as HF-named fp32 safetensors (small models)
     drift_every: int = Field(50, ge=1)  # steps between complement-drift measurements
 

@@ -18,6 +18,7 @@ from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .sharded import PartitionLayout, ShardedMask
+from .project import project_complement, sync_low_precision
 from .update import MaskedUpdate, complement_drift
 
 
@@ -110,12 +111,7 @@ class PMPController:
         zero = self.engine.optimizer
         for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
             flat.copy_(self.theta0[g].to(flat.device))
-            zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
-        # Persistent (small) parameters stay gathered between steps and all_gather skips
-        # gathered ones: release everything first, or they would keep their Stage I values.
-        zero._partition_all_parameters()
-        if zero.persistent_parameters:
-            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
+        sync_low_precision(zero)  # lp partitions and persistent params: no Stage I values left
         zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
         self.reset_schedule()
 
@@ -147,12 +143,18 @@ class PMPController:
                 self._enter_stage2(mask, step=done, rewind=self.cfg.rewind == "init")
             return
         self.update.after_step(engine, step)
+        if self.cfg.complement == "project" and (done - self.stage2_start) % \
+                self.cfg.project_every == 0:
+            p = project_complement(engine, self.mask, self.cfg.project_radius, _device())
+            self.telemetry.scalars(done, {"pmp/complement_norm": p["norm"],
+                                          "pmp/project_scale": p["scale"]})
         if done % self.cfg.drift_every == 0:
             self.telemetry.scalars(done, {"pmp/complement_drift": self.drift(), "pmp/stage": 2})
 
     # --- measurements ------------------------------------------------------------------------------
     def drift(self) -> float:
-        """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode)."""
+        """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode; a
+        measurement, not a failure, with `complement: decay | project`)."""
         value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)],
                              device=_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -268,6 +270,9 @@ class PMPController:
             "mask_ratio": self.cfg.mask_ratio, "mask_source": self.cfg.mask_source,
             "score": self.cfg.score, "topk_scope": self.cfg.topk_scope,
             "exclude": self.cfg.exclude, "complement": self.cfg.complement,
+            **({"project_every": self.cfg.project_every,
+                "project_radius": self.cfg.project_radius}
+               if self.cfg.complement == "project" else {}),
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
             "world_size": self.layout.world_size,
             "discovery": None if d is None else {
