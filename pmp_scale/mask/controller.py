@@ -69,7 +69,8 @@ class PMPController:
             self.discovery = EarlyBird(
                 self.selector, score=cfg.score, check_every=cfg.check_every,
                 iou_threshold=cfg.iou_threshold, patience=cfg.patience,
-                max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta)
+                max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta,
+                score_window=cfg.score_window)
         else:
             if cfg.mask_ratio < 1.0 and self.mask_seed is None:
                 self.mask_seed = secret_seed()
@@ -208,7 +209,7 @@ class PMPController:
         self.stage2_start = first["stage2_start"]
         if self.discovery is not None and first["discovery"] is not None:
             self.discovery.load_state_dict({**first["discovery"], "candidate": None,
-                                            "history": [], "ema": None})
+                                            "history": [], "ema": None, "acc": None})
         where = [{sig[0]: sig for sig in s["mask"]["signature"]} for s in old]
         masks, theta0 = [], [torch.zeros(n) for n in self.layout.sub_group_sizes]
         for e in self.layout.entries:
@@ -278,6 +279,7 @@ class PMPController:
             "discovery": None if d is None else {
                 "steps": d.steps, "stop_reason": d.stop_reason, "trace": d.trace,
                 "check_every": self.cfg.check_every, "iou_threshold": self.cfg.iou_threshold,
+                "score_window": self.cfg.score_window,
                 "patience": self.cfg.patience, "warmup_max_steps": self.cfg.warmup_max_steps},
             "stage2_start_step": self.stage2_start,
             # What the complement equals: the initialisation, or the end of Stage I.
