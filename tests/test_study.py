@@ -134,3 +134,33 @@ def test_sigkill_mid_study_then_rerun_reuses_finished_work(tiny_data, tmp_path):
     doc = json.loads((out / "study.json").read_text())
     assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1
     assert {p: p.stat().st_mtime_ns for p in cells} == cells
+
+
+def test_claim_verdicts_follow_the_stated_rules():
+    """2-SE rule on paired seeds; base within tolerance; ρ trade-off needs both orderings."""
+    from types import SimpleNamespace
+    from pmp_scale.study.claims import _ms, claims, verdict
+    assert verdict(_ms([0.30, 0.32, 0.31])) == "supported"
+    assert verdict(_ms([-0.30, -0.32, -0.31])) == "contradicted"
+    assert verdict(_ms([0.3, -0.2, 0.1])) == "inconclusive"
+    cfg = SimpleNamespace(claims=SimpleNamespace(base_tolerance=0.05, secrecy_auc=0.55))
+
+    def row(rho, src, cost, cuts, auc=0.5):
+        return {"preset": "p", "task": "t", "variant": f"r{rho}_{src}", "mask_ratio": rho,
+                "mask_source": src, "complement": "frozen", "score": "step",
+                "base_loss": 5 * (1 + cost), "dense_loss": 5.0, "base_cost": cost,
+                "gain_cut": _ms(cuts), "gain_cut_per_seed": cuts, "recovery": _ms(cuts),
+                "max_auc": auc}
+    rows = [row(0.5, "earlybird", 0.08, [0.5, 0.52, 0.51], auc=0.7),
+            row(0.7, "earlybird", 0.02, [0.1, 0.12, 0.11]),
+            row(0.7, "random", 0.03, [0.2, 0.23, 0.22])]
+    table = {(c["claim"], c["where"]): c["verdict"] for c in claims(rows, cfg)}
+    assert table[("base preserved", "p / r0.5_earlybird")] == "contradicted"  # +8 % > 5 %
+    assert table[("base preserved", "p / r0.7_earlybird")] == "supported"
+    assert table[("early-bird better than random", "p / t / ρ 0.7 frozen")] == "contradicted"
+    trade = [v for (c, w), v in table.items() if c.startswith("ρ trade-off")]
+    assert trade == ["supported"]  # larger cut and larger cost at the smaller ρ
+    assert table[("mask secrecy", "p / r0.5_earlybird")] == "contradicted"
+    rows[0]["base_cost"] = 0.0  # smaller ρ cheaper than the larger: the trade-off is not there
+    trade = [c["verdict"] for c in claims(rows, cfg) if c["claim"].startswith("ρ trade-off")]
+    assert trade == ["contradicted"]
