@@ -21,11 +21,10 @@ RADIUS, EVERY = 2.0, 2
 
 
 @pytest.fixture(scope="module")
-def project_runs(tmp_path_factory, tiny_data):
-    out = tmp_path_factory.mktemp("project")
-    for world in (2, 3):
-        run_scenarios(out, tiny_data, ["pmp_project"], world)
-    return out
+def project_runs(dist_results, tiny_data):
+    """W=2: the shared launch (conftest `dist_results`); W=3 (padded partitions): one more."""
+    run_scenarios(dist_results, tiny_data, ["pmp_project"], 3)
+    return dist_results
 
 
 def _full_grads(out: Path, world: int, shapes: dict) -> list[dict[str, torch.Tensor]]:
