@@ -8,6 +8,9 @@
 #   bash tools/gpu_study.sh --tiny           # CPU-sized smoke run of the same path (tests)
 #
 # Rerunning it resumes: finished runs, releases and fine-tuning cells are reused.
+# .whl/ is filled on a machine with network, for the GPU machine's Python version:
+#   pip download -d .whl deepspeed mosaicml-streaming sentencepiece peft scikit-learn matplotlib
+# (DeepSpeed ships as an sdist: it is built against the installed torch, no build isolation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -34,7 +37,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         echo "error: missing Python packages (${missing[*]}) and no .whl/ directory to install them from" >&2
         exit 2
     fi
-    $PY -m pip install --quiet --no-index --find-links .whl "${missing[@]}"
+    $PY -m pip install --quiet --no-index --find-links .whl --no-build-isolation "${missing[@]}"
 fi
 
 # 2. The study: GPU-sized, or everything shrunk for a CPU smoke run.
