@@ -60,7 +60,7 @@ if [ "$TINY" = 1 ]; then
         --set "pretrain.overrides=[seed=3, train.micro_batch_size=2, train.global_batch_size=4, train.max_steps=3, train.log_every=1, train.eval_every=3, train.eval_batches=1, optim.warmup_steps=1, checkpoint.every=3, train.precision=auto, logging.tensorboard=false]"
         --set "variants=[{mask_ratio: [0.5], mask_source: [random]}]"
         --set "pmp={mask_seed: 3}"
-        --set "finetune.overrides=[task.max_length=32, task.max_train_examples=16, task.max_eval_examples=4, train.micro_batch_size=4, train.global_batch_size=4, train.eval_batch_size=4]"
+        --set "finetune.overrides=[task.max_length=32, task.max_train_examples=16, task.max_eval_examples=4, train.micro_batch_size=4, train.global_batch_size=4, train.eval_batch_size=4, optim.warmup_steps=0]"
         --set "finetune.lrs=[1.0e-3]" --set "finetune.steps=[1]" --set "finetune.seeds=[0, 1]"
         --set "finetune.min_seeds=2" --set "finetune.scratch=false")
 fi

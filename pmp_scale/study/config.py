@@ -158,6 +158,18 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
             raise StudyError(f"run {run.name}: {err}") from None
     for task in plan.tasks:
         check_task(cfg, base_dir, task)
+        check_grid(cfg, base_dir, plan, task)
+
+
+def check_grid(cfg: StudyConfig, base_dir: Path, plan, task) -> None:
+    """Every fine-tuning cell's config parses (the releases need not exist yet)."""
+    from ..finetune.report import base_finetune_config, parse_report_config, plan_cells
+    from .run import report_config
+    try:
+        rc = parse_report_config(report_config(cfg, base_dir, plan, plan.presets[0], task))
+        plan_cells(rc, base_finetune_config(rc, base_dir))
+    except ConfigError as err:
+        raise StudyError(f"fine-tuning grid for task {task_label(task)}: {err}") from None
 
 
 def task_config(cfg: StudyConfig, base_dir: Path, task: TaskSpec) -> dict:
