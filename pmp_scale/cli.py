@@ -18,8 +18,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .mask.sharded import MaskLayoutError
     from .models import ModelConfigError
     from .release import ReleaseError
+    from .secrecy import AttackError
     return (ConfigError, DataError, ModelConfigError, CheckpointError, MaskArtifactError,
-            MaskLayoutError, ReleaseError, FileNotFoundError, FileExistsError)
+            MaskLayoutError, ReleaseError, AttackError, FileNotFoundError, FileExistsError)
 
 
 def _exit_code(err: Exception) -> int | None:

@@ -91,6 +91,10 @@ class PMPConfig(_Strict):
     warmup_max_steps: int = Field(500, ge=1)
     topk_scope: Literal["global", "per_tensor"] = "global"
     exclude: list[str] = Field(default_factory=list)  # fnmatch patterns: always trainable
+    # Parameters whose θ(0) is one constant (norm weights = 1, biases = 0), found from the init
+    # itself: always trainable, because a frozen element there sits exactly at a public value
+    # and so reveals its mask bit without any seed. false = mask them like any other (leaks).
+    exclude_constant_init: bool = True
     rewind: Literal["init", "none"] = "init"
     # frozen: bit-exact θ(0); decay: the reference code (weight decay moves the complement);
     # project: the authors' Stage II (decay, then every `project_every` Stage II steps the

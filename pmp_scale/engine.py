@@ -24,12 +24,13 @@ from .config import ConfigError, RunConfig
 from .data import DataError, batches, build_loader, load_tokenizer, read_meta
 from .models import build_hf_config, build_model, count_params, flops_per_token
 from .telemetry import Telemetry, memory_gib, peak_tflops
+from .zero3 import init_master
 
 
 # PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
 # silently train a different method.
-PMP_IDENTITY = {"mask_ratio", "mask_source", "score", "topk_scope", "exclude", "rewind",
-                "complement"}
+PMP_IDENTITY = {"mask_ratio", "mask_source", "score", "topk_scope", "exclude",
+                "exclude_constant_init", "rewind", "complement"}
 
 
 class NonFiniteError(RuntimeError):
@@ -203,7 +204,8 @@ class Trainer:
         if cfg.pmp.enabled:
             from .mask.controller import PMPController
             self.pmp = PMPController(cfg.pmp, self.engine, self.run_dir, self.init_seed,
-                                     self._reset_schedule, self.telemetry)
+                                     self._reset_schedule, self.telemetry,
+                                     constant_init=self.constant_init)
             self.hooks.append(self.pmp)
             components["pmp"] = self.pmp
         self.checkpointer = Checkpointer(
@@ -230,7 +232,7 @@ class Trainer:
     def _build_engine(self, seed: int):
         import deepspeed
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        self.model = build_model(self.hf_config, seed, self.ds_config, dtype[self.precision])
+        self.model = build_model(self.hf_config, self.ds_config, dtype[self.precision])
         o = self.cfg.optim
         self.schedule = lr_lambda(self.cfg)
         groups = param_groups(self.model, o.weight_decay)
@@ -244,6 +246,7 @@ class Trainer:
         engine, *_ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
+        self.constant_init = init_master(engine, seed)
         return engine
 
     def _reset_schedule(self) -> None:

@@ -108,38 +108,98 @@ def post_order(module: torch.nn.Module):
 
 
 # HF's GPT-2 init rescales a child's `c_proj.weight` from the *parent* module
-# (a named_parameters loop), so the parent must see that parameter gathered too.
+# (a named_parameters loop), so the parent must see that parameter too.
 _INITIALISED_FROM_PARENT = ("c_proj.weight",)
 
 
-def build_model(cfg: PretrainedConfig, seed: int, ds_config: dict,
+def build_model(cfg: PretrainedConfig, ds_config: dict,
                 dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Build under zero.Init (no rank ever holds the full model) and apply HF's init from `seed`.
+    """Build under zero.Init: no rank ever holds the full model.
 
-    Must run after `deepspeed.init_distributed`. One module's parameters are gathered at a time,
-    so peak memory is the largest module, not the model.
+    The weights are placeholders until `zero3.init_master` writes θ(0) into the engine's fp32
+    master (after `deepspeed.initialize`): drawing θ(0) in the training dtype would make the
+    complement of a bf16 run bf16-valued in an fp32 release, which gives the mask away.
     """
     # The dtype comes from ds_config's bf16/fp16 flags. Do not pass zero.Init(dtype=...): in
     # DeepSpeed 0.19 an explicit dtype is replaced by bf16 on accelerators without fp16 (CPU),
     # an operator-precedence slip in `Init._set_dtype`.
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    init_partitioned(model, seed)
     return model
 
 
-def init_partitioned(model: torch.nn.Module, seed: int) -> None:
-    """HF's `_init_weights` on a model whose parameters ZeRO-3 has already partitioned."""
-    rank = torch.distributed.get_rank()
+def _touched(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """(owner, attribute, parameter) for every parameter `_init_weights(module)` writes."""
+    out = [(module, n, p) for n, p in module.named_parameters(recurse=False)]
+    for name, p in module.named_parameters():
+        if name in _INITIALISED_FROM_PARENT:
+            owner_path, _, attr = name.rpartition(".")
+            out.append((module.get_submodule(owner_path), attr, p))
+    return out
+
+
+def _full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+@torch.no_grad()
+def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = "cpu"):
+    """(name, full fp32 θ(0)) for every parameter: HF's `_init_weights` from `seed`, in fp32.
+
+    Why stand-ins: each module's parameters are swapped for full-size fp32 tensors while HF's
+    init runs on it, on every rank with the same seeded generator, so θ(0) is the same fp32
+    draw at any world size and any training precision, and no parameter is ever gathered.
+    Peak memory: the largest module (plus GPT-2's tied embedding until the head is reached).
+    """
+    order = list(post_order(model))
+    names = {id(p): n for n, p in model.named_parameters()}
+    last = {}
+    for i, module in enumerate(order):
+        for _, _, p in _touched(module):
+            last[id(p)] = i
+    values: dict[int, torch.Tensor] = {}
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    for module in post_order(model):  # children first, as nn.Module.apply (HF's order)
-        params = list(module.parameters(recurse=False))
-        params += [p for name, p in module.named_parameters() if name in _INITIALISED_FROM_PARENT]
-        if not params:
-            continue
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            if rank == 0:
-                with torch.no_grad():
-                    model._init_weights(module)
-    torch.random.set_rng_state(gen_state)
+    try:
+        for i, module in enumerate(order):  # children first, as nn.Module.apply (HF's order)
+            touched = _touched(module)
+            if not touched:
+                continue
+            for owner, attr, p in touched:
+                standin = values.setdefault(id(p), torch.full(_full_shape(p), float("nan"),
+                                                              device=device))
+                owner._parameters[attr] = torch.nn.Parameter(standin, requires_grad=False)
+            try:
+                model._init_weights(module)
+            finally:
+                for owner, attr, p in touched:
+                    owner._parameters[attr] = p
+            for _, _, p in touched:
+                if last[id(p)] == i and id(p) in values:
+                    value = values.pop(id(p))
+                    if torch.isnan(value).any():
+                        raise ModelConfigError(f"{names[id(p)]}: HF's _init_weights left it (partly)"
+                                               " uninitialised; this architecture needs its own init")
+                    yield names[id(p)], value
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def is_constant(t: torch.Tensor) -> bool:
+    """All elements equal (norm weights = 1, biases = 0): such a tensor's frozen elements would
+    sit exactly at a public constant, revealing their mask bit without any seed."""
+    flat = t.reshape(-1)
+    return bool((flat == flat[0]).all())
+
+
+def init_partitioned(model: torch.nn.Module, seed: int) -> None:
+    """θ(0) from `seed` into each rank's ZeRO-3 partitions (`ds_tensor`, in the model dtype):
+    for models whose optimizer state is built afterwards from these values (fine-tuning)."""
+    params = dict(model.named_parameters())
+    rank = torch.distributed.get_rank()
+    device = next(iter(params.values())).ds_tensor.device
+    for name, value in seeded_init(model, seed, device=device):
+        local = params[name].ds_tensor
+        start = local.numel() * rank  # ZeRO-3: rank r owns [r·P, (r+1)·P), P = ds_tensor.numel()
+        flat = value.reshape(-1)[start:start + local.numel()]
+        local.data[:flat.numel()].copy_(flat.to(local.dtype))

@@ -2,7 +2,7 @@
 
 A release must look like any other pre-trained model: dense weights, an HF config, a tokenizer.
 Everything else a checkpoint holds reveals the mask (optimizer moments are exactly zero on the
-complement; seeds and θ(0) regenerate it; RNG and data state are private too; DESIGN.md "Mask
+complement; seeds and θ(0) regenerate it; RNG and data state are private too; docs/design.md "Mask
 secrecy"). Weights are rebuilt with DeepSpeed's own lazy ZeRO-3 reconstruction and streamed one
 tensor at a time into safetensors shards whose headers are planned up front, so memory stays
 bounded by the largest tensor, at any model size and any world size.
@@ -34,6 +34,7 @@ from .mask.artifact import (META_FILE, MaskArtifactError, move_into_place, merge
                             read_artifact, slice_for_rank, write_artifact)
 from .mask.bits import pack_bits, unpack_bits
 from .mask.select import LocalSlice
+from .secrecy.stats import release_channels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -195,8 +196,9 @@ def _stream_safetensors(plan: dict[Path, list[tuple[str, torch.dtype, tuple]]],
 
 
 def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,
-                   progress: bool) -> str:
-    """model[-i-of-n].safetensors (+ index) split the HF way; returns the release sha256."""
+                   progress: bool) -> tuple[str, list[str]]:
+    """model[-i-of-n].safetensors (+ index) split the HF way; returns the release sha256 and
+    the exact mask channels (bits, constants) its tensors show (secrecy.stats)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from tqdm import tqdm
     names = sorted(lazy)
@@ -205,7 +207,7 @@ def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
     plan = {out / f: [(n, dtype, tuple(lazy[n].shape)) for n in ns]
             for f, ns in split.filename_to_tensors.items()}
-    digest = hashlib.sha256()
+    digest, channels = hashlib.sha256(), []
     bar = tqdm(total=split.metadata["total_size"], unit="B", unit_scale=True, desc="release",
                disable=not progress)
 
@@ -213,6 +215,7 @@ def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,
         for name in names:  # sorted: the sha256 order, and each shard's own order
             t = lazy[name].contiguous().to(dtype)
             _digest_update(digest, name, t)
+            channels.extend(release_channels(name, t))
             yield name, t
             bar.update(t.numel() * t.element_size())
             del t
@@ -224,7 +227,7 @@ def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,
                               **split.metadata},
                  "weight_map": split.tensor_to_filename}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return digest.hexdigest()
+    return digest.hexdigest(), channels
 
 
 # --- release ---------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def _refuse_non_empty(path: Path, overwrite: bool) -> None:
 
 def release_checkpoint(tag_dir, out_dir, hf_dir=None, dtype: str = "fp32",
                        max_shard_size: int | str = "2GB", overwrite: bool = False,
-                       private_dir=None, progress: bool = True) -> str:
+                       private_dir=None, progress: bool = True, allow_leaks: bool = False) -> str:
     """Write a ZeRO-3 checkpoint tag (any world size) as a standard HF model directory; returns
     the release sha256.
 
@@ -289,6 +292,8 @@ def release_checkpoint(tag_dir, out_dir, hf_dir=None, dtype: str = "fp32",
     is written beside `out_dir` and renamed into place after a static audit: a failure leaves
     neither a partial release nor a damaged old one. With `private_dir`, the mask artifact must
     describe exactly these parameters; the release's sha256 and dtype go into its mask.json.
+    A release whose weights show an exact mask channel (frozen elements with a narrower dtype's
+    bits, or piled up on their init constant) is refused unless `allow_leaks` (research).
     """
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
     hf_dir = Path(hf_dir) if hf_dir is not None else tag_dir / "hf"
@@ -305,7 +310,13 @@ def release_checkpoint(tag_dir, out_dir, hf_dir=None, dtype: str = "fp32",
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         _write_description(hf_dir, tmp, DTYPES[dtype])
-        sha256 = _write_weights(tmp, lazy, DTYPES[dtype], max_shard_size, progress)
+        sha256, channels = _write_weights(tmp, lazy, DTYPES[dtype], max_shard_size, progress)
+        if channels and not allow_leaks:
+            raise ReleaseError(
+                f"refusing to publish {out_dir}: it would give its mask away — {channels[0]}"
+                + (f" (and {len(channels) - 1} more)" if len(channels) > 1 else "")
+                + ". Fix the run (fp32 θ(0), pmp.exclude_constant_init) or release in the dtype "
+                "θ(0) was drawn in; --allow-leaks releases it anyway, for research")
         problems = audit_files(tmp)
         if problems:
             raise ReleaseError(f"refusing to publish {out_dir}: {'; '.join(problems)}")
@@ -473,8 +484,9 @@ def _load_and_generate(release_dir: Path, audit: Audit) -> None:
     audit.report.append(f"{loaded}; greedy: {tok.decode(out[0], skip_special_tokens=True)!r}")
 
 
-def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> None:
-    """One pass over the weights: sha256, complement == θ(0), constant-init leakage."""
+def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> bool:
+    """One pass over the weights: sha256, complement == θ(0), exact channels. True when the
+    private artifact belongs to this release (so attacks can be scored against it)."""
     from safetensors import safe_open
     masks = meta = init = None
     if private_dir is not None:
@@ -488,15 +500,11 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
     with contextlib.ExitStack() as stack:
         if private_dir is not None and (private_dir / INIT_FILE).is_file() and not moving:
             init = stack.enter_context(safe_open(str(private_dir / INIT_FILE), framework="pt"))
-        digest, names, leaks = hashlib.sha256(), set(), []
+        digest, names, channels = hashlib.sha256(), set(), []
         for name, t in release_tensors(release_dir):
             names.add(name)
             _digest_update(digest, name, t)
-            if t.dim() == 1:  # HF inits norm weights to 1 and biases to 0
-                const = 1.0 if name.endswith("weight") else 0.0
-                hits = int((t == const).sum())
-                if hits:
-                    leaks.append((name, const, hits, t.numel()))
+            channels += release_channels(name, t)
             if init is not None and name in masks:
                 frozen = ~unpack_bits(masks[name], t.numel())
                 theta0 = init.get_tensor(name).to(t.dtype).reshape(-1)
@@ -506,17 +514,11 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
                                           f"elements differ from θ(0) (as {t.dtype})")
     sha = digest.hexdigest()
     audit.report.append(f"release sha256 {sha}")
-    if leaks:
-        hit, total = sum(x[2] for x in leaks), sum(x[3] for x in leaks)
-        audit.report.append(
-            f"constant-init leakage: {hit:,} of {total:,} elements ({hit / total:.1%}) of "
-            f"{len(leaks)} constant-initialised tensors are still exactly at their init value; "
-            "they reveal the mask without the seed (DESIGN.md 'Mask secrecy'; pmp.exclude)")
-        audit.report += [f"  {n}: {h:,}/{k:,} ({h / k:.1%}) == {c:g}" for n, c, h, k in leaks]
-    else:
-        audit.report.append("constant-init leakage: none")
+    audit.problems += channels
+    audit.report.append(f"exact channels (bits, constants) from the release's own statistics: "
+                        f"{len(channels) or 'none'}")
     if meta is None:
-        return
+        return False
     missing = sorted(set(masks) - names)
     if missing:
         audit.problems.append(f"{private_dir}: mask names not in the release: {missing[:5]}")
@@ -532,6 +534,7 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
                         + ("checked" if init is not None else
                            f"not checked (complement: {meta['complement']} moves it by design)"
                            if moving else f"not checked (no {INIT_FILE})"))
+    return not missing and recorded == sha
 
 
 def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
@@ -539,6 +542,9 @@ def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
     root = Path(release_dir)
     if not root.is_dir():
         raise ReleaseError(f"no release at {root}")
+    if not (root / "config.json").is_file():
+        raise ReleaseError(f"{root} is not a release: no config.json (give the directory "
+                           "tools/release.py wrote)")
     audit = Audit(problems=audit_files(root))
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -551,8 +557,23 @@ def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
         _load_and_generate(root, audit)
     if not any(_WEIGHTS.match(p.name) for p in root.iterdir()):
         return audit
-    _scan_tensors(root, Path(private_dir) if private_dir is not None else None, audit)
+    if _scan_tensors(root, Path(private_dir) if private_dir is not None else None, audit):
+        _attack(root, Path(private_dir), audit)
     return audit
+
+
+def _attack(release_dir: Path, private_dir: Path, audit: Audit) -> None:
+    """The data-free mask-recovery attacks, scored against the true mask (the owner's view)."""
+    from .secrecy import DATA_FREE, AttackError, leaks, run_attacks
+    try:
+        result = run_attacks(release_dir, private_dir=private_dir, attacks=DATA_FREE)
+    except AttackError as e:
+        audit.problems.append(str(e))
+        return
+    for name, r in result["attacks"].items():
+        audit.report.append(f"attack {name} ({r['channel']}): AUC {r['auc']:.3f}"
+                            if r["auc"] is not None else f"attack {name}: no AUC (one class)")
+    audit.problems += leaks(result)
 
 
 # --- the private mask: export from a checkpoint, re-slice for another world size --------------------

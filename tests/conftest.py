@@ -73,10 +73,33 @@ def dist_results(tmp_path_factory, tiny_data):
     run_scenarios(out, tiny_data, ["partition", "theta0", "resume_first_half", "pmp_frozen",
                                    "pmp_earlybird", "pmp_scoped", "pmp_offload",
                                    "pmp_secret_seed", "pmp_random_mask", "pmp_resume_first_half",
-                                   "pmp_rewind", "release_source", "pmp_project"], 2)
+                                   "pmp_rewind", "release_source", "leaky",
+                                   "pmp_project"], 2)
     run_scenarios(out, tiny_data, ["resume_second_half", "pmp_resume_second_half"], 2)
     run_scenarios(out, tiny_data, ["theta0", "pmp_random_mask", "pmp_resume_refused"], 1)
     return out
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """One in-process W=1 process group for a module (the fine-tuner's engine); the env it
+    needs is removed after. One thread: tiny models gain nothing from more, and lose a lot on
+    a shared machine."""
+    import torch
+    import torch.distributed as dist
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                                            "MASTER_ADDR", "MASTER_PORT")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

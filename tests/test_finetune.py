@@ -28,23 +28,8 @@ from pmp_scale.mask import pack_bits, unpack_bits, write_artifact  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    """One in-process W=1 process group for the module; the env it needs is removed after.
-    One thread: tiny models gain nothing from more, and lose a lot on a shared machine."""
-    import torch.distributed as dist
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
-                                            "MASTER_ADDR", "MASTER_PORT")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _process_group(single_process_group):
     yield
-    torch.set_num_threads(threads)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,10 @@
 # (PMP): release both as standard Hugging Face models (the PMP mask artifact is bound to its
 # release by sha256), then the non-fine-tunability report: causal-LM fine-tuning of each
 # release (dense: unauthorized; PMP: unauthorized and authorized) over learning rates x
-# durations x 3 seeds, in one process on a W=1 DeepSpeed ZeRO-3 engine.
-# Outputs: runs/release/{demo,demo_pmp}, runs/nft_report/{report.md,results.json,*.png}.
+# durations x 3 seeds, in one process on a W=1 DeepSpeed ZeRO-3 engine; then the mask-recovery
+# attacks on the PMP release.
+# Outputs: runs/release/{demo,demo_pmp}, runs/nft_report/{report.md,results.json,*.png},
+# runs/attack/demo_pmp/{attack.md,attack.json,roc.png,masks/}.
 # Extra arguments go to tools/nft_report.py (e.g. --fresh, --set lrs=[1e-3]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,3 +33,9 @@ $PY tools/release.py runs/demo runs/release/demo --overwrite
 $PY tools/release.py runs/demo_pmp runs/release/demo_pmp --overwrite \
     --private runs/demo_pmp/private/mask
 $PY tools/nft_report.py --config configs/finetune/demo_report.yaml "$@"
+# Mask secrecy: every attack on the PMP release (public text = the demo corpus, a shadow run of
+# our own recipe), scored against the true mask; payoff = fine-tuning with the best recovered mask.
+$PY tools/attack_mask.py runs/release/demo_pmp --out runs/attack/demo_pmp \
+    --private runs/demo_pmp/private/mask --public data/demo/mds \
+    --shadow-config configs/attack/demo_shadow.yaml --shadow-dir runs/attack/shadow \
+    --payoff configs/finetune/review_lm.yaml

@@ -34,11 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("--unverified", action="store_true",
                         help="skip the completion-marker and checksum check (a ZeRO-3 checkpoint "
                              "not written by pmp_scale)")
+    parser.add_argument("--allow-leaks", action="store_true",
+                        help="release even if the weights show an exact mask channel (research "
+                             "on leaky releases; never for publishing)")
     args = parser.parse_args(argv)
     tag_dir = resolve_checkpoint(args.ckpt_dir, args.tag, verify=not args.unverified)
     sha = release_checkpoint(tag_dir, args.out_dir, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                             private_dir=args.private)
+                             private_dir=args.private, allow_leaks=args.allow_leaks)
     print(f"released {tag_dir} -> {args.out_dir} ({args.dtype}, sha256 {sha})")
     return 0
 

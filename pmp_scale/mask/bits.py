@@ -3,10 +3,18 @@
 Pure torch so that packing and counting run where the mask lives (CPU or GPU). The padding
 bits of the last byte are always 0, so popcounts never see elements that do not exist.
 """
+import functools
+
 import torch
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit 0 of a byte is its MSB
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+
+
+@functools.cache
+def _shifts(device: torch.device) -> torch.Tensor:
+    """_SHIFTS on `device`, copied there once: a host-to-GPU copy per call synchronises the host."""
+    return _SHIFTS.to(device)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -16,7 +24,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
     bits[:n] = mask
-    bits = bits.view(-1, 8) << _SHIFTS.to(mask.device)
+    bits = bits.view(-1, 8) << _shifts(mask.device)
     return bits.sum(dim=1, dtype=torch.uint8)
 
 
@@ -25,7 +33,7 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dim() != 1 or packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
         raise ValueError(f"unpack_bits expects uint8[{(n + 7) // 8}] for {n} bits, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
     return bits.view(-1)[:n].bool()
 
 

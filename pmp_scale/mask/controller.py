@@ -18,7 +18,7 @@ from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .sharded import PartitionLayout, ShardedMask
-from .project import project_complement, sync_low_precision
+from .project import project_complement
 from .update import MaskedUpdate, complement_drift
 
 
@@ -48,7 +48,7 @@ def layer_kind(name: str) -> str:
 
 class PMPController:
     def __init__(self, cfg: PMPConfig, engine, run_dir: str | Path, init_seed: int,
-                 reset_schedule, telemetry):
+                 reset_schedule, telemetry, constant_init: list[str] = ()):
         self.cfg = cfg
         self.engine = engine
         self.private_dir = Path(run_dir) / "private"
@@ -57,7 +57,10 @@ class PMPController:
         self.telemetry = telemetry
         self.rank = dist.get_rank()
         self.layout = PartitionLayout.from_engine(engine)
-        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude,
+        # Exact names are fnmatch patterns that match only themselves (HF names have no [*?]).
+        self.excluded = list(cfg.exclude) + (list(constant_init) if cfg.exclude_constant_init
+                                             else [])
+        self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, self.excluded,
                                      device=_device())
         self.theta0 = self._snapshot_master()
         self.mask_seed = cfg.mask_seed
@@ -109,10 +112,11 @@ class PMPController:
     @torch.no_grad()
     def _rewind(self) -> None:
         """All weights back to θ(0) and fresh optimizer moments and schedule (DESIGN: rewind)."""
+        from ..zero3 import master_to_params
         zero = self.engine.optimizer
         for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
             flat.copy_(self.theta0[g].to(flat.device))
-        sync_low_precision(zero)  # lp partitions and persistent params: no Stage I values left
+        master_to_params(self.engine)
         zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
         self.reset_schedule()
 
@@ -274,6 +278,8 @@ class PMPController:
             **({"project_every": self.cfg.project_every,
                 "project_radius": self.cfg.project_radius}
                if self.cfg.complement == "project" else {}),
+            "exclude_constant_init": self.cfg.exclude_constant_init,
+            "excluded_params": self.excluded,
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
             "world_size": self.layout.world_size,
             "discovery": None if d is None else {

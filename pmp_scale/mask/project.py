@@ -37,21 +37,9 @@ def project_complement(engine, mask: ShardedMask, radius: float, device) -> dict
     norm = complement_norm(engine, mask, device)
     scale = radius / norm if norm > radius else 1.0
     if scale < 1.0:
-        zero = engine.optimizer
-        for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
+        for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
             comp = _complement(mask, g, flat.device)
             flat[comp] = flat[comp] * scale
-        sync_low_precision(zero)
+        from ..zero3 import master_to_params
+        master_to_params(engine)
     return {"norm": norm, "scale": scale}
-
-
-@torch.no_grad()
-def sync_low_precision(zero) -> None:
-    """After an edit of the fp32 master outside the optimizer step: re-derive every sub-group's
-    low-precision partition, then the persistent parameters (they stay gathered between steps
-    and all_gather skips gathered ones: release everything first, or they keep stale values)."""
-    for g in range(len(zero.fp32_partitioned_groups_flat)):
-        zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
-    zero._partition_all_parameters()
-    if zero.persistent_parameters:
-        zero.persistent_parameters[0].all_gather(zero.persistent_parameters)

@@ -325,7 +325,8 @@ def pmp_project(args):
 @scenario
 def release_source(args):
     """A tied-embedding GPT-2 PMP run: its final params and logits, for the release round trip."""
-    cfg = config(args, "release_source", model={"preset": "gpt2-tiny"}, train={"max_steps": 4},
+    cfg = config(args, "release_source", seed=None, model={"preset": "gpt2-tiny"},
+                 train={"max_steps": 4},
                  pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
                       "save_init": True})
     t = Trainer(cfg)
@@ -339,6 +340,15 @@ def release_source(args):
 
 
 @scenario
+def leaky(args):
+    """A PMP run with both exact leaks planted through the real path: a public (guessable) seed
+    and constant-initialised norm weights left maskable."""
+    Trainer(config(args, "leaky", seed=1234, train={"max_steps": 6},
+                   pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
+                        "exclude_constant_init": False, "save_init": True})).train()
+
+
+@scenario
 def big_presets(args):
     """llama-1.1b and llama-7b under zero.Init: each rank only ever holds its partitions."""
     import psutil
@@ -349,7 +359,7 @@ def big_presets(args):
     for preset in ("llama-1.1b", "llama-7b"):
         gc.collect()
         before = psutil.Process().memory_info().rss
-        model = build_model(build_hf_config(preset), seed=1, ds_config=ds, dtype=torch.bfloat16)
+        model = build_model(build_hf_config(preset), ds_config=ds, dtype=torch.bfloat16)
         result[preset] = {
             "params": {n: [p.ds_numel, p.ds_tensor.numel()] for n, p in model.named_parameters()},
             "rss_growth": psutil.Process().memory_info().rss - before}

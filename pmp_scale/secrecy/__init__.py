@@ -1,0 +1,10 @@
+"""Mask secrecy: mask-recovery attacks on a release, scored against the private mask.
+
+`run_attacks` is the suite (tools/attack_mask.py); `leaks` is the audit's rule over its result.
+"""
+from .attacks import COMMON_SEEDS, Attack, AttackError, Target
+from .report import DATA_FREE, leaks, run_attacks
+from .stats import release_channels
+
+__all__ = ["Attack", "AttackError", "COMMON_SEEDS", "DATA_FREE", "Target", "leaks",
+           "release_channels", "run_attacks"]

@@ -1,0 +1,246 @@
+"""Mask-recovery attacks: what an attacker can compute from a release, public text and our code.
+
+An attack is a re-iterable source of per-element scores, one tensor at a time (each name once, in
+any order); higher = more likely trained (in M). `evaluate.py` scores them against the
+true mask (the owner's view) and turns any of them into a predicted mask an attacker could use.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import DataError
+from . import stats
+
+Scores = Iterator[tuple[str, torch.Tensor]]
+
+# Seeds people use: the attacker tries these (plus any given) when re-creating θ(0).
+COMMON_SEEDS = (*range(0, 11), 17, 42, 123, 1234, 1337, 2023, 2024, 2025, 3407, 12345, 31337)
+
+
+class AttackError(ValueError):
+    """Input the attack suite cannot use; the message says what and how to fix it."""
+
+
+@dataclass
+class Attack:
+    name: str
+    needs: str            # what the attacker needs: "release", "public text", "shadow run"
+    channel: str          # which channel it reads (the audit's wording)
+    scores: Callable[[], Scores]
+    info: dict = field(default_factory=dict)
+
+
+class Target:
+    """A release directory, read one tensor at a time."""
+
+    def __init__(self, path):
+        from ..finetune.train import Release, ReleaseLoadError
+        from ..release import release_tensors
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise AttackError(f"no release at {self.path}: give the directory tools/release.py wrote")
+        try:
+            self.release = Release.open(self.path)
+        except ReleaseLoadError as e:
+            raise AttackError(str(e)) from e
+        for f in sorted(self.path.glob("*.safetensors")):
+            problem = _truncated(f)
+            if problem:
+                raise AttackError(f"{f}: {problem}; re-download or re-release it")
+        arch = (self.hf_config().architectures or ["?"])[0]
+        if not arch.endswith(("ForCausalLM", "LMHeadModel")):
+            raise AttackError(f"{self.path} is a {arch}: the attacks target pre-trained causal-LM "
+                              "releases (the model PMP pre-trained)")
+        self.shapes = self.release.shapes
+        self.names = sorted(self.shapes)
+
+    def tensors(self) -> Scores:
+        from ..release import release_tensors
+        return release_tensors(self.path)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name (random access; the file handles stay open)."""
+        from safetensors import safe_open
+        if not hasattr(self, "_handles"):
+            index = self.path / "model.safetensors.index.json"
+            files = (json.loads(index.read_text())["weight_map"] if index.is_file()
+                     else {n: "model.safetensors" for n in self.names})
+            handles = {f: safe_open(str(self.path / f), framework="pt") for f in set(files.values())}
+            self._handles = {n: handles[f] for n, f in files.items()}
+        return self._handles[name].get_tensor(name)
+
+    def hf_config(self):
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(self.path, local_files_only=True)
+
+    def init_replay(self, seed: int) -> Scores:
+        """θ(0) as pmp_scale draws it from `seed` (fp32, on the CPU), one parameter at a time."""
+        from transformers import AutoModelForCausalLM
+        from ..models import seeded_init
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.hf_config())
+        for name, value in seeded_init(model, seed):
+            if name in self.shapes:
+                yield name, value
+
+    def load_model(self):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True,
+                                                    dtype=torch.float32)
+
+
+def _truncated(path: Path) -> str | None:
+    """Why a safetensors file cannot hold what its header promises, or None."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"not a readable safetensors file ({type(e).__name__}: {e})"
+    size = path.stat().st_size
+    return None if size == 8 + n + end else (f"the weights cannot be read: {size:,} bytes, its "
+                                             f"header promises {8 + n + end:,} (truncated?)")
+
+
+def _per_tensor(target: Target, fn) -> Callable[[], Scores]:
+    return lambda: ((name, fn(name, t)) for name, t in target.tensors())
+
+
+def data_free(target: Target) -> list[Attack]:
+    """bits, constants, magnitudes (global / per tensor / row / column), init likelihood."""
+    channels = {"bits": "bit patterns", "constant": "exact constant values",
+                "magnitude": "global |w|", "magnitude_tensor": "|w| standardised per tensor",
+                "magnitude_row": "|w| standardised per row", "magnitude_col":
+                "|w| standardised per column"}
+    out = [Attack(name, "release", channels[name], _per_tensor(target, lambda _, t, f=fn: f(t)))
+           for name, fn in stats.DATA_FREE.items()]
+    init = {name: (float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0)
+            for name, v in target.init_replay(seed=0)}  # any seed: only the distribution is used
+    out.append(Attack("init_likelihood", "release", "likelihood under the init distribution",
+                      _per_tensor(target, lambda n, t: stats.init_likelihood(t, *init[n]))))
+    return out
+
+
+def seed_guess(target: Target, seeds=COMMON_SEEDS) -> Attack:
+    """Re-create θ(0) from each candidate seed; the one matching most elements exactly wins,
+    and the score is the distance from its θ(0) (0 = frozen, when the seed is right)."""
+    best, best_hits, total = None, -1, sum(math.prod(s) for s in target.shapes.values())
+    for seed in seeds:  # one parameter of the release and of the guess in memory at a time
+        hits = 0
+        for name, value in target.init_replay(int(seed)):
+            t = target.get(name)
+            hits += int((t.reshape(-1) == value.to(t.dtype).reshape(-1)).sum())
+        if hits > best_hits:
+            best, best_hits = int(seed), hits
+
+    def scores() -> Scores:
+        for name, value in target.init_replay(best):
+            t = target.get(name).reshape(-1)
+            yield name, (t.float() - value.to(t.dtype).reshape(-1).float()).abs()
+    return Attack("seed_guess", "release", "init-seed guessing", scores,
+                  {"seeds_tried": len(seeds), "best_seed": best,
+                   "exact_match_fraction": best_hits / total})
+
+
+# --- public text ------------------------------------------------------------------------------------
+def public_batches(source, target: Target, seq_len: int = 128, batch_size: int = 8,
+                   n_batches: int = 64) -> list[torch.Tensor]:
+    """Token batches from public text: a prepared MDS dir, or .txt/.jsonl[.gz] files (glob
+    patterns) tokenized with the release's own tokenizer."""
+    from ..data import iter_texts, load_tokenizer
+    from ..finetune.report import read_prepared_tokens
+    need = batch_size * n_batches
+    path = Path(str(source))
+    if (path / "meta.json").is_file():
+        rows = read_prepared_tokens(path, "train", limit=need)
+        rows = rows[:, :seq_len]
+    else:
+        try:
+            tok = load_tokenizer(target.path)
+            ids: list[int] = []
+            for text in iter_texts([str(source)]):
+                ids += tok.encode(text) + [tok.eos_id]
+                if len(ids) >= need * seq_len:
+                    break
+        except (FileNotFoundError, DataError) as e:
+            raise AttackError(f"public data {source}: {e}") from e
+        if len(ids) < seq_len * batch_size:
+            raise AttackError(f"public data {source}: {len(ids)} tokens, need at least "
+                              f"{seq_len * batch_size}: give more text (files or an MDS dir)")
+        n = len(ids) // seq_len
+        rows = torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
+    vocab = target.hf_config().vocab_size
+    if int(rows.max()) >= vocab:
+        raise AttackError(f"public data {source} has token ids ≥ the release's vocabulary "
+                          f"({vocab}): it was tokenized with another tokenizer")
+    return [rows[i:i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
+
+
+def _dict_scores(values: dict[str, torch.Tensor]) -> Callable[[], Scores]:
+    return lambda: ((n, values[n].reshape(-1)) for n in sorted(values))
+
+
+def gradients(target: Target, batches: list[torch.Tensor], ks=(1, 4, 16, 64)) -> list[Attack]:
+    """Mean |g| and mean g² (diagonal Fisher) over K public batches, for each K: the paper's
+    "multiple gradient observations". Early-bird picked large-|g| elements, and the frozen
+    complement is where the loss is sharp (the paper's own mechanism)."""
+    model = target.load_model()
+    params = {n: p for n, p in model.named_parameters() if n in target.shapes}
+    g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    out, ks = [], sorted(k for k in ks if k <= len(batches))
+    for k, ids in enumerate(batches[:max(ks)], start=1):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, p in params.items():
+            g_abs[n] += p.grad.abs()
+            g_sq[n] += p.grad.square()
+        if k in ks:
+            out.append(Attack(f"grad_abs@K{k}", "public text", f"mean |g| over {k} batches",
+                              _dict_scores({n: v / k for n, v in g_abs.items()}), {"K": k}))
+            out.append(Attack(f"fisher@K{k}", "public text", f"mean g² over {k} batches",
+                              _dict_scores({n: v / k for n, v in g_sq.items()}), {"K": k}))
+    return out
+
+
+def displacement(target: Target, batches: list[torch.Tensor], steps: int = 20,
+                 lr: float = 1e-4) -> Attack:
+    """|Δw| after a few AdamW steps on public data: where fine-tuning wants to move."""
+    model = target.load_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in target.shapes}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for i in range(steps):
+        ids = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters() if n in before}
+    return Attack("displacement", "public text", f"|Δw| after {steps} AdamW steps",
+                  _dict_scores(moved), {"steps": steps, "lr": lr})
+
+
+def token_counts(batches: list[torch.Tensor], vocab: int) -> torch.Tensor:
+    return torch.bincount(torch.cat([b.reshape(-1) for b in batches]), minlength=vocab)
+
+
+def structural(target: Target, counts: torch.Tensor) -> Attack:
+    """Position alone: embedding / LM-head rows of frequent tokens get large early gradients, so
+    early-bird keeps them; the release ships its tokenizer, so public text ranks the rows.
+    Other tensors get a neutral score."""
+    prior = torch.log1p(counts.float())
+
+    def scores() -> Scores:
+        for name, shape in sorted(target.shapes.items()):
+            if len(shape) == 2 and shape[0] == counts.numel():
+                yield name, prior[:, None].expand(shape).reshape(-1).clone()
+            else:
+                yield name, torch.full((math.prod(shape),), float(prior.median()))
+    return Attack("structural", "public text", "token frequency → vocabulary rows", scores)

@@ -1,0 +1,119 @@
+"""Scoring an attack against the true mask, and turning its scores into a predicted mask.
+
+Memory stays bounded at any model size: scores arrive one tensor at a time; the global ROC
+AUC, the per-group AUCs and precision/recall are computed on a uniform random sample of at most
+`sample_cap` elements (exact when the model is smaller), per-tensor AUCs on at most
+`tensor_cap` elements of each tensor. Positive class = in the mask M (trained).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from ..mask.bits import pack_bits, unpack_bits
+from ..mask.controller import layer_kind
+from .attacks import Attack, AttackError
+
+MIN_CLASS = 100  # elements of each class a tensor needs for its own AUC to mean anything
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+    if labels.min() == labels.max():
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def _keep(numel: int, frac: float, gen: torch.Generator) -> torch.Tensor | None:
+    return None if frac >= 1 else torch.rand(numel, generator=gen) < frac
+
+
+class Sample:
+    """A uniform sample of (score, label, group) over the whole model, plus per-tensor AUCs."""
+
+    def __init__(self, attack: Attack, shapes: Mapping[str, tuple], masks: Mapping | None,
+                 sample_cap: int = 2_000_000, tensor_cap: int = 200_000, seed: int = 0):
+        total = sum(math.prod(s) for s in shapes.values())
+        frac = min(1.0, sample_cap / total)
+        gen = torch.Generator().manual_seed(seed)
+        scores, labels, groups, self.tensor_auc, seen = [], [], [], {}, set()
+        self.group_size = defaultdict(int)
+        for name, s in attack.scores():
+            if name not in shapes:
+                raise AttackError(f"attack {attack.name}: parameter {name} is not in the release")
+            seen.add(name)
+            s = s.reshape(-1).float()
+            numel = s.numel()
+            self.group_size[layer_kind(name)] += numel
+            m = unpack_bits(masks[name], numel) if masks is not None else None
+            if m is not None:
+                k = _keep(numel, tensor_cap / numel, gen)
+                sub_m, sub_s = (m, s) if k is None else (m[k], s[k])
+                if min(int(sub_m.sum()), int((~sub_m).sum())) >= MIN_CLASS:
+                    self.tensor_auc[name] = _auc(sub_m.numpy(), sub_s.numpy())
+            k = _keep(numel, frac, gen)
+            scores.append((s if k is None else s[k]).numpy())
+            if m is not None:
+                labels.append((m if k is None else m[k]).numpy())
+            groups += [layer_kind(name)] * (numel if k is None else int(k.sum()))
+        if seen != set(shapes):
+            raise AttackError(f"attack {attack.name} scored {len(seen)} of {len(shapes)} tensors")
+        self.total = total
+        self.scores = np.concatenate(scores)
+        self.labels = np.concatenate(labels).astype(np.int8) if labels else None
+        self.groups = np.array(groups)
+
+    def threshold(self, ratio: float) -> tuple[float, float]:
+        """Score threshold selecting a fraction `ratio` of elements, and the probability with
+        which elements tied at it are selected (scores with many ties: bits, constants)."""
+        n_select = ratio * len(self.scores)
+        ordered = np.sort(self.scores)[::-1]
+        thr = float(ordered[min(len(ordered) - 1, max(0, int(round(n_select)) - 1))])
+        above, tied = float((self.scores > thr).sum()), float((self.scores == thr).sum())
+        return thr, min(1.0, max(0.0, (n_select - above) / tied)) if tied else 1.0
+
+    def evaluate(self) -> dict:
+        """ROC AUC (global, per layer group, per tensor), precision/recall at the true |M̄|."""
+        y, s = self.labels, self.scores
+        auc = _auc(y, s)
+        groups = {}
+        for g in sorted(set(self.groups.tolist())):
+            sel = self.groups == g
+            groups[g] = {"share": self.group_size[g] / self.total, "auc": _auc(y[sel], s[sel])}
+        # Predict the complement as the |M̄| lowest scores (random order among ties).
+        n_comp = int((y == 0).sum())
+        order = np.lexsort((np.random.default_rng(0).random(len(s)), s))
+        predicted = np.zeros(len(s), dtype=bool)
+        predicted[order[:n_comp]] = True
+        hit = int((predicted & (y == 0)).sum())
+        fpr, tpr = _roc_points(y, s)
+        return {"auc": auc, "auc_sym": None if auc is None else max(auc, 1 - auc),
+                "groups": groups, "tensors": self.tensor_auc,
+                "precision_at_true_size": hit / max(1, int(predicted.sum())),
+                "recall_at_true_size": hit / max(1, n_comp),
+                "complement_share": n_comp / len(y), "sampled": len(y), "total": self.total,
+                "roc": {"fpr": fpr, "tpr": tpr}}
+
+
+def _roc_points(y, s, n: int = 200) -> tuple[list[float], list[float]]:
+    from sklearn.metrics import roc_curve
+    if y.min() == y.max():
+        return [], []
+    fpr, tpr, _ = roc_curve(y, s)
+    idx = np.unique(np.linspace(0, len(fpr) - 1, min(n, len(fpr))).astype(int))
+    return fpr[idx].round(5).tolist(), tpr[idx].round(5).tolist()
+
+
+def predicted_mask(attack: Attack, sample: Sample, ratio: float, shapes: Mapping[str, tuple],
+                   seed: int = 0):
+    """(name, packed, shape) of the mask the attacker would use: the top-`ratio` scores."""
+    thr, p_tied = sample.threshold(ratio)
+    gen = torch.Generator().manual_seed(seed)
+    for name, s in attack.scores():
+        s = s.reshape(-1).float()
+        chosen = (s > thr) | ((s == thr) & (torch.rand(s.numel(), generator=gen) < p_tied))
+        yield name, pack_bits(chosen), tuple(shapes[name])

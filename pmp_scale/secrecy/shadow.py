@@ -1,0 +1,145 @@
+"""The shadow-model attack: our code is public, so the attacker runs pmp_scale on public data,
+gets releases *with* their masks, learns (per-element features → mask bit) and applies it to
+the target. The strongest realistic attacker; every feature is something the target's
+release and public text give away.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..mask.artifact import read_artifact
+from ..mask.bits import unpack_bits
+from ..mask.controller import layer_kind
+from . import stats
+from .attacks import Attack, AttackError, Scores, Target
+
+REPO = Path(__file__).resolve().parents[2]
+_KINDS = ["embedding", "lm_head", "norm", "attention", "mlp", "other"]
+FEATURES = ["abs", "z_tensor", "z_row", "z_col", "zero_bits", "at_spike", "init_nll", "kind",
+            "depth", "log_numel", "row_frac", "col_frac", "token_logfreq", "grad_abs", "fisher"]
+
+
+def _depth(name: str, n_layers: int) -> float:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) / max(1, n_layers - 1) if m else -1.0
+
+
+def grad_stats(target: Target, batches) -> tuple[dict, dict]:
+    """Mean |g| and mean g² per element over the public batches."""
+    model = target.load_model()
+    params = {n: p for n, p in model.named_parameters() if n in target.shapes}
+    g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    for ids in batches:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, p in params.items():
+            g_abs[n] += p.grad.abs() / len(batches)
+            g_sq[n] += p.grad.square() / len(batches)
+    return g_abs, g_sq
+
+
+class Featurizer:
+    """Per-element feature rows of one release, one tensor at a time."""
+
+    def __init__(self, target: Target, counts: torch.Tensor | None, grads: tuple | None):
+        self.target = target
+        self.counts = None if counts is None else torch.log1p(counts.float())
+        self.grads = grads
+        self.n_layers = getattr(target.hf_config(), "num_hidden_layers", 1)
+        self.init = {n: (float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0)
+                     for n, v in target.init_replay(seed=0)}
+
+    def tensor(self, name: str, t: torch.Tensor) -> np.ndarray:
+        numel, shape = t.numel(), tuple(t.shape)
+        rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (numel, 1)
+        r = torch.arange(numel) // cols
+        c = torch.arange(numel) % cols
+        vocab_rows = self.counts is not None and len(shape) == 2 and rows == self.counts.numel()
+        cols_out = [stats.magnitude(t), stats.magnitude_tensor(t), stats.magnitude_row(t),
+                    stats.magnitude_col(t), stats.trailing_zero_bits(t).float(),
+                    -stats.constant_score(t), stats.init_likelihood(t, *self.init[name]),
+                    torch.full((numel,), float(_KINDS.index(layer_kind(name)))),
+                    torch.full((numel,), _depth(name, self.n_layers)),
+                    torch.full((numel,), float(np.log(numel))),
+                    r.float() / max(1, rows - 1), c.float() / max(1, cols - 1),
+                    self.counts[r] if vocab_rows else torch.full((numel,), -1.0)]
+        if self.grads is not None:
+            cols_out += [self.grads[0][name].reshape(-1), self.grads[1][name].reshape(-1)]
+        return torch.stack([x.float() for x in cols_out], dim=1).numpy()
+
+
+def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: int) -> Path:
+    """The attacker's own PMP run through the project's launcher (reused when finished)."""
+    run_dir = workdir / "run"
+    if (run_dir / "private" / "mask" / "mask.json").is_file():
+        return run_dir
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not torch.cuda.is_available():
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           str(REPO / "launchers" / "pretrain.py"), "--config", str(config),
+           "--set", f"run_dir={run_dir}", "--resume", "auto"]
+    for item in overrides:
+        cmd += ["--set", item]
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / "shadow.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        tail = (workdir / "shadow.log").read_text().strip().splitlines()[-3:]
+        raise AttackError(f"the shadow run failed (exit {proc.returncode}; log "
+                          f"{workdir / 'shadow.log'}): {' | '.join(tail)}")
+    return run_dir
+
+
+def release_shadow(run_dir: Path, workdir: Path) -> tuple[Path, Path]:
+    from ..release import release_checkpoint, resolve_checkpoint
+    out, private = workdir / "release", run_dir / "private" / "mask"
+    if not (out / "config.json").is_file():
+        release_checkpoint(resolve_checkpoint(run_dir), out, private_dir=private, progress=False,
+                           overwrite=True)
+    return out, private
+
+
+def shadow_attack(target: Target, shadow_release: Path, shadow_mask: Path,
+                  counts=None, batches=None, train_cap: int = 300_000, seed: int = 0) -> Attack:
+    """Fit a gradient-boosted classifier on the shadow release's elements, score the target's."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    shadow = Target(shadow_release)
+    if shadow.shapes != target.shapes:
+        diff = sorted(n for n in set(shadow.shapes) | set(target.shapes)
+                      if shadow.shapes.get(n) != target.shapes.get(n))
+        raise AttackError(f"the shadow release's architecture differs from the target's "
+                          f"({len(diff)} tensors, e.g. {diff[0]}): use a shadow config with the "
+                          "target's preset and overrides")
+    masks, _ = read_artifact(shadow_mask)
+    use_grads = batches is not None
+    feats = Featurizer(shadow, counts, grad_stats(shadow, batches) if use_grads else None)
+    rng = np.random.default_rng(seed)
+    total = sum(int(np.prod(s)) for s in shadow.shapes.values())
+    xs, ys = [], []
+    for name, t in shadow.tensors():
+        x = feats.tensor(name, t)
+        y = unpack_bits(masks[name], t.numel()).numpy()
+        keep = rng.random(len(y)) < min(1.0, train_cap / total)
+        xs.append(x[keep])
+        ys.append(y[keep])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    clf = HistGradientBoostingClassifier(max_iter=200, categorical_features=[FEATURES.index("kind")],
+                                         random_state=seed).fit(x, y)
+    target_feats = Featurizer(target, counts, grad_stats(target, batches) if use_grads else None)
+
+    def scores() -> Scores:
+        for name, t in target.tensors():
+            yield name, torch.from_numpy(clf.predict_proba(target_feats.tensor(name, t))[:, 1]).float()
+    return Attack("shadow", "shadow run" + (" + public text" if use_grads else ""),
+                  "shadow-model classifier", scores,
+                  {"train_elements": len(y), "shadow_mask_share": float(y.mean()),
+                   "features": FEATURES[:len(x[0])]})
