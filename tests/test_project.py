@@ -97,8 +97,9 @@ def test_project_matches_the_single_process_reference(project_runs, world):
 
 
 def test_release_audit_does_not_check_a_projected_complement(project_runs, tmp_path):
-    """The audit's "complement == θ(0)" check is for `frozen` only: a project run's release
-    audits clean, saying why the complement was not compared."""
+    """The audit's "complement == θ(0)" check is for `frozen` only: a project run's release is
+    not reported as moved, and the audit says why the complement was not compared (the mask
+    attacks may still report leaks: that is their job)."""
     from pmp_scale.release import audit_release, release_checkpoint, resolve_checkpoint
     r = torch.load(project_runs / "pmp_project_w2.pt")
     private = tmp_path / "mask"
@@ -107,5 +108,5 @@ def test_release_audit_does_not_check_a_projected_complement(project_runs, tmp_p
     release_checkpoint(resolve_checkpoint(r["run_dir"]), tmp_path / "release",
                        private_dir=private, progress=False)
     audit = audit_release(tmp_path / "release", private, load=False)
-    assert not audit.problems, audit.problems
+    assert not [p for p in audit.problems if "θ(0)" in p], audit.problems
     assert any("complement: project moves it by design" in line for line in audit.report)
