@@ -183,11 +183,16 @@ def _init_new_params(model, release: Release, seed: int) -> list[str]:
     head): under ZeRO-3, `from_pretrained` leaves them uninitialised (zeros or garbage)."""
     import deepspeed
     rank, names = dist.get_rank(), []
+    # A tied parameter (GPT-2's lm_head.weight is wte.weight) is released under its other
+    # name only: it is loaded, not new — initialising it would overwrite the embedding.
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+              if n in release.shapes}
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for prefix, module in model.named_modules():
         direct = [(f"{prefix}.{n}" if prefix else n, p)
-                  for n, p in module.named_parameters(recurse=False)]
+                  for n, p in module.named_parameters(recurse=False) if id(p) not in loaded
+                  or (f"{prefix}.{n}" if prefix else n) in release.shapes]
         new = [n for n, _ in direct if n not in release.shapes]
         if not new:
             continue
