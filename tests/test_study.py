@@ -171,3 +171,19 @@ def test_claim_verdicts_follow_the_stated_rules():
     rows[0]["base_cost"] = 0.0  # smaller ρ cheaper than the larger: the trade-off is not there
     trade = [c["verdict"] for c in claims(rows, cfg) if c["claim"].startswith("ρ trade-off")]
     assert trade == ["contradicted"]
+
+
+def test_a_finished_run_is_reused_only_with_its_own_settings(tiny_data, tmp_path):
+    """Changing a study's settings under the same out_dir must not silently reuse old runs."""
+    from pmp_scale.study import StudyError, prepare
+    from pmp_scale.study.run import Ledger, pretrain, write_json
+    cfg, base_dir, plan = prepare(write_study(tmp_path, tiny_data))
+    run = plan.runs[0]
+    write_json(run.run_dir / "study_done.json", {"name": run.name, "sets": run.sets})
+    ledger = Ledger()
+    pretrain(cfg, base_dir, plan, run, ledger)
+    assert ledger.reused == [f"pre-training {run.name}"]
+    write_json(run.run_dir / "study_done.json", {"name": run.name,
+                                                 "sets": [*run.sets[:-1], "pmp.enabled=true"]})
+    with pytest.raises(StudyError, match=f"run {run.name} finished with other settings"):
+        pretrain(cfg, base_dir, plan, run, ledger)

@@ -96,7 +96,12 @@ def _launch_env() -> dict:
 def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Ledger) -> None:
     """One run through the project's launcher, resumed from its newest checkpoint if any."""
     marker = run.run_dir / "study_done.json"
-    if read_json(marker) is not None:
+    done = read_json(marker)
+    if done is not None:
+        if done.get("sets", run.sets) != run.sets:
+            changed = sorted(set(run.sets) ^ set(done["sets"]))
+            raise StudyError(f"run {run.name} finished with other settings ({changed[0]} ...): "
+                             f"delete {run.run_dir} to redo it, or use another out_dir")
         ledger.record(f"pre-training {run.name}", True)
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +124,7 @@ def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Led
                          f"(log: {run.run_dir / 'launch.log'})")
     if run.pmp is not None and not (run.run_dir / "private" / "mask" / "mask.json").is_file():
         raise StudyError(f"pre-training run {run.name} ended without its private mask")
-    write_json(marker, {"name": run.name, "wall_s": time.perf_counter() - t0,
+    write_json(marker, {"name": run.name, "sets": run.sets, "wall_s": time.perf_counter() - t0,
                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     ledger.record(f"pre-training {run.name}", False)
 
