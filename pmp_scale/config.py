@@ -81,8 +81,10 @@ class PMPConfig(_Strict):
     mask_ratio: float = Field(0.7, gt=0, le=1)  # ρ; 1.0 = dense baseline through the PMP path
     mask_source: Literal["earlybird", "random"] = "earlybird"
     mask_seed: int | None = None  # random masks; null = drawn from the OS, kept private
-    score: Literal["step", "ema"] = "step"  # |g| of the check step (paper) or its running mean
+    # |g| of the check step (paper), its running mean, or its sum over the last score_window steps
+    score: Literal["step", "ema", "accum"] = "step"
     ema_beta: float = Field(0.9, ge=0, lt=1)
+    score_window: int = Field(1, ge=1)  # `accum`: steps summed before each check (≤ check_every)
     check_every: int = Field(10, ge=1)
     iou_threshold: float = Field(0.99, gt=0, le=1)
     patience: int = Field(5, ge=1)
@@ -94,9 +96,21 @@ class PMPConfig(_Strict):
     # and so reveals its mask bit without any seed. false = mask them like any other (leaks).
     exclude_constant_init: bool = True
     rewind: Literal["init", "none"] = "init"
-    complement: Literal["frozen", "decay"] = "frozen"
+    # frozen: bit-exact θ(0); decay: the reference code (weight decay moves the complement);
+    # project: the authors' Stage II (decay, then every `project_every` Stage II steps the
+    # complement is scaled to global L2 norm ≤ `project_radius`).
+    complement: Literal["frozen", "decay", "project"] = "frozen"
+    project_every: int = Field(200, ge=1)
+    project_radius: float = Field(2.0, gt=0)
     save_init: bool = False  # also write θ(0) as HF-named fp32 safetensors (small models)
     drift_every: int = Field(50, ge=1)  # steps between complement-drift measurements
+
+    @model_validator(mode="after")
+    def _check_window(self) -> "PMPConfig":
+        if self.score == "accum" and self.score_window > self.check_every:
+            raise ValueError(f"pmp.score_window ({self.score_window}) exceeds pmp.check_every "
+                             f"({self.check_every}): the window ends at each check")
+        return self
 
 
 class RunConfig(_Strict):

@@ -495,8 +495,10 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
         except MaskArtifactError as e:
             audit.problems.append(str(e))
             private_dir = None
+    # `complement: decay | project` moves the complement on purpose: nothing to check there.
+    moving = meta is not None and meta.get("complement", "frozen") != "frozen"
     with contextlib.ExitStack() as stack:
-        if private_dir is not None and (private_dir / INIT_FILE).is_file():
+        if private_dir is not None and (private_dir / INIT_FILE).is_file() and not moving:
             init = stack.enter_context(safe_open(str(private_dir / INIT_FILE), framework="pt"))
         digest, names, channels = hashlib.sha256(), set(), []
         for name, t in release_tensors(release_dir):
@@ -529,7 +531,9 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
                               f"(recorded {recorded[:16]}…, this release {sha[:16]}…)")
     audit.report.append(f"private artifact {private_dir}: release sha256 "
                         f"{'matches' if recorded == sha else 'does not match'}; complement vs θ(0) "
-                        f"{'checked' if init is not None else f'not checked (no {INIT_FILE})'}")
+                        + ("checked" if init is not None else
+                           f"not checked (complement: {meta['complement']} moves it by design)"
+                           if moving else f"not checked (no {INIT_FILE})"))
     return not missing and recorded == sha
 
 

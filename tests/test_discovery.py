@@ -136,3 +136,25 @@ def _split(layout, flat):
         out.append(flat[offset:offset + e.slice.numel])
         offset += e.slice.numel
     return out
+
+
+def test_accum_score_sums_abs_grad_over_the_window_before_each_check():
+    """`accum`: the candidate at a check is the top-k of Σ|g| over the last `score_window`
+    steps (earlier steps of the period do not count), and the sum restarts after the check."""
+    selector = MaskSelector(_layout(), 0.5, "global", [])
+    bird = _bird(selector, score="accum", check_every=4, score_window=2, patience=5)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(N, generator=gen) for _ in range(8)]
+    for g in grads:
+        bird.observe(_engine(g))
+    k = round(0.5 * N)
+    assert torch.equal(_flat(bird.candidate), _reference_topk(grads[6].abs() + grads[7].abs(), k))
+    assert bird.acc is None and [t["step"] for t in bird.trace] == [4, 8]
+    first = bird.history[0]
+    assert torch.equal(_flat(first), _reference_topk(grads[2].abs() + grads[3].abs(), k))
+
+
+def test_accum_window_longer_than_the_check_interval_is_refused():
+    from pmp_scale.config import PMPConfig
+    with pytest.raises(ValueError, match=r"pmp.score_window \(6\) exceeds pmp.check_every \(5\)"):
+        PMPConfig(enabled=True, score="accum", score_window=6, check_every=5)

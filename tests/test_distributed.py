@@ -174,3 +174,16 @@ def test_rewind_restores_every_weight_to_theta0(dist_results):
     for name, before in r["before"].items():
         assert torch.equal(before, r["after"][name]), name
     assert r["val"] == r["val0"]
+
+
+def test_rewind_starts_adam_and_the_lr_schedule_fresh(dist_results):
+    """Stage II after the rewind is a new run: no Adam moments or step counts carried over from
+    Stage I's 6 steps, the LR back at the start of warm-up, and the first masked step is
+    Adam's step 1 with the schedule's second value."""
+    r = _load(dist_results, "pmp_rewind.pt")
+    fresh, one = r["fresh"], r["after_one"]
+    assert fresh["adam_states"] == 0 and fresh["last_epoch"] == 0
+    assert fresh["lr"] == [b * fresh["factor0"] for b in fresh["base_lrs"]]
+    assert one["adam_steps"] == [1]
+    assert one["lr"] == [b * one["factor1"] for b in fresh["base_lrs"]]
+    assert one["lr"] != fresh["lr"]  # the schedule runs (warm-up: 2 steps)

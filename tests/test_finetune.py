@@ -571,3 +571,52 @@ def test_not_a_release_is_refused(tmp_path):
     from pmp_scale.finetune.train import ReleaseLoadError
     with pytest.raises(ReleaseLoadError, match="is not a released model directory"):
         Release.open(tmp_path)
+
+
+def test_classification_report_with_scratch_baseline_and_a_failing_cell(tiny_release, tmp_path,
+                                                                         capsys, monkeypatch):
+    """A from-scratch (`reinit`) entry on a classification file task runs (HF's own init used to
+    index the padding row of a partitioned embedding); the table shows the majority-class and
+    from-scratch baselines; one failing cell is one error line naming it, not a traceback."""
+    import pmp_scale.finetune.train as train
+    from tools.nft_report import main
+    rows = [{"text": f"the film was {'good' if i % 4 else 'bad'} {i}", "y": int(i % 4 != 0)}
+            for i in range(160)]
+    (tmp_path / "task.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    task = {"name": "file", "type": "classification", "train_file": str(tmp_path / "task.jsonl"),
+            "label_column": "y", "max_length": 16, "max_train_examples": 32,
+            "max_eval_examples": 16}
+    ft = ft_config(tiny_release, "file", "unauthorized", mask=None, train__max_steps=1)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({**ft, "task": task}))
+    rel = str(tiny_release["release"])
+    (tmp_path / "report.yaml").write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "report"), "finetune": "ft.yaml",
+        "releases": [{"name": "dense", "release": rel},
+                     {"name": "pmp", "release": rel, "mask": str(tiny_release["mask"])},
+                     {"name": "scratch", "release": rel, "reinit": True}],
+        "scratch": "scratch", "lrs": [1e-2], "steps": [1], "seeds": [0, 1], "min_seeds": 2}))
+    real = train.finetune
+
+    def flaky(cfg, **kw):
+        if cfg.release == rel and cfg.mask is not None and cfg.seed == 1:
+            raise RuntimeError("injected failure\nsecond line")
+        return real(cfg, **kw)
+    monkeypatch.setattr(train, "finetune", flaky)
+    assert main(["--config", str(tmp_path / "report.yaml"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "error: cell pmp__unauthorized__lr0.01__steps1__seed1 failed: RuntimeError: " \
+           "injected failure\n" in err and "Traceback" not in err and "second line" not in err
+    doc = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [f["cell"] for f in doc["failed"]] == ["pmp__unauthorized__lr0.01__steps1__seed1"]
+    assert {c["release_name"] for c in doc["cells"]} == {"dense", "pmp", "scratch"}
+    b = doc["baselines"]
+    assert b["majority"]["label"] == "1" and b["majority"]["train_share"] > 0.6
+    row = b["rows"][0]
+    assert row["scratch"] is not None and row["scratch"][2] == 2 and row["dense"][2] == 2
+    assert row["majority"] == pytest.approx(b["majority"]["accuracy"])
+    assert b["informative"] is (row["dense"][0] - row["dense"][1] / math.sqrt(2) * 2
+                                > row["majority"])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "### Baselines" in text and "1 cell(s) failed" in text
+    if not b["informative"]:
+        assert "**Uninformative task**" in text

@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     print(summary.rstrip())
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'} and "
           f"{', '.join(str(out / p) for p in doc['plots'].values())}")
+    if doc["failed"]:
+        print(f"error: {len(doc['failed'])} cell(s) failed and are left out of the report "
+              f"(first: {doc['failed'][0]['cell']}: {doc['failed'][0]['error']})", file=sys.stderr)
+        return 1
     return 0
 
 

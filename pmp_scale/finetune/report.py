@@ -28,6 +28,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..config import ConfigError, format_validation_error, apply_overrides
 from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml
+from .baselines import (cell_failure, classification_baselines, drop_failed, majority_baseline,
+                        render_baselines)
 from .tasks import build_task, load_hf_tokenizer, task_fingerprint
 
 log = logging.getLogger("pmp_scale.finetune")
@@ -251,7 +253,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
         if entry.mask is not None:
             check_mask(entry.mask, rel, allow_unbound)
             masks[entry.name] = _file_digest(Path(entry.mask) / "mask.safetensors")
-    todo, results, task_fps = [], {}, {}
+    todo, results, task_fps, failures = [], {}, {}, []
     for cell in cells:
         rel = releases[cell["entry"].name]
         key = (rel.path, cell["config"].task.model_dump_json())
@@ -281,8 +283,12 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
             if tok_key not in tasks:
                 tasks[tok_key] = build_task(cell["config"].task, load_hf_tokenizer(rel.path))
             t0 = time.perf_counter()
-            result = finetune(cell["config"], task=tasks[tok_key], release=rel,
-                              progress=lambda s: bar.update(1))
+            try:
+                result = finetune(cell["config"], task=tasks[tok_key], release=rel,
+                                  progress=lambda s: bar.update(1))
+            except Exception as err:  # noqa: BLE001 - one cell's failure is reported, not fatal
+                failures.append(cell_failure(cell["name"], err))
+                continue
             result.update(cell=cell["name"], release_name=entry.name,
                           fingerprint=cell["fingerprint"], durations=cell["durations"],
                           wall_s=time.perf_counter() - t0)
@@ -290,7 +296,8 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
             results[cell["name"]] = result
     finally:
         bar.close()
-    return _share_step0([results[c["name"]] for c in cells])
+    return drop_failed(_share_step0, [results[c["name"]] for c in cells if c["name"] in results],
+                       failures)
 
 
 def _share_step0(results: list[dict]) -> list[dict]:
@@ -411,7 +418,8 @@ def _pm(m: float, s: float, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_report(cfg: ReportConfig, results: list[dict], base: dict, timing: dict) -> dict:
+def write_report(cfg: ReportConfig, results: list[dict], base: dict, timing: dict,
+                 majority: dict | None = None) -> dict:
     out = Path(cfg.out_dir)
     summary = summarise(cfg, results)
     gap_rows = gaps(cfg, summary)
@@ -421,6 +429,8 @@ def write_report(cfg: ReportConfig, results: list[dict], base: dict, timing: dic
     doc = {"title": cfg.title, "config": cfg.model_dump(mode="json"), "metric": metric,
            "higher_is_better": higher, "task": first["task"], "base": base,
            "summary": summary, "gaps": gap_rows, "plots": plots, "timing": timing,
+           "baselines": classification_baselines(cfg, summary, majority),
+           "failed": getattr(results, "failures", []),
            "cells": [{k: r[k] for k in ("cell", "release_name", "mode", "lr", "seed",
                                         "max_steps", "at", "curve", "train_loss", "params",
                                         "diverged", "time_s") if k in r}
@@ -467,7 +477,11 @@ def render_markdown(cfg: ReportConfig, doc: dict, results: list[dict]) -> str:
                   f"({rows[d]['gain_mean']:+.3f})" for d in sorted(rows)]
         cells.append(" / ".join(f"{rows[d]['lr']:g}" for d in sorted(rows)))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Gain = improvement of the test metric over the release before fine-tuning "
+    lines += ["", *render_baselines(doc.get("baselines"), cfg)]
+    if doc.get("failed"):
+        lines += [f"**{len(doc['failed'])} cell(s) failed** (left out of every table):", ""]
+        lines += [f"- `{f['cell']}`: {f['error']}" for f in doc["failed"]] + [""]
+    lines += ["Gain = improvement of the test metric over the release before fine-tuning "
               "(positive = better).", "",
               "### Gaps (paired by seed; positive = the first is worse)", "",
               "| comparison | steps | LRs | Δ before FT | Δ after FT | Δ gain |",
@@ -652,4 +666,8 @@ def run_report(cfg: ReportConfig, base_dir: Path, fresh: bool = False,
     timing = {"runs": len(cells), "cached": sum(1 for c in cells if c.get("cached")),
               "wall_s": time.perf_counter() - t0,
               "run_s": sum(r.get("time_s", 0) for r in results)}
-    return write_report(cfg, results, base, timing)
+    majority = None
+    if cells[0]["config"].task.kind == "classification":
+        rel = next((e.release for e in cfg.releases if not e.reinit), cfg.releases[0].release)
+        majority = majority_baseline(build_task(cells[0]["config"].task, load_hf_tokenizer(rel)))
+    return write_report(cfg, results, base, timing, majority)

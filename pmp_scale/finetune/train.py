@@ -183,11 +183,16 @@ def _init_new_params(model, release: Release, seed: int) -> list[str]:
     head): under ZeRO-3, `from_pretrained` leaves them uninitialised (zeros or garbage)."""
     import deepspeed
     rank, names = dist.get_rank(), []
+    # A tied parameter (GPT-2's lm_head.weight is wte.weight) is released under its other
+    # name only: it is loaded, not new — initialising it would overwrite the embedding.
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+              if n in release.shapes}
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for prefix, module in model.named_modules():
         direct = [(f"{prefix}.{n}" if prefix else n, p)
-                  for n, p in module.named_parameters(recurse=False)]
+                  for n, p in module.named_parameters(recurse=False) if id(p) not in loaded
+                  or (f"{prefix}.{n}" if prefix else n) in release.shapes]
         new = [n for n, _ in direct if n not in release.shapes]
         if not new:
             continue
@@ -201,6 +206,15 @@ def _init_new_params(model, release: Release, seed: int) -> list[str]:
                     model._init_weights(module)
     torch.random.set_rng_state(state)
     return names
+
+
+def _no_hf_init():
+    """transformers' context that skips `post_init`'s weight initialisation (moved in v5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config: dict,
@@ -217,7 +231,10 @@ def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config
     with hf_zero3(ds_config):
         if cfg.reinit:
             config = AutoConfig.from_pretrained(release.path, local_files_only=True, **kwargs)
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            # HF's own init would run on the already-partitioned (empty) tensors and index the
+            # embedding's padding row (classification configs set pad_token_id): skip it there
+            # and initialise module by module on gathered parameters instead.
+            with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_hf_init():
                 model = cls.from_config(config, dtype=dtype)
             init_partitioned(model, cfg.seed)
         else:

@@ -18,6 +18,7 @@ from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .kinds import layer_kind
 from .sharded import PartitionLayout, ShardedMask
+from .project import project_complement
 from .update import MaskedUpdate, complement_drift
 
 
@@ -62,7 +63,8 @@ class PMPController:
             self.discovery = EarlyBird(
                 self.selector, score=cfg.score, check_every=cfg.check_every,
                 iou_threshold=cfg.iou_threshold, patience=cfg.patience,
-                max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta)
+                max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta,
+                score_window=cfg.score_window)
         else:
             if cfg.mask_ratio < 1.0 and self.mask_seed is None:
                 self.mask_seed = secret_seed()
@@ -137,12 +139,18 @@ class PMPController:
                 self._enter_stage2(mask, step=done, rewind=self.cfg.rewind == "init")
             return
         self.update.after_step(engine, step)
+        if self.cfg.complement == "project" and (done - self.stage2_start) % \
+                self.cfg.project_every == 0:
+            p = project_complement(engine, self.mask, self.cfg.project_radius, _device())
+            self.telemetry.scalars(done, {"pmp/complement_norm": p["norm"],
+                                          "pmp/project_scale": p["scale"]})
         if done % self.cfg.drift_every == 0:
             self.telemetry.scalars(done, {"pmp/complement_drift": self.drift(), "pmp/stage": 2})
 
     # --- measurements ------------------------------------------------------------------------------
     def drift(self) -> float:
-        """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode)."""
+        """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode; a
+        measurement, not a failure, with `complement: decay | project`)."""
         value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)],
                              device=_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -196,7 +204,7 @@ class PMPController:
         self.stage2_start = first["stage2_start"]
         if self.discovery is not None and first["discovery"] is not None:
             self.discovery.load_state_dict({**first["discovery"], "candidate": None,
-                                            "history": [], "ema": None})
+                                            "history": [], "ema": None, "acc": None})
         where = [{sig[0]: sig for sig in s["mask"]["signature"]} for s in old]
         masks, theta0 = [], [torch.zeros(n) for n in self.layout.sub_group_sizes]
         for e in self.layout.entries:
@@ -258,6 +266,9 @@ class PMPController:
             "mask_ratio": self.cfg.mask_ratio, "mask_source": self.cfg.mask_source,
             "score": self.cfg.score, "topk_scope": self.cfg.topk_scope,
             "exclude": self.cfg.exclude, "complement": self.cfg.complement,
+            **({"project_every": self.cfg.project_every,
+                "project_radius": self.cfg.project_radius}
+               if self.cfg.complement == "project" else {}),
             "exclude_constant_init": self.cfg.exclude_constant_init,
             "excluded_params": self.excluded,
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
@@ -265,6 +276,7 @@ class PMPController:
             "discovery": None if d is None else {
                 "steps": d.steps, "stop_reason": d.stop_reason, "trace": d.trace,
                 "check_every": self.cfg.check_every, "iou_threshold": self.cfg.iou_threshold,
+                "score_window": self.cfg.score_window,
                 "patience": self.cfg.patience, "warmup_max_steps": self.cfg.warmup_max_steps},
             "stage2_start_step": self.stage2_start,
             # What the complement equals: the initialisation, or the end of Stage I.

@@ -1,7 +1,9 @@
 """Stage I: early-bird mask discovery during dense warm-up, entirely on partitioned gradients.
 
 Every `check_every` steps each element is scored by gradient magnitude (`step`: |g| of that
-step, the paper's criterion; `ema`: a running mean of |g|) and the candidate mask is the exact
+step, the paper's criterion; `ema`: a running mean of |g|; `accum`: the sum of |g| over the
+last `score_window` steps before the check, a less noisy score that can reach a stable
+mask where single-step |g| never does) and the candidate mask is the exact
 top-k over all ranks (`select.topk_mask`: no rank ever sees another rank's scores). Discovery
 stops when consecutive candidates agree (IoU ≥ threshold for `patience` checks in a row) or
 at `warmup_max_steps`.
@@ -84,9 +86,12 @@ class EarlyBird:
     """The discovery state machine; its state is checkpointed so Stage I resumes exactly."""
 
     def __init__(self, selector: MaskSelector, *, score: str, check_every: int,
-                 iou_threshold: float, patience: int, max_steps: int, ema_beta: float = 0.9):
+                 iou_threshold: float, patience: int, max_steps: int, ema_beta: float = 0.9,
+                 score_window: int = 1):
         self.selector = selector
         self.score, self.check_every = score, check_every
+        self.score_window = score_window
+        self.acc: list[torch.Tensor] | None = None  # `accum`: |g| summed since the window began
         self.iou_threshold, self.patience, self.max_steps = iou_threshold, patience, max_steps
         self.ema_beta = ema_beta
         self.ema: list[torch.Tensor] | None = None
@@ -114,9 +119,15 @@ class EarlyBird:
                 for e, m in zip(self.ema, mags):
                     e.mul_(self.ema_beta).add_(m, alpha=1 - self.ema_beta)
         self.steps += 1
+        if self.score == "accum" and (self.steps % self.check_every == 0 or self.steps % \
+                                      self.check_every > self.check_every - self.score_window
+                                      or self.steps >= self.max_steps):
+            mags = [g.float().abs() for g in grads]
+            self.acc = mags if self.acc is None else [a.add_(m) for a, m in zip(self.acc, mags)]
         record = None
         if self.steps % self.check_every == 0:
-            scores = self.ema if self.score == "ema" else [g.float().abs() for g in grads]
+            scores = self._scores(grads)
+            self.acc = None
             candidate = self.selector.from_scores(scores)
             record = {"step": self.steps, "iou_prev": None}
             if self.candidate is not None:
@@ -131,11 +142,18 @@ class EarlyBird:
         if not self.done and self.steps >= self.max_steps:
             self.stop_reason = "step_limit"
             if self.candidate is None or self.steps % self.check_every:
-                scores = self.ema if self.score == "ema" else [g.float().abs() for g in grads]
+                scores = self._scores(grads)
                 self.candidate = self.selector.from_scores(scores)
                 self.history.append(self.candidate.to("cpu"))
                 self.trace.append({"step": self.steps, "iou_prev": None})
         return record
+
+    def _scores(self, grads) -> list[torch.Tensor]:
+        if self.score == "ema":
+            return self.ema
+        if self.score == "accum" and self.acc is not None:
+            return self.acc
+        return [g.float().abs() for g in grads]
 
     def finish(self) -> ShardedMask:
         """The final mask; fills in every candidate's IoU with it, then drops the history."""
@@ -143,7 +161,7 @@ class EarlyBird:
         for record, cand in zip(self.trace, self.history):
             record["iou_final"] = self.selector.iou(cand, final)
         self.history = []
-        self.ema = None
+        self.ema = self.acc = None
         return final
 
     def state_dict(self) -> dict:
@@ -151,7 +169,7 @@ class EarlyBird:
                 "stop_reason": self.stop_reason,
                 "candidate": None if self.candidate is None else self.candidate.state_dict(),
                 "history": [c.state_dict() for c in self.history],
-                "ema": self.ema}
+                "ema": self.ema, "acc": self.acc}
 
     def load_state_dict(self, state: dict) -> None:
         layout = self.selector.layout
@@ -163,3 +181,5 @@ class EarlyBird:
         self.history = [ShardedMask.from_state_dict(layout, s) for s in state["history"]]
         self.ema = (None if state["ema"] is None  # beside the gradients it is updated with
                     else [e.to(self.selector.device) for e in state["ema"]])
+        self.acc = (None if state.get("acc") is None
+                    else [a.to(self.selector.device) for a in state["acc"]])

@@ -8,7 +8,8 @@ Two hooks (see DESIGN.md, "The masked update"):
        independent of the optimizer: decoupled weight decay and stale Adam moments would
        otherwise move frozen elements even with zero gradients. The bf16/fp16 partitions and
        gathered parameters are derived from the fp32 master after the step, so they follow.
-`complement: decay` keeps H1 only (the reference implementation's behaviour).
+`complement: decay` keeps H1 only (the reference implementation's behaviour); `project` too,
+plus the controller's periodic projection (`project.py`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from .sharded import ShardedMask
 
 class MaskedUpdate:
     def __init__(self, engine, mask: ShardedMask, complement: str = "frozen"):
-        if complement not in ("frozen", "decay"):
-            raise ValueError(f"pmp.complement must be 'frozen' or 'decay', got {complement!r}")
+        if complement not in ("frozen", "decay", "project"):
+            raise ValueError(f"pmp.complement must be 'frozen', 'decay' or 'project', "
+                             f"got {complement!r}")
         zero = engine.optimizer
         self.engine = engine
         self.mask = mask

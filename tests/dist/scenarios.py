@@ -135,9 +135,17 @@ def pmp_rewind(args):
     val0 = t.evaluate()
     t.train(stop_at=6)
     assert t.pmp.stage == 2 and t.pmp.stage2_start == 6
-    save0({"before": before, "after": gathered(t.model), "val0": val0, "val": t.evaluate(),
-           "persistent": len(t.engine.optimizer.persistent_parameters)},
-          Path(args.out) / "pmp_rewind.pt")
+    inner = t.engine.optimizer.optimizer
+    fresh = {"adam_states": len(inner.state), "lr": [g["lr"] for g in inner.param_groups],
+             "base_lrs": list(t.engine.lr_scheduler.base_lrs),
+             "last_epoch": t.engine.lr_scheduler.last_epoch, "factor0": t.schedule(0)}
+    result = {"before": before, "after": gathered(t.model), "val0": val0, "val": t.evaluate(),
+              "persistent": len(t.engine.optimizer.persistent_parameters), "fresh": fresh}
+    t.train_step(t._batches())  # the first Stage II step: Adam starts from step 1
+    steps = {int(st["step"]) for st in inner.state.values()}
+    result["after_one"] = {"adam_steps": sorted(steps), "lr": [g["lr"] for g in inner.param_groups],
+                           "factor1": t.schedule(1)}
+    save0(result, Path(args.out) / "pmp_rewind.pt")
 
 
 @scenario
@@ -265,6 +273,52 @@ def pmp_random_mask(args):
                  pmp={"enabled": True, "mask_source": "random", "mask_seed": 11,
                       "mask_ratio": 0.7})
     Trainer(cfg).train()
+
+
+class _GradRecorder:
+    """A step hook that runs before the PMP controller's: this rank's reduced gradient
+    partition (before any masking) and the learning rate of every optimizer step."""
+
+    def __init__(self):
+        self.grads, self.lrs = [], []
+
+    def before_step(self, engine, step):
+        zero = engine.optimizer
+        self.grads.append(zero.grad_partitions_flat_buffer.detach().cpu().clone())
+        self.lrs.append(zero.optimizer.param_groups[0]["lr"])
+
+    def after_step(self, engine, step):
+        pass
+
+
+@scenario
+def pmp_project(args):
+    """`complement: project`, 6 masked steps (projection every 2), no clipping: θ(0), final
+    weights, every rank's raw gradients and LRs, for the single-process reference."""
+    from pmp_scale.mask.project import complement_norm
+    name = f"pmp_project_w{world()}"
+    cfg = config(args, name, train={"max_steps": 6, "global_batch_size": 12},
+                 optim={"grad_clip": 0.0},
+                 pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
+                      "mask_seed": 5, "complement": "project", "project_every": 2,
+                      "project_radius": 2.0, "save_init": True})
+    rec = _GradRecorder()
+    t = Trainer(cfg, hooks=[rec])
+    before = gathered(t.model)
+    t.train()
+    layout = t.pmp.layout
+    starts = [0]
+    for n in layout.sub_group_sizes:
+        starts.append(starts[-1] + n)
+    pieces = {e.name: (e.slice.start, [g[starts[e.sub_group] + e.offset:
+                                         starts[e.sub_group] + e.offset + e.slice.length].clone()
+                                       for g in rec.grads]) for e in layout.entries}
+    torch.save(pieces, Path(args.out) / f"{name}_grads_rank{rank()}.pt")
+    norm = complement_norm(t.engine, t.pmp.mask, t.engine.device)
+    save0({"before": before, "after": gathered(t.model), "lrs": rec.lrs, "norm": norm,
+           "drift": t.pmp.drift(), "persistent": len(t.engine.optimizer.persistent_parameters),
+           "mask_dir": str(Path(cfg.run_dir) / "private" / "mask"),
+           "run_dir": str(cfg.run_dir)}, Path(args.out) / f"{name}.pt")
 
 
 # --- issue: release tools -------------------------------------------------------------------------

@@ -1,0 +1,205 @@
+"""A study = one YAML file: the data, the pre-training runs (dense + PMP variants), the
+fine-tuning grid per task, the secrecy attacks and the claims' rules.
+
+Everything that can be checked before the first run is checked by `validate` (unknown preset,
+impossible ρ, missing data, a task file without its columns, a run config that would not
+train): bad input fails with one `StudyError` line before anything starts.
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import Field, ValidationError
+
+from ..config import ConfigError, _Strict, apply_overrides, format_validation_error, read_yaml
+
+
+class StudyError(ConfigError):
+    """A study that cannot run as written (or a run of it that failed)."""
+
+
+class DataSpec(_Strict):
+    path: str  # prepared MDS dir; made from `corpus` when absent
+    tokenizer: str  # SentencePiece .model (trained from `corpus` when absent) or HF dir
+    corpus: str | None = None  # glob of .txt/.jsonl(.gz) documents
+    vocab_size: int = Field(4096, ge=64)
+    seq_len: int = Field(256, ge=8)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+class PretrainSpec(_Strict):
+    config: str  # a pmp_scale run YAML, relative to the study file
+    overrides: list[str] = Field(default_factory=list)
+    nproc: int | None = Field(None, ge=1)  # ranks; null: the GPUs present, else 2 CPU ranks
+
+
+class VariantBlock(_Strict):
+    """A product of PMP settings; a study's variants are the union of its blocks."""
+    mask_ratio: list[float] = Field(min_length=1)
+    mask_source: list[Literal["earlybird", "random"]] = Field(default_factory=lambda: ["earlybird"])
+    complement: list[Literal["frozen", "decay", "project"]] = Field(
+        default_factory=lambda: ["frozen"])
+    score: list[Literal["step", "ema", "accum"]] = Field(default_factory=lambda: ["step"])
+
+
+TaskSpec = Union[str, dict]
+
+
+class FinetuneSpec(_Strict):
+    config: str  # a fine-tuning YAML (launchers/finetune.py), relative to the study file
+    overrides: list[str] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(default_factory=lambda: ["review_lm"], min_length=1)
+    lrs: list[float] = Field(min_length=1)
+    steps: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    min_seeds: int = Field(3, ge=1)
+    lora: bool = False  # also the cheap attacker (unauthorized-lora) on every PMP release
+    scratch: bool = True  # the from-scratch baseline (release architecture, fresh init)
+
+
+class SecrecySpec(_Strict):
+    enabled: bool = True
+    attacks: list[str] = Field(default_factory=lambda: [
+        "bits", "constant", "magnitude", "magnitude_row", "init_likelihood"])
+
+
+class EstimateSpec(_Strict):
+    """Guesses for `--dry-run` before any run has measured the machine."""
+    pretrain_tokens_per_s: float = Field(20000, gt=0)
+    launch_overhead_s: float = Field(40, ge=0)
+    finetune_step_s: float = Field(0.3, gt=0)
+    finetune_cell_overhead_s: float = Field(4, ge=0)
+
+
+class ClaimsSpec(_Strict):
+    base_tolerance: float = Field(0.05, gt=0)  # base preserved: val loss within this of dense
+    secrecy_auc: float = Field(0.55, gt=0.5, le=1)  # an attack above this AUC reveals the mask
+
+
+class StudyConfig(_Strict):
+    title: str = "PMP study"
+    out_dir: str
+    data: DataSpec
+    pretrain: PretrainSpec
+    presets: list[str] | None = None  # model presets; null: the pre-training config's
+    variants: list[VariantBlock] = Field(min_length=1)
+    pmp: dict = Field(default_factory=dict)  # further pmp.* keys for every PMP variant
+    finetune: FinetuneSpec
+    secrecy: SecrecySpec = Field(default_factory=SecrecySpec)
+    estimate: EstimateSpec = Field(default_factory=EstimateSpec)
+    claims: ClaimsSpec = Field(default_factory=ClaimsSpec)
+
+    def variant_settings(self) -> list[dict]:
+        """Unique PMP settings in block order."""
+        seen, out = set(), []
+        for b in self.variants:
+            for r, src, comp, score in itertools.product(b.mask_ratio, b.mask_source,
+                                                         b.complement, b.score):
+                key = (r, src, comp, score)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(dict(mask_ratio=r, mask_source=src, complement=comp, score=score))
+        return out
+
+
+def load_study(path, overrides: list[str] = ()) -> tuple[StudyConfig, Path]:
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        return StudyConfig.model_validate(raw), path.parent
+    except ValidationError as err:
+        raise StudyError(format_validation_error(err).replace("invalid config", "invalid study"
+                                                              )) from None
+
+
+def resolve(base: Path, p: str) -> Path:
+    """A config-relative path (as the report resolves `finetune`)."""
+    q = Path(p)
+    return q if q.is_absolute() or q.exists() else base / q
+
+
+def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
+    """Every check that needs no run: raises StudyError (one line) on the first problem."""
+    from ..models import PRESETS
+    for preset in cfg.presets or []:
+        if preset not in PRESETS:
+            raise StudyError(f"presets: {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    for v in cfg.variant_settings():
+        if not 0 < v["mask_ratio"] < 1:
+            raise StudyError(f"variants: mask_ratio {v['mask_ratio']} is impossible for a PMP "
+                             "variant: it must lie strictly between 0 and 1 (the dense run is "
+                             "always part of the study)")
+    d = cfg.data
+    if not (Path(d.path) / "meta.json").is_file():
+        if d.corpus is None:
+            raise StudyError(f"data.path {d.path} is not prepared data (no meta.json) and no "
+                             "data.corpus is given to prepare it from")
+        if not glob.glob(d.corpus):
+            raise StudyError(f"data.corpus {d.corpus!r} matches no file")
+    if not Path(d.tokenizer).exists() and d.corpus is None:
+        raise StudyError(f"data.tokenizer {d.tokenizer} does not exist and no data.corpus is "
+                         "given to train it from")
+    if not Path(d.tokenizer).exists() and not d.tokenizer.endswith(".model"):
+        raise StudyError(f"data.tokenizer {d.tokenizer}: a tokenizer to train must be named "
+                         "*.model (SentencePiece)")
+    for f in (cfg.pretrain.config, cfg.finetune.config):
+        if not resolve(base_dir, f).is_file():
+            raise StudyError(f"config file not found: {f} (relative to {base_dir})")
+    from ..config import grad_accum_steps, parse_config
+    for run in plan.runs:
+        try:
+            rc = parse_config(apply_overrides(read_yaml(resolve(base_dir, cfg.pretrain.config)),
+                                              run.sets))
+            grad_accum_steps(rc.train, plan.nproc)
+        except ConfigError as err:
+            raise StudyError(f"run {run.name}: {err}") from None
+    for task in plan.tasks:
+        check_task(cfg, base_dir, task)
+        check_grid(cfg, base_dir, plan, task)
+
+
+def check_grid(cfg: StudyConfig, base_dir: Path, plan, task) -> None:
+    """Every fine-tuning cell's config parses (the releases need not exist yet)."""
+    from ..finetune.report import base_finetune_config, parse_report_config, plan_cells
+    from .run import report_config
+    try:
+        rc = parse_report_config(report_config(cfg, base_dir, plan, plan.presets[0], task))
+        plan_cells(rc, base_finetune_config(rc, base_dir))
+    except ConfigError as err:
+        raise StudyError(f"fine-tuning grid for task {task_label(task)}: {err}") from None
+
+
+def task_config(cfg: StudyConfig, base_dir: Path, task: TaskSpec) -> dict:
+    """The fine-tuning task section for one study task (merged over the base config's)."""
+    raw = apply_overrides(read_yaml(resolve(base_dir, cfg.finetune.config)),
+                          cfg.finetune.overrides)
+    spec = {"name": task} if isinstance(task, str) else dict(task)
+    keep = {k: v for k, v in raw.get("task", {}).items()
+            if k in ("max_length", "max_train_examples", "max_eval_examples")}
+    return {**keep, **spec}
+
+
+def task_label(task: TaskSpec) -> str:
+    if isinstance(task, str):
+        return task.replace(":", "_")
+    name = task.get("name", "task")
+    return Path(task["train_file"]).stem if name == "file" and task.get("train_file") else name
+
+
+def check_task(cfg: StudyConfig, base_dir: Path, task: TaskSpec) -> None:
+    """The task config is valid and, for a file task, its files have the named columns."""
+    from ..finetune.config import TaskConfig
+    from ..finetune.tasks import TaskError, _file_rows
+    try:
+        tc = TaskConfig.model_validate(task_config(cfg, base_dir, task))
+    except ValidationError as err:
+        raise StudyError(f"task {task_label(task)}: "
+                         f"{format_validation_error(err).removeprefix('invalid config: ')}") from None
+    if tc.name == "file":
+        try:
+            _file_rows(tc, tc.kind == "classification")
+        except TaskError as err:
+            raise StudyError(f"task {task_label(task)}: {err}") from None

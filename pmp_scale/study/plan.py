@@ -1,0 +1,138 @@
+"""The study's plan: which pre-training runs, which fine-tuning grids, and how long they take.
+
+Names are stable functions of the settings, so a rerun finds its own finished work.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import apply_overrides, read_yaml
+from .config import StudyConfig, resolve, task_label
+
+
+@dataclass
+class Run:
+    name: str
+    preset: str
+    pmp: dict | None  # None: the dense baseline
+    sets: list[str] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.sets[0].partition("=")[2])
+
+
+@dataclass
+class Plan:
+    out: Path
+    nproc: int
+    runs: list[Run]
+    tasks: list
+    presets: list[str]
+    base: dict  # the pre-training config as every run starts from it
+
+    def dense(self, preset: str) -> Run:
+        return next(r for r in self.runs if r.pmp is None and r.preset == preset)
+
+    def variants(self, preset: str) -> list[Run]:
+        return [r for r in self.runs if r.pmp is not None and r.preset == preset]
+
+    def grid_dir(self, preset: str, task) -> Path:
+        return self.out / "nft" / f"{preset}__{task_label(task)}"
+
+
+def default_nproc() -> int:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return 2
+
+
+def variant_name(preset: str, v: dict) -> str:
+    score = "" if v["score"] == "step" else f"_{v['score']}"
+    return f"{preset}__r{v['mask_ratio']:g}_{v['mask_source']}_{v['complement']}{score}"
+
+
+def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
+    out = Path(cfg.out_dir)
+    base = apply_overrides(read_yaml(resolve(base_dir, cfg.pretrain.config)),
+                           cfg.pretrain.overrides)
+    presets = cfg.presets or [base.get("model", {}).get("preset", "?")]
+    data = [f"data.path={cfg.data.path}", f"data.tokenizer={cfg.data.tokenizer}"]
+    runs = []
+    for preset in presets:
+        common = [*cfg.pretrain.overrides, *data, f"model.preset={preset}"]
+        runs.append(Run(f"{preset}__dense", preset, None,
+                        [f"run_dir={out / 'runs' / f'{preset}__dense'}", *common,
+                         "pmp.enabled=false"]))
+        for v in cfg.variant_settings():
+            name = variant_name(preset, v)
+            pmp = {**cfg.pmp, **v, "enabled": True}
+            runs.append(Run(name, preset, v, [f"run_dir={out / 'runs' / name}", *common,
+                                              *(f"pmp.{k}={json.dumps(x)}" for k, x in pmp.items())]))
+    return Plan(out, cfg.pretrain.nproc or default_nproc(), runs, list(cfg.finetune.tasks),
+                presets, base)
+
+
+# --- time estimate ------------------------------------------------------------------------------
+def run_steps(plan: Plan, run: Run) -> int:
+    raw = apply_overrides(plan.base, run.sets)
+    steps = raw["train"]["max_steps"]
+    pmp = raw.get("pmp", {})
+    if run.pmp is not None and run.pmp["mask_source"] == "earlybird":
+        steps += int(pmp.get("warmup_max_steps", 500))  # at most: discovery may stop earlier
+    return steps
+
+
+def measured_tokens_per_s(plan: Plan) -> float | None:
+    """Median throughput of finished runs of this study (metrics.jsonl), if any."""
+    from ..telemetry import read_metrics
+    values = []
+    for run in plan.runs:
+        if (run.run_dir / "metrics.jsonl").is_file():
+            values += [m["perf/tokens_per_s"] for m in read_metrics(run.run_dir)
+                       if "perf/tokens_per_s" in m]
+    return sorted(values)[len(values) // 2] if values else None
+
+
+def estimate(cfg: StudyConfig, plan: Plan) -> dict:
+    """Seconds per stage: pre-training from tokens / throughput (measured when this study has
+    run before, else `estimate.pretrain_tokens_per_s`), fine-tuning from cells × steps."""
+    e = cfg.estimate
+    tps = measured_tokens_per_s(plan) or e.pretrain_tokens_per_s
+    seq = cfg.data.seq_len
+    per_run = {}
+    for run in plan.runs:
+        raw = apply_overrides(plan.base, run.sets)
+        tokens = run_steps(plan, run) * raw["train"]["global_batch_size"] * seq
+        per_run[run.name] = e.launch_overhead_s + tokens / tps
+    f = cfg.finetune
+    modes_pmp = 2 + int(f.lora)
+    per_lr_seed = 1 + int(f.scratch) + modes_pmp * (len(plan.runs) // len(plan.presets) - 1)
+    cells = per_lr_seed * len(f.lrs) * len(f.seeds)
+    grid = cells * (e.finetune_cell_overhead_s + max(f.steps) * e.finetune_step_s)
+    return {"pretrain_s": per_run, "tokens_per_s": tps, "cells_per_grid": cells,
+            "grid_s": grid, "grids": len(plan.presets) * len(plan.tasks),
+            "total_s": sum(per_run.values()) + grid * len(plan.presets) * len(plan.tasks)}
+
+
+def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
+    lines = [f"study {cfg.title!r} -> {plan.out} ({plan.nproc} ranks per pre-training run)",
+             f"pre-training runs ({len(plan.runs)}):"]
+    for run in plan.runs:
+        kind = "dense" if run.pmp is None else ", ".join(f"{k} {v}" for k, v in run.pmp.items())
+        lines.append(f"  {run.name:<48} {kind} | ≤ {run_steps(plan, run)} steps | "
+                     f"~{est['pretrain_s'][run.name] / 60:.1f} min")
+    f = cfg.finetune
+    lines.append(f"fine-tuning grids: {est['grids']} (presets × tasks {[task_label(t) for t in plan.tasks]}), "
+                 f"{est['cells_per_grid']} cells each (LRs {f.lrs} × seeds {f.seeds}, up to "
+                 f"{max(f.steps)} steps), ~{est['grid_s'] / 60:.1f} min each")
+    lines.append(f"secrecy attacks: {', '.join(cfg.secrecy.attacks) if cfg.secrecy.enabled else 'off'}")
+    lines.append(f"estimated time: {est['total_s'] / 60:.0f} min (throughput "
+                 f"{est['tokens_per_s']:,.0f} tok/s; finished work is reused)")
+    return "\n".join(lines)

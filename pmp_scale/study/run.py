@@ -1,0 +1,198 @@
+"""Running a study: data → pre-training runs → releases → fine-tuning grids → secrecy → claims.
+
+Every step leaves a completion record only after its output is complete (`<run>/study_done.json`,
+`releases/<run>.done.json`, the report's per-cell cache, `secrecy/<run>.json`), so a study
+killed at any point (SIGKILL included) and run again reuses what finished and redoes nothing
+else; an interrupted pre-training run continues from its newest checkpoint (`--resume auto`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import StudyConfig, StudyError, resolve, task_config, task_label
+from .plan import Plan, Run
+
+log = logging.getLogger("pmp_scale.study")
+REPO = Path(__file__).resolve().parents[2]
+# Set by the in-process fine-tuning process group; a launcher child must not inherit them.
+_PG_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """Temp file + rename: a kill never leaves half a record under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Ledger:
+    """What this invocation did and reused (study.json's `work`; tests read it)."""
+
+    def __init__(self):
+        self.done: list[str] = []
+        self.reused: list[str] = []
+
+    def record(self, what: str, reused: bool) -> None:
+        (self.reused if reused else self.done).append(what)
+        log.info("%s %s", "reused" if reused else "done", what)
+
+
+# --- data ---------------------------------------------------------------------------------------
+def prepare_data(cfg: StudyConfig, ledger: Ledger) -> None:
+    import glob
+    from ..data import prepare_dataset, train_sentencepiece
+    d = cfg.data
+    tok = Path(d.tokenizer)
+    if not tok.exists():
+        tok.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tok.parent / f".{tok.stem}.tmp"
+        made = Path(train_sentencepiece(sorted(glob.glob(d.corpus)), str(tmp), d.vocab_size))
+        for suffix in (".vocab", ".model"):  # the .model last: its presence means complete
+            if made.with_suffix(suffix).exists():
+                os.replace(made.with_suffix(suffix), tok.with_suffix(suffix))
+        ledger.record(f"tokenizer {tok}", False)
+    if not (Path(d.path) / "meta.json").is_file():
+        prepare_dataset(sorted(glob.glob(d.corpus)), str(tok), Path(d.path), seq_len=d.seq_len,
+                        val_fraction=d.val_fraction, overwrite=True, progress=False)
+        ledger.record(f"data {d.path}", False)
+
+
+# --- pre-training -------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _PG_ENV}
+    try:
+        import torch
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if not gpu:
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("STUDY_OMP_THREADS", "1"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Ledger) -> None:
+    """One run through the project's launcher, resumed from its newest checkpoint if any."""
+    marker = run.run_dir / "study_done.json"
+    done = read_json(marker)
+    if done is not None:
+        if done.get("sets", run.sets) != run.sets:
+            changed = sorted(set(run.sets) ^ set(done["sets"]))
+            raise StudyError(f"run {run.name} finished with other settings ({changed[0]} ...): "
+                             f"delete {run.run_dir} to redo it, or use another out_dir")
+        ledger.record(f"pre-training {run.name}", True)
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(plan.nproc),
+           "--master_port", str(_free_port()), str(REPO / "launchers" / "pretrain.py"),
+           "--config", str(resolve(base_dir, cfg.pretrain.config))]
+    for s in run.sets:
+        cmd += ["--set", s]
+    cmd += ["--resume", "auto"]
+    t0 = time.perf_counter()
+    with open(run.run_dir / "launch.log", "a") as out:
+        out.write(f"\n# study launch {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        out.flush()
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=_launch_env(),
+                               cwd=REPO)
+    if code != 0:
+        lines = (run.run_dir / "launch.log").read_text(errors="replace").splitlines()
+        why = next((ln for ln in reversed(lines) if ln.startswith("error")), lines[-1] if lines else "")
+        raise StudyError(f"pre-training run {run.name} failed (exit {code}): {why.strip()} "
+                         f"(log: {run.run_dir / 'launch.log'})")
+    if run.pmp is not None and not (run.run_dir / "private" / "mask" / "mask.json").is_file():
+        raise StudyError(f"pre-training run {run.name} ended without its private mask")
+    write_json(marker, {"name": run.name, "sets": run.sets, "wall_s": time.perf_counter() - t0,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    ledger.record(f"pre-training {run.name}", False)
+
+
+def release(plan: Plan, run: Run, ledger: Ledger) -> Path:
+    from ..release import release_checkpoint, resolve_checkpoint
+    out = plan.out / "releases" / run.name
+    marker = plan.out / "releases" / f"{run.name}.done.json"
+    if read_json(marker) is not None and out.is_dir():
+        ledger.record(f"release {run.name}", True)
+        return out
+    private = run.run_dir / "private" / "mask" if run.pmp is not None else None
+    sha = release_checkpoint(resolve_checkpoint(run.run_dir), out, overwrite=True,
+                             private_dir=private, progress=False)
+    write_json(marker, {"sha256": sha})
+    ledger.record(f"release {run.name}", False)
+    return out
+
+
+# --- fine-tuning grids --------------------------------------------------------------------------
+def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task) -> dict:
+    """The report grid for one (preset, task): dense, from scratch and every PMP variant."""
+    f = cfg.finetune
+    rel = plan.out / "releases"
+    dense = plan.dense(preset)
+    releases = [{"name": "dense", "release": str(rel / dense.name), "modes": ["unauthorized"]}]
+    if f.scratch:
+        releases.append({"name": "scratch", "release": str(rel / dense.name), "reinit": True,
+                         "modes": ["unauthorized"]})
+    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else [])
+    for run in plan.variants(preset):
+        releases.append({"name": run.name.split("__", 1)[1], "release": str(rel / run.name),
+                         "mask": str(run.run_dir / "private" / "mask"), "modes": modes})
+    task_cfg = task_config(cfg, base_dir, task)
+    return {"title": f"{cfg.title}: {preset}, task {task_label(task)}",
+            "out_dir": str(plan.grid_dir(preset, task)),
+            "finetune": str(resolve(base_dir, f.config).resolve()),
+            "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
+            "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
+            "min_seeds": f.min_seeds, "dense": "dense", "pmp": releases[-1]["name"],
+            "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
+
+
+def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, ledger: Ledger,
+             progress: bool) -> dict:
+    from ..finetune.report import parse_report_config, run_report
+    rc = parse_report_config(report_config(cfg, base_dir, plan, preset, task))
+    cells_dir = Path(rc.out_dir) / "cells"
+    before = {p.name: p.stat().st_mtime_ns for p in cells_dir.glob("*.json")} \
+        if cells_dir.is_dir() else {}
+    doc = run_report(rc, base_dir, progress=progress)
+    ledger.record(f"grid {preset}/{task_label(task)}: {doc['timing']['cached']} of "
+                  f"{doc['timing']['runs']} cells reused", doc["timing"]["cached"] == doc["timing"]["runs"])
+    doc["cells_before"] = len(before)
+    return doc
+
+
+# --- secrecy ------------------------------------------------------------------------------------
+def secrecy(cfg: StudyConfig, plan: Plan, run: Run, release_dir: Path, ledger: Ledger) -> dict:
+    from .secrecy import mask_secrecy
+    path = plan.out / "secrecy" / f"{run.name}.json"
+    cached = read_json(path)
+    if cached is not None:
+        ledger.record(f"secrecy {run.name}", True)
+        return cached
+    work = plan.out / "secrecy" / run.name
+    shutil.rmtree(work, ignore_errors=True)
+    doc = mask_secrecy(release_dir, work, run.run_dir / "private" / "mask", cfg.secrecy.attacks)
+    write_json(path, doc)
+    ledger.record(f"secrecy {run.name}", False)
+    return doc

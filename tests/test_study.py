@@ -1,0 +1,189 @@
+"""tools/study.py: bad input fails before any run with one line; a tiny study killed with
+SIGKILL mid-way and rerun reuses every finished run, release and grid cell, and completes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRETRAIN = {"run_dir": "unused", "seed": 3, "model": {"preset": "llama-tiny"},
+            "data": {"path": "set-by-the-study", "tokenizer": "set-by-the-study"},
+            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 4,
+                      "log_every": 2, "eval_every": 4, "eval_batches": 2},
+            "optim": {"lr": 3e-3, "warmup_steps": 1},
+            "checkpoint": {"every": 2, "keep": 1}, "logging": {"tensorboard": False}}
+FINETUNE = {"release": "set-by-the-study", "mode": "unauthorized",
+            "task": {"name": "review_lm", "max_length": 32, "max_train_examples": 32,
+                     "max_eval_examples": 8},
+            "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 1,
+                      "eval_batch_size": 8},
+            "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0,
+                      "weight_decay": 0.0}}
+
+
+def write_study(root: Path, tiny: dict, **over) -> Path:
+    (root / "pre.yaml").write_text(yaml.safe_dump(PRETRAIN))
+    (root / "ft.yaml").write_text(yaml.safe_dump(FINETUNE))
+    study = {"title": "tiny", "out_dir": str(root / "out"),
+             "data": {"path": tiny["data"], "tokenizer": tiny["tokenizer"]},
+             "pretrain": {"config": "pre.yaml"},
+             "variants": [{"mask_ratio": [0.5], "mask_source": ["random"],
+                           "complement": ["project"]}],
+             "pmp": {"mask_seed": 3, "project_every": 2},
+             "finetune": {"config": "ft.yaml", "lrs": [1e-3], "steps": [1], "seeds": [0, 1],
+                          "min_seeds": 2}}
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            study[section][leaf] = value
+        else:
+            study[section] = value
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def study_cmd(path: Path, *extra) -> list[str]:
+    return [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(path), "--quiet",
+            *extra]
+
+
+def run_study(path: Path, *extra, timeout=900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    return subprocess.run(study_cmd(path, *extra), capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"presets": ["llama-huge"]}, "presets: 'llama-huge' is unknown"),
+    ({"variants": [{"mask_ratio": [1.5]}]}, "mask_ratio 1.5 is impossible"),
+    ({"data": {"path": "/nonexistent/mds", "tokenizer": "/nonexistent/t.model"}},
+     "data.path /nonexistent/mds is not prepared data"),
+    ({"finetune__tasks": [{"name": "file", "type": "classification",
+                           "train_file": "TASKFILE", "label_column": "stars"}]},
+     "task task: label column 'stars' not found"),
+])
+def test_bad_input_fails_before_any_run(tiny_data, tmp_path, over, message):
+    from pmp_scale.study import StudyError, prepare
+    if "finetune__tasks" in over:
+        (tmp_path / "task.csv").write_text("text,label\ngood,1\nbad,0\n")
+        over["finetune__tasks"][0]["train_file"] = str(tmp_path / "task.csv")
+    with pytest.raises(StudyError) as err:
+        prepare(write_study(tmp_path, tiny_data, **over))
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tiny_data, tmp_path):
+    proc = run_study(write_study(tmp_path, tiny_data, presets=["llama-huge"]))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: presets: 'llama-huge' is unknown")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_its_time(tiny_data, tmp_path):
+    proc = run_study(write_study(tmp_path, tiny_data), "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "llama-tiny__r0.5_random_project" in proc.stdout and "estimated time:" in proc.stdout
+    assert "8 cells each" in proc.stdout  # (dense + scratch + 2 modes) x 2 seeds
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
+    """The GPU recipe at CPU size (`tools/gpu_study.sh --tiny`: data prepared, dense + one PMP
+    run, grid, attacks, claims), killed with SIGKILL right after the dense run finished, then
+    run again (it completes, reusing the dense run untouched) and a third time (nothing
+    redone, no cell rewritten)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
+           "STUDY_OUT": str(out)}
+    cmd = ["bash", str(REPO / "tools" / "gpu_study.sh"), "--tiny"]
+    dense = out / "runs" / "gpt2-tiny__dense" / "study_done.json"
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not dense.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # the PMP run's launch is under way
+    os.killpg(proc.pid, signal.SIGKILL)  # the study, its launcher and every rank
+    proc.wait()
+    assert dense.exists() and not (out / "study.json").exists()
+    mtimes = {p: p.stat().st_mtime_ns for p in dense.parent.rglob("*") if p.is_file()}
+
+    def again():
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "| claim | where | measured | verdict |" in done.stdout
+        return json.loads((out / "study.json").read_text())
+    doc = again()
+    assert "pre-training gpt2-tiny__dense" in doc["work"]["reused"]
+    assert "pre-training gpt2-tiny__r0.5_random_frozen" in doc["work"]["done"]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # not one file rewritten
+    assert {c["claim"] for c in doc["claims"]} >= {"base preserved", "mask secrecy",
+                                                   "unauthorized gain cut (vs dense)",
+                                                   "authorized ≥ unauthorized"}
+    assert doc["variants"][0]["gain_cut"]["n"] == 2
+    assert (out / "study.md").read_text().count("| base preserved |") == 1
+    cells = {p: p.stat().st_mtime_ns for p in out.rglob("cells/*.json")}
+    assert len(cells) == 6  # (dense + 2 PMP modes) x 2 seeds
+    doc = again()  # everything finished: all reused, nothing redone
+    assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1
+    assert {p: p.stat().st_mtime_ns for p in cells} == cells
+
+
+def test_claim_verdicts_follow_the_stated_rules():
+    """2-SE rule on paired seeds; base within tolerance; ρ trade-off needs both orderings."""
+    from types import SimpleNamespace
+    from pmp_scale.study.claims import _ms, claims, verdict
+    assert verdict(_ms([0.30, 0.32, 0.31])) == "supported"
+    assert verdict(_ms([-0.30, -0.32, -0.31])) == "contradicted"
+    assert verdict(_ms([0.3, -0.2, 0.1])) == "inconclusive"
+    cfg = SimpleNamespace(claims=SimpleNamespace(base_tolerance=0.05, secrecy_auc=0.55))
+
+    def row(rho, src, cost, cuts, auc=0.5):
+        return {"preset": "p", "task": "t", "variant": f"r{rho}_{src}", "mask_ratio": rho,
+                "mask_source": src, "complement": "frozen", "score": "step",
+                "base_loss": 5 * (1 + cost), "dense_loss": 5.0, "base_cost": cost,
+                "gain_cut": _ms(cuts), "gain_cut_per_seed": cuts, "recovery": _ms(cuts),
+                "max_auc": auc}
+    rows = [row(0.5, "earlybird", 0.08, [0.5, 0.52, 0.51], auc=0.7),
+            row(0.7, "earlybird", 0.02, [0.1, 0.12, 0.11]),
+            row(0.7, "random", 0.03, [0.2, 0.23, 0.22])]
+    table = {(c["claim"], c["where"]): c["verdict"] for c in claims(rows, cfg)}
+    assert table[("base preserved", "p / r0.5_earlybird")] == "contradicted"  # +8 % > 5 %
+    assert table[("base preserved", "p / r0.7_earlybird")] == "supported"
+    assert table[("early-bird better than random", "p / t / ρ 0.7 frozen")] == "contradicted"
+    trade = [v for (c, w), v in table.items() if c.startswith("ρ trade-off")]
+    assert trade == ["supported"]  # larger cut and larger cost at the smaller ρ
+    assert table[("mask secrecy", "p / r0.5_earlybird")] == "contradicted"
+    rows[0]["base_cost"] = 0.0  # smaller ρ cheaper than the larger: the trade-off is not there
+    trade = [c["verdict"] for c in claims(rows, cfg) if c["claim"].startswith("ρ trade-off")]
+    assert trade == ["contradicted"]
+
+
+def test_a_finished_run_is_reused_only_with_its_own_settings(tiny_data, tmp_path):
+    """Changing a study's settings under the same out_dir must not silently reuse old runs."""
+    from pmp_scale.study import StudyError, prepare
+    from pmp_scale.study.run import Ledger, pretrain, write_json
+    cfg, base_dir, plan = prepare(write_study(tmp_path, tiny_data))
+    run = plan.runs[0]
+    write_json(run.run_dir / "study_done.json", {"name": run.name, "sets": run.sets})
+    ledger = Ledger()
+    pretrain(cfg, base_dir, plan, run, ledger)
+    assert ledger.reused == [f"pre-training {run.name}"]
+    write_json(run.run_dir / "study_done.json", {"name": run.name,
+                                                 "sets": [*run.sets[:-1], "pmp.enabled=true"]})
+    with pytest.raises(StudyError, match=f"run {run.name} finished with other settings"):
+        pretrain(cfg, base_dir, plan, run, ledger)
