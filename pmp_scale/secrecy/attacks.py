@@ -56,8 +56,8 @@ class Target:
                 raise AttackError(f"{f}: {problem}; re-download or re-release it")
             with safe_open(str(f), framework="pt") as h:
                 self.shapes.update({n: tuple(h.get_slice(n).get_shape()) for n in h.keys()})
-        arch = (self.hf_config().architectures or ["?"])[0]
-        if not arch.endswith(("ForCausalLM", "LMHeadModel")):
+        arch = (self.hf_config().architectures or [None])[0]  # none named: the family's causal LM
+        if arch is not None and not arch.endswith(("ForCausalLM", "LMHeadModel")):
             raise AttackError(f"{self.path} is a {arch}: the attacks target pre-trained causal-LM "
                               "releases (the model PMP pre-trained)")
         self.names = sorted(self.shapes)
