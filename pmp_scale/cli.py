@@ -12,6 +12,7 @@ EXIT_DIVERGED = 3
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", as opposed to a bug."""
     from .checkpoint import CheckpointError
+    from .cluster import SharedFilesystemError
     from .config import ConfigError
     from .data import DataError
     from .mask.artifact import MaskArtifactError
@@ -19,7 +20,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .models import ModelConfigError
     from .release import ReleaseError
     return (ConfigError, DataError, ModelConfigError, CheckpointError, MaskArtifactError,
-            MaskLayoutError, ReleaseError, FileNotFoundError, FileExistsError)
+            MaskLayoutError, ReleaseError, SharedFilesystemError, FileNotFoundError,
+            FileExistsError)
 
 
 def _exit_code(err: Exception) -> int | None:

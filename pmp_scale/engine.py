@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import Checkpointer, RNGState, tag_for
+from .cluster import check_shared_run_dir
 from .preemption import Preemption
 from .faults import fault_point
 from .config import ConfigError, RunConfig
@@ -179,6 +180,7 @@ class Trainer:
         if dist.get_world_size() != self.world_size:
             raise RuntimeError("WORLD_SIZE does not match the process group")
         self.run_dir = Path(cfg.run_dir)
+        check_shared_run_dir(self.run_dir)  # before anything is built or trained
         self.telemetry = Telemetry(self.run_dir, self.rank, cfg.logging.tensorboard)
         self.ds_config = build_ds_config(cfg, self.world_size, self.precision)
         self.n_params = count_params(self.hf_config)
