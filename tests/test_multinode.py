@@ -285,3 +285,29 @@ def test_run_dir_not_shared_between_nodes_is_one_clear_error(multinode):
     # nothing was trained: no checkpoint on either node
     for node in (0, 1):
         assert not (multinode["root"] / f"node{node}_local" / "run" / "checkpoints").exists()
+
+
+def _probe(rank, world, dirs):
+    from pmp_scale.cluster import SharedFilesystemError, check_shared_run_dir
+    try:
+        check_shared_run_dir(dirs[rank], wait_s=0.5)
+        return None
+    except SharedFilesystemError as err:
+        return str(err)
+
+
+def test_shared_run_dir_probe(tmp_path):
+    """Without namespaces: ranks given the same / different / an unwritable run_dir."""
+    from dist_util import run_distributed
+    shared = tmp_path / "shared"
+    assert run_distributed(_probe, 2, [shared, shared]) == [None, None]
+    assert not (shared / ".shared_fs_probe").exists()  # the probe cleans up after itself
+    mine, other = tmp_path / "a", tmp_path / "b"
+    errors = run_distributed(_probe, 2, [mine, other])
+    assert errors[0] == errors[1] and errors[0].startswith(
+        f"run_dir {mine} is not shared by all ranks: rank 0 cannot see the probe files of rank 1")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    errors = run_distributed(_probe, 2, [shared, blocked / "run"])
+    assert errors[0] == errors[1] and errors[0].startswith(
+        f"run_dir {shared} is not writable by every rank: rank 1 ")
