@@ -9,12 +9,21 @@ Two hooks (see DESIGN.md, "The masked update"):
        otherwise move frozen elements even with zero gradients. The bf16/fp16 partitions and
        gathered parameters are derived from the fp32 master after the step, so they follow.
 `complement: decay` keeps H1 only (the reference implementation's behaviour).
+
+H2 cannot switch itself off quietly: every optimizer step counts the sub-groups it restored and
+`after_step` raises `MaskedUpdateError` unless that is every sub-group, exactly once (a
+DeepSpeed step path that bypasses the inner optimizer, or a sub-group the hooks do not
+recognise, would otherwise train the complement as `decay` does, without a word).
 """
 from __future__ import annotations
 
 import torch
 
 from .sharded import ShardedMask
+
+
+class MaskedUpdateError(RuntimeError):
+    """The masked update did not cover every sub-group: the complement may have moved."""
 
 
 class MaskedUpdate:
@@ -29,6 +38,8 @@ class MaskedUpdate:
         self.fp32_flat = zero.fp32_partitioned_groups_flat
         self._group_of = {t.data_ptr(): i for i, t in enumerate(self.fp32_flat)}
         self._snapshot: tuple[int, torch.Tensor] | None = None
+        self._restored: list[int] = []  # sub-groups restored during the current step
+        self._unmatched = 0             # inner steps on parameters that are no sub-group
         self._handles = []
         if complement == "frozen":
             # Partial offload (`ratio` < 1) steps the sub-groups kept on the device with a
@@ -52,6 +63,7 @@ class MaskedUpdate:
     @torch.no_grad()
     def before_step(self, engine, step: int) -> None:
         zero = engine.optimizer
+        self._restored, self._unmatched = [], 0
         buf = zero.grad_partitions_flat_buffer
         offset = 0
         for g, n in enumerate(self.mask.layout.sub_group_sizes):
@@ -87,7 +99,9 @@ class MaskedUpdate:
 
     def _pre(self, optimizer, args, kwargs) -> None:
         g = self._stepped_group(optimizer)
-        if g is not None:
+        if g is None:
+            self._unmatched += 1
+        else:
             self._snapshot = (g, self.fp32_flat[g].detach().clone())
 
     @torch.no_grad()
@@ -98,9 +112,23 @@ class MaskedUpdate:
         self._snapshot = None
         flat = self.fp32_flat[g]
         flat.copy_(torch.where(self._bool(g, flat.device), flat, before))
+        self._restored.append(g)
 
     def after_step(self, engine, step: int) -> None:
-        """Nothing to do: kept for the StepHook protocol."""
+        """H2's guard: every sub-group snapshotted and restored exactly once in this step."""
+        if self.complement != "frozen":
+            return
+        if getattr(engine.optimizer, "overflow", False) and not self._restored:
+            return  # fp16 loss-scale overflow: DeepSpeed skipped the whole step
+        n = len(self.fp32_flat)
+        if sorted(self._restored) != list(range(n)) or self._unmatched:
+            missing = sorted(set(range(n)) - set(self._restored))
+            raise MaskedUpdateError(
+                f"masked update at step {step + 1}: the complement was restored for "
+                f"{len(self._restored)} of {n} ZeRO-3 sub-groups (not restored: {missing}; "
+                f"inner optimizer steps on unrecognised parameters: {self._unmatched}); the "
+                "complement may have moved, so training stops here (the last checkpoint is "
+                "intact). This DeepSpeed optimizer path is not covered by the PMP hooks.")
 
 
 @torch.no_grad()

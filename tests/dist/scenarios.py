@@ -267,6 +267,30 @@ def pmp_random_mask(args):
     Trainer(cfg).train()
 
 
+@scenario
+def pmp_h2_guard(args):
+    """H2 is broken on purpose: the restore hook no longer recognises sub-group 0, so its
+    complement would train like `decay`. The step must fail instead (and a working step not)."""
+    from pmp_scale.mask.update import MaskedUpdateError
+    cfg = config(args, "pmp_h2_guard", train={"max_steps": 2},
+                 pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5},
+                 deepspeed={"zero_optimization": {"sub_group_size": 20_000}})
+    t = Trainer(cfg)
+    update = t.pmp.update
+    batches = t._batches()
+    t.train_step(batches)  # intact hooks: no error
+    t.state.step += 1
+    first = update.fp32_flat[0].data_ptr()
+    update._group_of = {ptr: g for ptr, g in update._group_of.items() if ptr != first}
+    try:
+        t.train_step(batches)
+        error = None
+    except MaskedUpdateError as err:
+        error = str(err)
+    save0({"error": error, "sub_groups": len(update.fp32_flat)},
+          Path(args.out) / "pmp_h2_guard.pt")
+
+
 # --- issue: release tools -------------------------------------------------------------------------
 @scenario
 def release_source(args):
