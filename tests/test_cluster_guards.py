@@ -52,3 +52,19 @@ def test_authorized_finetuning_refuses_them_too():
     with pytest.raises(ConfigError, match="zenflow is not supported with PMP"):
         parse_finetune_config({**raw, "mode": "authorized"})
     parse_finetune_config({**raw, "mode": "unauthorized"})
+
+
+@pytest.mark.parametrize("name", ["pmp_frozen_fp32", "pmp_earlybird", "pmp_scoped"])
+def test_stage2_mask_state_is_one_bit_per_local_parameter(dist_results, name):
+    """Everything mask-related a rank keeps in Stage II (no second `selectable` vector, no
+    leftover discovery candidate): 1 bit per local element + the last byte of each sub-group."""
+    r = torch.load(dist_results / f"{name}.pt")
+    assert 8 * r["mask_state_bytes"] <= r["local_numel"] + 8 * r["sub_groups"], r
+
+
+def test_stage2_mask_state_after_resume(dist_results):
+    """Resumed in Stage II: the discovery's final candidate and the mask are one copy."""
+    import json
+    for rank in (0, 1):
+        m = json.loads((dist_results / f"pmp_in_stage2_memory_rank{rank}.json").read_text())
+        assert 8 * m["mask_state_bytes"] <= m["local"] + 8 * m["sub_groups"], m

@@ -159,6 +159,10 @@ def pmp_resume_second_half(args):
         t.train()
         save0(losses(t.run_dir), Path(args.out) / f"{name}_losses.pt")
         save0(gathered(t.model), Path(args.out) / f"{name}_params.pt")
+        Path(args.out, f"{name}_memory_rank{rank()}.json").write_text(json.dumps({
+            "mask_state_bytes": t.pmp.mask_state_bytes(),
+            "local": sum(t.pmp.layout.sub_group_sizes),
+            "sub_groups": len(t.pmp.layout.sub_group_sizes)}))
     _refused(args, "model", model={"preset": "gpt2-tiny"})
 
 
@@ -195,6 +199,8 @@ def _pmp_run(args, name, precision="fp32", steps=50, ds=None, **pmp):
     result = {"before": before, "after": after, "drift": t.pmp.drift(),
               "grad_norms": [m.get("train/grad_norm") for m in _metrics(t.run_dir)],
               "mask_dir": str(mask_dir), "resident_bytes": t.pmp.mask.resident_bytes(),
+              "mask_state_bytes": t.pmp.mask_state_bytes(),
+              "sub_groups": len(t.pmp.layout.sub_group_sizes),
               "local_numel": sum(t.pmp.layout.sub_group_sizes)}
     # the fp32 master complement too (not only what the low-precision params show)
     real = [t.pmp.layout.real_elements(g) for g in range(len(master0))]
