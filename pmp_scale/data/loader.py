@@ -139,6 +139,7 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
                                shuffle=shuffle, shuffle_seed=seed,
                                num_canonical_nodes=num_canonical_nodes, validate_hash="xxh64")
     _record_background_failures(dataset)
+    _verify_shards_on_first_read(dataset)
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
                                drop_last=drop_last,
                                collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
@@ -165,6 +166,56 @@ def _record_background_failures(dataset) -> None:
                 dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
                 raise
         stream.prepare_shard = guarded
+
+
+def _verify_shards_on_first_read(dataset) -> None:
+    """Check a decompressed shard against its index.json checksum before its first sample.
+
+    Streaming validates only what it downloads or decompresses itself; a decompressed
+    `shard.NNNNN.mds` already on disk (from an earlier run, or a corrupt copy in a cache) is
+    trusted as is, and corrupt bytes surface many steps later as a raw IndexError from deep
+    inside streaming. Each shard is hashed once per process, on first use (xxh64: milliseconds
+    per 32 MB shard), then the check unhooks itself. A corrupt one is rebuilt from its
+    compressed twin (fetched again from the remote when the cache dropped it), whose own
+    checksum streaming verifies; without a good twin it is a DataError naming the file."""
+    for shard_id, shard in enumerate(dataset.shards):
+        stream = dataset.streams[dataset.stream_per_shard[shard_id]]
+
+        def first_read(idx, shard=shard, stream=stream):
+            _check_raw_shard(shard, stream)
+            del shard.get_sample_data  # back to the class's method: no cost from now on
+            return shard.get_sample_data(idx)
+        shard.get_sample_data = first_read
+
+
+def _check_raw_shard(shard, stream) -> None:
+    import logging
+    from streaming.base.hashing import get_hash
+
+    for raw_info, zip_info in shard.file_pairs:
+        raw = os.path.join(shard.dirname, shard.split, raw_info.basename)
+        algo = next((a for a in ("xxh64", "sha1") if a in (raw_info.hashes or {})), None)
+        if algo is None or not os.path.isfile(raw):
+            continue  # nothing to check against, or streaming will fetch it (and validate)
+        with open(raw, "rb") as f:
+            data = f.read()
+        if len(data) == raw_info.bytes and get_hash(algo, data) == raw_info.hashes[algo]:
+            continue
+        problem = f"corrupt data shard: {raw} does not match the checksum in its index.json"
+        if zip_info is None:
+            raise DataError(f"{problem} and has no compressed copy to restore it from; restore "
+                            "it or re-run tools/prepare_data.py")
+        packed = os.path.join(shard.dirname, shard.split, zip_info.basename)
+        try:
+            if not os.path.isfile(packed) and stream.remote is not None:
+                stream._download_file(zip_info.basename)
+            stream._decompress_shard_part(zip_info, packed, raw, shard.compression)
+        except Exception as err:  # missing twin, its checksum, download: one line either way
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{problem}, and it could not be restored from {packed} ({why}); "
+                            "restore it or re-run tools/prepare_data.py") from None
+        logging.getLogger("pmp_scale").warning(
+            f"{problem}; restored it from its compressed copy {zip_info.basename}")
 
 
 def _data_error(failure: BaseException) -> DataError:
