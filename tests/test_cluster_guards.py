@@ -68,3 +68,13 @@ def test_stage2_mask_state_after_resume(dist_results):
     for rank in (0, 1):
         m = json.loads((dist_results / f"pmp_in_stage2_memory_rank{rank}.json").read_text())
         assert 8 * m["mask_state_bytes"] <= m["local"] + 8 * m["sub_groups"], m
+
+
+def test_mask_chunks_unpack_like_the_whole_sub_group():
+    from pmp_scale.mask.bits import pack_bits
+    from pmp_scale.mask.sharded import ShardedMask
+    full = torch.rand(10_007) < 0.3
+    mask = ShardedMask(layout=type("L", (), {"sub_group_sizes": [full.numel()]})(),
+                       bits=[pack_bits(full)])
+    for a, b in [(0, 8), (8, 4104), (4104, 10_007), (0, 10_007), (9_992, 10_007)]:
+        assert torch.equal(mask.sub_group_slice(0, a, b), full[a:b]), (a, b)

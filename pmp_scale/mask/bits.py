@@ -7,6 +7,15 @@ import torch
 
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # bit 0 of a byte is its MSB
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
+_ON_DEVICE: dict = {}
+
+
+def _shifts(device) -> torch.Tensor:
+    """The shift table on `device`, copied there once (not a host-to-device copy per call)."""
+    key = str(device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = _SHIFTS.to(device)
+    return _ON_DEVICE[key]
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -16,7 +25,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     bits = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
     bits[:n] = mask
-    bits = bits.view(-1, 8) << _SHIFTS.to(mask.device)
+    bits = bits.view(-1, 8) << _shifts(mask.device)
     return bits.sum(dim=1, dtype=torch.uint8)
 
 
@@ -25,7 +34,7 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.dim() != 1 or packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
         raise ValueError(f"unpack_bits expects uint8[{(n + 7) // 8}] for {n} bits, "
                          f"got {packed.dtype} {tuple(packed.shape)}")
-    bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
     return bits.view(-1)[:n].bool()
 
 

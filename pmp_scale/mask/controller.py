@@ -153,8 +153,7 @@ class PMPController:
     # --- measurements ------------------------------------------------------------------------------
     def drift(self) -> float:
         """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode)."""
-        value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)],
-                             device=_device())
+        value = complement_drift(self.engine, self.mask, self.theta0).reshape(1).to(_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value.item())
 

@@ -22,6 +22,16 @@ import torch
 from .sharded import ShardedMask
 
 
+# Elements per chunk of the hooks' work: ≤ 32 MB unpacked mask + 128 MB fp32 temporary, so the
+# transient stays under 256 MB per rank whatever `sub_group_size` is.
+CHUNK = 1 << 25
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
 class MaskedUpdateError(RuntimeError):
     """The masked update did not cover every sub-group: the complement may have moved."""
 
@@ -54,10 +64,10 @@ class MaskedUpdate:
             h.remove()
         self._handles = []
 
-    def _bool(self, group: int, device) -> torch.Tensor:
-        """Unpacked mask of one sub-group, only for the op at hand: the resident form stays
-        packed (1 bit per element); the transient is one sub-group's bytes."""
-        return self.mask.sub_group(group).to(device, non_blocking=True)
+    def _keep(self, group: int, start: int, stop: int, device) -> torch.Tensor:
+        """Unpacked mask of one chunk, only for the op at hand: the resident form stays packed
+        (1 bit per element)."""
+        return self.mask.sub_group_slice(group, start, stop).to(device, non_blocking=True)
 
     # H1 ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -67,20 +77,21 @@ class MaskedUpdate:
         buf = zero.grad_partitions_flat_buffer
         offset = 0
         for g, n in enumerate(self.mask.layout.sub_group_sizes):
-            keep = self._bool(g, buf.device)
-            buf[offset:offset + n].masked_fill_(~keep, 0)
+            # With optimizer offload the boundary backward has already copied the gradients
+            # to the host fp32 partition: mask that copy too.
+            host = self.fp32_flat[g].grad if self.offload else None
+            for a, b in _chunks(n):
+                drop = ~self._keep(g, a, b, buf.device)
+                buf[offset + a:offset + b].masked_fill_(drop, 0)
+                if host is not None:
+                    host[a:b].masked_fill_(drop.to(host.device), 0)
             offset += n
-            if self.offload:
-                self._mask_offloaded(zero, g, keep)
+            if host is not None:
+                self._renorm_offloaded(zero, g, host)
 
-    def _mask_offloaded(self, zero, g: int, keep: torch.Tensor) -> None:
-        """With optimizer offload the boundary backward has already copied the gradients to
-        the host fp32 partition and cached each parameter's norm (used for the global norm and
-        clipping): mask the copy and recompute those norms."""
-        grad = self.fp32_flat[g].grad
-        if grad is None:
-            return
-        grad.masked_fill_(~keep.to(grad.device), 0)
+    def _renorm_offloaded(self, zero, g: int, grad: torch.Tensor) -> None:
+        """Offload caches each parameter's gradient norm at the boundary backward (used for
+        the global norm and clipping): recompute them from the masked host gradients."""
         for p in zero.fp16_groups[g]:
             pid = zero.get_param_id(p)
             if pid in zero.norm_for_param_grads:
@@ -111,7 +122,9 @@ class MaskedUpdate:
         g, before = self._snapshot
         self._snapshot = None
         flat = self.fp32_flat[g]
-        flat.copy_(torch.where(self._bool(g, flat.device), flat, before))
+        for a, b in _chunks(flat.numel()):
+            part = flat[a:b]
+            part.copy_(torch.where(self._keep(g, a, b, flat.device), part, before[a:b]))
         self._restored.append(g)
 
     def after_step(self, engine, step: int) -> None:
@@ -132,12 +145,16 @@ class MaskedUpdate:
 
 
 @torch.no_grad()
-def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> float:
-    """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen)."""
-    drift = 0.0
-    for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
-        frozen = ~mask.sub_group(g).to(flat.device) & mask.layout.real_elements(g).to(flat.device)
-        if frozen.any():
-            diff = (flat[frozen] - theta0[g].to(flat.device)[frozen]).abs().max().item()
-            drift = max(drift, diff)
+def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> torch.Tensor:
+    """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen), as a
+    0-dim tensor on the master's device: chunked, and no host sync until the caller reads it.
+    Padding is never selected, and is 0 in both, so it does not count."""
+    fp32 = engine.optimizer.fp32_partitioned_groups_flat
+    drift = torch.zeros((), dtype=torch.float32, device=fp32[0].device)
+    for g, flat in enumerate(fp32):
+        for a, b in _chunks(flat.numel()):
+            part = flat[a:b]
+            ref = theta0[g][a:b].to(part.device, non_blocking=True)
+            diff = (part - ref).abs().masked_fill_(mask.sub_group_slice(g, a, b).to(part.device), 0)
+            drift = torch.maximum(drift, diff.max())
     return drift

@@ -222,9 +222,16 @@ def _metrics(run_dir):
 
 @scenario
 def pmp_frozen(args):
-    _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
-    _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
-    _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
+    """The hooks work in chunks (of 32M elements by default): small ones here, so every
+    sub-group of these runs spans many chunk boundaries."""
+    import pmp_scale.mask.update as update
+    default, update.CHUNK = update.CHUNK, 4104
+    try:
+        _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
+        _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
+        _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
+    finally:
+        update.CHUNK = default
 
 
 @scenario
