@@ -46,7 +46,7 @@ def read_meta(data_uri: str) -> dict:
             try:
                 CloudDownloader.direct_download(url, local)
             except Exception as err:  # each cloud client raises its own types
-                raise DataError(f"cannot fetch {url}: {err}") from err
+                raise DataError(_remote_problem(url, err)) from None
             meta = json.loads(Path(local).read_text())
     else:
         path = Path(data_uri)
@@ -61,6 +61,48 @@ def read_meta(data_uri: str) -> dict:
         raise DataError(f"{data_uri}: data format version {meta.get('format_version')}, this "
                         f"code reads version {FORMAT_VERSION}; prepare the data again")
     return meta
+
+
+def _remote_problem(url: str, err: BaseException) -> str:
+    """One line on why `url` cannot be read. For s3:// the object and its bucket are asked
+    directly, so that a missing bucket and refused credentials are told apart from a missing
+    object (streaming says "not found" for all three)."""
+    text = str(err).strip()
+    generic = f"cannot fetch {url}: {text.splitlines()[0] if text else type(err).__name__}"
+    if not url.startswith("s3://"):
+        return generic
+    bucket, _, key = url[len("s3://"):].partition("/")
+    try:
+        import boto3
+        from botocore.exceptions import ClientError, NoCredentialsError
+    except ImportError:
+        return generic
+    s3 = boto3.session.Session().client(  # a fresh session: the environment as it is now
+        "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+
+    def status(call) -> int | None:
+        try:
+            call()
+            return 200
+        except ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    try:
+        found = status(lambda: s3.head_object(Bucket=bucket, Key=key))
+        if found in (400, 401, 403):
+            return (f"cannot read {url}: access refused (HTTP {found}): check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
+                    f"policy of bucket {bucket!r}")
+        if found == 404:
+            if status(lambda: s3.head_bucket(Bucket=bucket)) == 404:
+                return f"cannot read {url}: bucket {bucket!r} does not exist"
+            return (f"cannot read {url}: no such object in bucket {bucket!r} (is the data path "
+                    "right? tools/prepare_data.py writes meta.json beside train/ and val/)")
+    except NoCredentialsError:
+        return (f"cannot read {url}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    except Exception:  # endpoint unreachable and the like: the original message says it
+        pass
+    return generic
 
 
 def _collate(samples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
@@ -158,10 +200,11 @@ def _record_background_failures(dataset) -> None:
     for stream in dataset.streams:
         prepare = stream.prepare_shard
 
-        def guarded(shard, prepare=prepare):
+        def guarded(shard, prepare=prepare, stream=stream):
             try:
                 return prepare(shard)
             except Exception as err:
+                err.pmp_remote = stream.remote and _join(stream.remote, stream.split or "")
                 dataset.pmp_failure = err
                 dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
                 raise
@@ -221,8 +264,11 @@ def _check_raw_shard(shard, stream) -> None:
 def _data_error(failure: BaseException) -> DataError:
     message = str(failure)
     if message.startswith("Checksum failure: "):
-        return DataError(f"corrupt data shard: {message.split(': ', 1)[1]} does not match the "
-                         "checksum in its index.json; restore it or re-run tools/prepare_data.py")
+        path = message.split(": ", 1)[1]
+        remote = getattr(failure, "pmp_remote", None)
+        source = f" (downloaded from {_join(remote, os.path.basename(path))})" if remote else ""
+        return DataError(f"corrupt data shard: {path}{source} does not match the checksum in "
+                         "its index.json; restore it or re-run tools/prepare_data.py")
     return DataError(f"data shard could not be loaded: {message}")
 
 
