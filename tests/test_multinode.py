@@ -7,10 +7,11 @@ node-local scratch directory bind-mounted at one common path, so the same config
 nodes as on a cluster. `run_dir` is on the filesystem both see. Each node runs the DeepSpeed
 launcher's multi-node path (`--hostfile --no_ssh --node_rank N`), one CPU rank per node.
 
-The PMP run (early-bird discovery, then masked steps with checkpoints) loses a whole node
-mid-Stage II (every process in its namespace SIGKILLed), both nodes are relaunched with
-`--resume auto`, and the result must equal a single-node 2-rank run of the same config bit for
-bit. The same namespaces then check the shared-filesystem contract: a run_dir that is
+The PMP run (early-bird discovery, then masked steps with checkpoints) reads its data from
+s3:// (moto in server mode inside node 0's namespace; each node streams into its own
+node-local cache), loses a whole node mid-Stage II and mid-epoch (every process in its
+namespace SIGKILLed), both nodes are relaunched with `--resume auto`, and the result must
+equal a single-node 2-rank run of the same config on local data bit for bit. The same namespaces then check the shared-filesystem contract: a run_dir that is
 node-local fails before training with one clear line.
 """
 from __future__ import annotations
@@ -126,7 +127,9 @@ class Cluster:
         tmp = self.scratch / "tmp"
         node_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": node.ifname,
-                    "TMPDIR": str(tmp), **(env or {})}
+                    "TMPDIR": str(tmp), "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
+                    "AWS_ACCESS_KEY_ID": "node", "AWS_SECRET_ACCESS_KEY": "node",
+                    "AWS_DEFAULT_REGION": "us-east-1", **(env or {})}
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner",
                     "--hostfile", str(self.hostfile), "--no_ssh", "--node_rank", str(node.rank),
                     "--master_addr", self.nodes[0].addr, "--master_port", "29500",
@@ -168,9 +171,38 @@ def _stopped(netns: str) -> bool:
     return False
 
 
-def _config(root: Path, data: dict, run_dir: Path, cache: Path) -> Path:
+S3_PORT = 9000
+SERVE_S3 = """
+import sys, time
+from pathlib import Path
+import boto3
+from moto.server import ThreadedMotoServer
+host, port, local, bucket = sys.argv[1:5]
+ThreadedMotoServer(ip_address=host, port=int(port), verbose=False).start()
+s3 = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1",
+                  aws_access_key_id="node", aws_secret_access_key="node")
+s3.create_bucket(Bucket=bucket)
+for path in sorted(Path(local).rglob("*")):  # as object storage holds it: no .mds copies
+    if path.is_file() and path.suffix != ".mds":
+        s3.upload_file(str(path), bucket, f"tiny/{path.relative_to(local)}")
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+def _serve_s3(node: Node, data: str) -> subprocess.Popen:
+    """A local S3 endpoint in node 0's namespace (both nodes reach it over the veth pair)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", node.netns, sys.executable, "-c", SERVE_S3,
+                             node.addr, str(S3_PORT), data, "pmp-data"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", line + proc.stderr.read()
+    return proc
+
+
+def _config(root: Path, data: dict, run_dir: Path, cache: Path, path: str | None = None) -> Path:
     cfg = {"run_dir": str(run_dir), "seed": 11, "model": {"preset": "llama-tiny"},
-           "data": {"path": data["data"], "tokenizer": data["tokenizer"],
+           "data": {"path": path or data["data"], "tokenizer": data["tokenizer"],
                     "local_cache": str(cache)},
            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6,
                      "log_every": 1, "eval_every": 1000, "eval_batches": 2},
@@ -189,12 +221,15 @@ def multinode(nodes, tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
     cluster = Cluster(root, nodes)
     out = {"root": root}
+    _serve_s3(nodes[0], tiny_data["data"])  # ends with node 0's namespace
+    remote = "s3://pmp-data/tiny"
     # Shared-filesystem contract first (fails before training, so it is cheap): run_dir on
     # node-local scratch, so each node sees only its own rank's probe.
-    unshared = _config(root, tiny_data, cluster.scratch / "run", cluster.scratch / "cache")
+    unshared = _config(root, tiny_data, cluster.scratch / "run", cluster.scratch / "cache",
+                       remote)
     out["unshared"] = cluster.run(["--config", str(unshared)], timeout=300)
 
-    cfg = _config(root, tiny_data, root / "run", cluster.scratch / "cache")
+    cfg = _config(root, tiny_data, root / "run", cluster.scratch / "cache", remote)
     procs = [cluster.start(n, ["--config", str(cfg), "--resume", "auto"],
                            env={"PMP_FAULT": f"rank1:step:{KILL_AFTER}:STOP"}) for n in nodes]
     deadline = time.monotonic() + 600
@@ -285,6 +320,13 @@ def test_run_dir_not_shared_between_nodes_is_one_clear_error(multinode):
     # nothing was trained: no checkpoint on either node
     for node in (0, 1):
         assert not (multinode["root"] / f"node{node}_local" / "run" / "checkpoints").exists()
+
+
+def test_each_node_streamed_from_s3_into_its_own_cache(multinode):
+    for node in (0, 1):
+        cache = multinode["root"] / f"node{node}_local" / "cache"
+        assert list((cache / "train").glob("shard.*.mds")), node
+    assert not list((multinode["root"] / "scratch").iterdir())  # only ever mounted over
 
 
 def _probe(rank, world, dirs):
