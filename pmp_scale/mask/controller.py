@@ -59,6 +59,7 @@ class PMPController:
         self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, cfg.exclude,
                                      device=_device())
         self.theta0 = self._snapshot_master()
+        self._theta0_complete = True  # False: rebuilt from the complement (masked part unknown)
         self.mask_seed = cfg.mask_seed
         self.discovery: EarlyBird | None = None
         self.update: MaskedUpdate | None = None
@@ -202,6 +203,7 @@ class PMPController:
         self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
         # None: a Stage II checkpoint; the fp32 master (already loaded) holds it on the complement
         self.theta0 = state["theta0"] if state["theta0"] is not None else self._snapshot_master()
+        self._theta0_complete = state["theta0"] is not None
         if self.update is not None:
             self.update.remove()
             self.update = None
@@ -242,6 +244,7 @@ class PMPController:
             theta0[e.sub_group][e.offset:e.offset + e.slice.length] = values
         # Not saved in Stage II: the universal checkpoint just loaded holds it on the complement.
         self.theta0 = theta0 if first["theta0"] is not None else self._snapshot_master()
+        self._theta0_complete = first["theta0"] is not None
         if self.update is not None:
             self.update.remove()
         self.mask = ShardedMask.from_param_masks(self.layout, masks, _device())
@@ -255,6 +258,11 @@ class PMPController:
         """
         shard_dir = self.private_dir / "shards"
         shard_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.save_init and not self._theta0_complete:
+            raise CheckpointError(
+                "pmp.save_init: θ(0) of the masked elements is unknown to this run (it resumed "
+                "from a Stage II checkpoint written without save_init, which keeps only the "
+                "complement); set save_init from the start of a run")
         torch.save({"lengths": [e.slice.length for e in self.layout.entries],
                     "bits": [pack_bits(m) for m in self.mask.param_masks()],
                     "theta0": self._theta0_slices() if self.cfg.save_init else None},

@@ -462,9 +462,10 @@ def corrupt_resume(args):
 
 @scenario
 def elastic_setup(args):
-    """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4."""
+    """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4.
+    Without save_init: its Stage II checkpoint holds no θ(0), the re-cut rebuilds it."""
     import shutil
-    Trainer(_fault_cfg(args, "elastic", pmp={"save_init": True})).train(stop_at=8)
+    Trainer(_fault_cfg(args, "elastic")).train(stop_at=8)
     if rank() == 0:
         for w in (1, 4):
             shutil.copytree(Path(args.out) / "elastic", Path(args.out) / f"elastic_w{w}")
@@ -473,7 +474,9 @@ def elastic_setup(args):
 
 @scenario
 def elastic_resume(args):
-    _run_to_end(args, f"elastic_w{world()}", pmp={"save_init": True})
+    t = _run_to_end(args, f"elastic_w{world()}")
+    drift = t.pmp.drift()  # against the θ(0) rebuilt from the universal checkpoint
+    save0(drift, Path(args.out) / f"elastic_w{world()}_drift.pt")
 
 
 @fail_cleanly
