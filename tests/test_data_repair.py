@@ -77,5 +77,6 @@ def test_corrupt_decompressed_shard_without_a_good_twin_is_one_clear_error(tmp_p
         _read_all(data)
     message = str(err.value)
     assert message.startswith(f"corrupt data shard: {raw} does not match the checksum in its "
-                              f"index.json, and it could not be restored from {twin} (Checksum failure: "), message
+                              f"index.json, and it could not be restored from {twin} "
+                              "(Checksum failure: "), message
     assert "\n" not in message

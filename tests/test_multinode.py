@@ -11,8 +11,9 @@ The PMP run (early-bird discovery, then masked steps with checkpoints) reads its
 s3:// (moto in server mode inside node 0's namespace; each node streams into its own
 node-local cache), loses a whole node mid-Stage II and mid-epoch (every process in its
 namespace SIGKILLed), both nodes are relaunched with `--resume auto`, and the result must
-equal a single-node 2-rank run of the same config on local data bit for bit. The same namespaces then check the shared-filesystem contract: a run_dir that is
-node-local fails before training with one clear line.
+equal a single-node 2-rank run of the same config on local data bit for bit. The same
+namespaces check the shared-filesystem contract first: a run_dir that is node-local fails
+before training with one clear line.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ class Cluster:
         tmp = self.scratch / "tmp"
         node_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": node.ifname,
-                    "TMPDIR": str(tmp), "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
+                    "TMPDIR": str(tmp),
+                    "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
                     "AWS_ACCESS_KEY_ID": "node", "AWS_SECRET_ACCESS_KEY": "node",
                     "AWS_DEFAULT_REGION": "us-east-1", **(env or {})}
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner",
