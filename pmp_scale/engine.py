@@ -131,6 +131,9 @@ def _set_cpu_threads() -> None:
 def init_distributed() -> None:
     import deepspeed
     if not dist.is_initialized():
+        if not on_cpu():  # NCCL collectives before the engine exists (the run_dir probe, the
+            from deepspeed.accelerator import get_accelerator  # seed broadcast) use this device
+            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
 
 
