@@ -23,7 +23,9 @@ from .sharded import ShardedMask
 
 
 # Elements per chunk of the hooks' work: ≤ 32 MB unpacked mask + 128 MB fp32 temporary, so the
-# transient stays under 256 MB per rank whatever `sub_group_size` is.
+# work transient stays under 256 MB per rank whatever `sub_group_size` is. Not chunked: H2's
+# snapshot, one sub-group of fp32 master (4 B x sub_group_size; 400 MB at the derived 1e8),
+# alive only during that sub-group's inner step.
 CHUNK = 1 << 25
 
 
