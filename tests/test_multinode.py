@@ -213,7 +213,7 @@ def _config(root: Path, data: dict, run_dir: Path, cache: Path, path: str | None
            "logging": {"tensorboard": False},
            "pmp": {"enabled": True, "mask_ratio": 0.6, "check_every": 2, "patience": 9,
                    "warmup_max_steps": 6, "save_init": True}}
-    path = root / f"{run_dir.name}.yaml"
+    path = root / f"{run_dir.parent.name}_{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
