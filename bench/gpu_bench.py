@@ -88,8 +88,10 @@ def main(argv=None) -> dict:
         dist.broadcast_object_list(shared, src=0)
         data, tok = shared
     world = dist.get_world_size()
+    run_dir = [tempfile.mkdtemp(prefix="pmp_gpu_bench_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run_dir, src=0)  # one run_dir for all ranks (it is checked)
     cfg = parse_config({
-        "run_dir": tempfile.mkdtemp(prefix="pmp_gpu_bench_"), "seed": 1,
+        "run_dir": run_dir[0], "seed": 1,
         "model": {"preset": args.preset, "overrides": {"attn_implementation": args.attn}},
         "data": {"path": data, "tokenizer": tok},
         "train": {"micro_batch_size": args.micro_batch,

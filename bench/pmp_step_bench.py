@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pmp_scale.config import parse_config  # noqa: E402
-from pmp_scale.engine import Trainer  # noqa: E402
+from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
 from pmp_scale.mask.discovery import EarlyBird  # noqa: E402
 from pmp_scale.mask.update import MaskedUpdate  # noqa: E402
 
@@ -60,8 +60,11 @@ def main() -> None:
 
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    init_distributed()
+    run_dir = [tempfile.mkdtemp(prefix="pmp_bench_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run_dir, src=0)  # one run_dir for all ranks (it is checked)
     cfg = parse_config({
-        "run_dir": tempfile.mkdtemp(prefix="pmp_bench_"), "seed": 1,
+        "run_dir": run_dir[0], "seed": 1,
         "model": {"preset": args.preset},
         "data": {"path": args.data, "tokenizer": args.tokenizer},
         "train": {"micro_batch_size": args.micro_batch,
