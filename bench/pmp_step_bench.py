@@ -26,7 +26,7 @@ import torch.distributed as dist  # noqa: E402
 from pmp_scale.config import parse_config  # noqa: E402
 from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
 from pmp_scale.mask.discovery import EarlyBird  # noqa: E402
-from pmp_scale.mask.update import MaskedUpdate  # noqa: E402
+from pmp_scale.mask.update import CHUNK, MaskedUpdate  # noqa: E402
 
 
 def sync():
@@ -132,7 +132,8 @@ def main() -> None:
                 ("Stage II mask state bytes per rank", f"{pmp.mask_state_bytes():,}"),
                 ("Stage II mask bits per local parameter", f"{bits_per_param:.4f}"),
                 (f"Stage I candidates, {len(eb.history)} checks (bits/p)", f"{stage1_bits:.4f}"),
-                ("transient: one sub-group unpacked (B)", f"{max(pmp.layout.sub_group_sizes):,}")]:
+                ("transient: unpacked mask chunk (B)",
+                 f"{min(max(pmp.layout.sub_group_sizes), CHUNK):,}")]:
             print(f"| {name:<38} | {value:>14} |")
         print(json.dumps(rows))
 
