@@ -24,9 +24,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from pmp_scale.config import parse_config  # noqa: E402
-from pmp_scale.engine import Trainer  # noqa: E402
+from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
 from pmp_scale.mask.discovery import EarlyBird  # noqa: E402
-from pmp_scale.mask.update import MaskedUpdate  # noqa: E402
+from pmp_scale.mask.update import CHUNK, MaskedUpdate  # noqa: E402
 
 
 def sync():
@@ -60,8 +60,11 @@ def main() -> None:
 
     import os
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    init_distributed()
+    run_dir = [tempfile.mkdtemp(prefix="pmp_bench_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(run_dir, src=0)  # one run_dir for all ranks (it is checked)
     cfg = parse_config({
-        "run_dir": tempfile.mkdtemp(prefix="pmp_bench_"), "seed": 1,
+        "run_dir": run_dir[0], "seed": 1,
         "model": {"preset": args.preset},
         "data": {"path": args.data, "tokenizer": args.tokenizer},
         "train": {"micro_batch_size": args.micro_batch,
@@ -102,14 +105,18 @@ def main() -> None:
         t.engine.step()
 
     local = sum(pmp.layout.sub_group_sizes)
-    bits_per_param = 8 * pmp.mask.resident_bytes() / local
+    # Everything mask-related the rank keeps (PMPController.mask_state_bytes): Stage II = the
+    # mask alone. Stage I also keeps the current candidate and a host history of candidates.
+    bits_per_param = 8 * pmp.mask_state_bytes() / local
+    stage1_bits = 8 * sum(b.numel() for m in [eb.candidate, *eb.history] for b in m.bits) / local
     d, m = statistics.median(dense), statistics.median(masked)
     c = statistics.median(check_times[1:] or check_times)
     rows = {"device": "cuda" if torch.cuda.is_available() else "cpu", "world_size": world,
             "preset": args.preset, "params": t.n_params, "local_elements_per_rank": local,
             "dense_step_s": d, "pmp_step_s": m, "ratio": m / d,
             "discovery_check_s": c, "check_vs_step": c / d,
-            "mask_bytes_per_rank": pmp.mask.resident_bytes(), "mask_bits_per_param": bits_per_param}
+            "mask_bytes_per_rank": pmp.mask_state_bytes(), "mask_bits_per_param": bits_per_param,
+            "stage1_candidate_bits_per_param": stage1_bits, "stage1_checks": len(eb.history)}
     if dist.get_rank() == 0:
         print(f"\nPMP overhead — {rows['preset']} ({t.n_params / 1e6:.2f}M params), "
               f"{world} rank(s) on {rows['device']}, {t.precision}, "
@@ -122,9 +129,11 @@ def main() -> None:
                 ("PMP / dense step time", f"{m / d:.3f}x"),
                 ("discovery check: top-k + IoU (s)", f"{c:.4f}"),
                 ("discovery check / dense step", f"{c / d:.2f}x"),
-                ("resident mask bytes per rank", f"{pmp.mask.resident_bytes():,}"),
-                ("mask bits per local parameter", f"{bits_per_param:.4f}"),
-                ("transient: one sub-group unpacked (B)", f"{max(pmp.layout.sub_group_sizes):,}")]:
+                ("Stage II mask state bytes per rank", f"{pmp.mask_state_bytes():,}"),
+                ("Stage II mask bits per local parameter", f"{bits_per_param:.4f}"),
+                (f"Stage I candidates, {len(eb.history)} checks (bits/p)", f"{stage1_bits:.4f}"),
+                ("transient: unpacked mask chunk (B)",
+                 f"{min(max(pmp.layout.sub_group_sizes), CHUNK):,}")]:
             print(f"| {name:<38} | {value:>14} |")
         print(json.dumps(rows))
 

@@ -12,6 +12,7 @@ EXIT_DIVERGED = 3
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", as opposed to a bug."""
     from .checkpoint import CheckpointError
+    from .cluster import SharedFilesystemError
     from .config import ConfigError
     from .data import DataError
     from .mask.artifact import MaskArtifactError
@@ -20,7 +21,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .release import ReleaseError
     from .secrecy import AttackError
     return (ConfigError, DataError, ModelConfigError, CheckpointError, MaskArtifactError,
-            MaskLayoutError, ReleaseError, AttackError, FileNotFoundError, FileExistsError)
+            MaskLayoutError, ReleaseError, AttackError, SharedFilesystemError,
+            FileNotFoundError, FileExistsError)
 
 
 def _exit_code(err: Exception) -> int | None:

@@ -132,6 +132,8 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
+        if self.pmp.enabled:
+            check_pmp_deepspeed(self.deepspeed)
         if self.pmp.enabled and "seed" not in self.model_fields_set:
             # θ(0) must be secret in a PMP run: no default seed, unless one is given on purpose.
             object.__setattr__(self, "seed", None)
@@ -155,6 +157,29 @@ def check_batch_and_schedule(train, optim, deepspeed: dict) -> None:
     if clash := reserved & set(deepspeed):
         raise ValueError(f"deepspeed.{sorted(clash)[0]} is derived from train:/optim: "
                          "— set it there instead")
+
+
+def check_pmp_deepspeed(deepspeed: dict) -> None:
+    """DeepSpeed paths the masked-update hooks do not cover (mask/update.py): refused here, not
+    discovered as a moved complement. NVMe offload swaps the fp32 master out between the
+    sub-group steps the hooks edit; ZenFlow steps its own selected columns without the inner
+    optimizer; the hooks need ZeRO-3's partitioned fp32 sub-groups."""
+    zero = deepspeed.get("zero_optimization") or {}
+    if zero.get("stage", 3) != 3:
+        raise ValueError(f"deepspeed.zero_optimization.stage {zero.get('stage')}: PMP's masked "
+                         "update works on ZeRO-3 partitions only; remove the override")
+    why = {"offload_optimizer": "it swaps the fp32 master partitions the masked update edits "
+                                "out to disk between sub-group steps",
+           "offload_param": "parameter swapping is untested with the masked update and the "
+                            "Stage I rewind"}
+    for key, reason in why.items():
+        if ((zero.get(key) or {}).get("device") or "none") == "nvme":
+            raise ValueError(f"deepspeed.zero_optimization.{key}.device nvme is not supported "
+                             f"with PMP: {reason}; use device cpu (ZeRO-Offload) or none")
+    if zero.get("zenflow"):
+        raise ValueError("deepspeed.zero_optimization.zenflow is not supported with PMP: "
+                         "ZenFlow updates parameters outside the optimizer step the masked "
+                         "update guards, so the complement would move")
 
 
 def grad_accum_steps(train, world_size: int) -> int:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from .checkpoint import Checkpointer, RNGState, tag_for
+from .cluster import check_shared_run_dir
 from .preemption import Preemption
 from .faults import fault_point
 from .config import ConfigError, RunConfig
@@ -131,6 +132,9 @@ def _set_cpu_threads() -> None:
 def init_distributed() -> None:
     import deepspeed
     if not dist.is_initialized():
+        if not on_cpu():  # NCCL collectives before the engine exists (the run_dir probe, the
+            from deepspeed.accelerator import get_accelerator  # seed broadcast) use this device
+            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
 
 
@@ -180,6 +184,7 @@ class Trainer:
         if dist.get_world_size() != self.world_size:
             raise RuntimeError("WORLD_SIZE does not match the process group")
         self.run_dir = Path(cfg.run_dir)
+        check_shared_run_dir(self.run_dir)  # before anything is built or trained
         self.telemetry = Telemetry(self.run_dir, self.rank, cfg.logging.tensorboard)
         self.ds_config = build_ds_config(cfg, self.world_size, self.precision)
         self.n_params = count_params(self.hf_config)

@@ -605,6 +605,10 @@ def _pmp_states(tag_dir: Path) -> tuple[list[dict], list[dict]]:
 def _theta0_params(pmp: list[dict], shapes: Mapping[str, tuple]) -> Iterator[tuple[str, torch.Tensor]]:
     """Full θ(0) per parameter from each rank's fp32 sub-group snapshot, cut where the mask
     signature (name, numel, start, length, sub_group, offset) says its slice lives."""
+    if any(p.get("theta0") is None for p in pmp):
+        raise ReleaseError("this checkpoint holds no θ(0): Stage II checkpoints keep it only "
+                           "with pmp.save_init (the complement alone is θ(0) there); export "
+                           "without --init, or use the run's private/mask/init.safetensors")
     where = [{s[0]: s for s in p["mask"]["signature"]} for p in pmp]
     for name, shape in shapes.items():
         parts = []

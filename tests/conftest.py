@@ -74,7 +74,7 @@ def dist_results(tmp_path_factory, tiny_data):
                                    "pmp_earlybird", "pmp_scoped", "pmp_offload",
                                    "pmp_secret_seed", "pmp_random_mask", "pmp_resume_first_half",
                                    "pmp_rewind", "release_source", "leaky",
-                                   "pmp_project"], 2)
+                                   "pmp_project", "pmp_h2_guard"], 2)
     run_scenarios(out, tiny_data, ["resume_second_half", "pmp_resume_second_half"], 2)
     run_scenarios(out, tiny_data, ["theta0", "pmp_random_mask", "pmp_resume_refused"], 1)
     return out

@@ -22,7 +22,10 @@ cert=()
 "$VENV/bin/pip" install -q --disable-pip-version-check --isolated "${cert[@]}" \
     -c constraints.txt "$(pin torch)" "$(pin torchvision)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev,eval]'
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" - "$(pin torch | cut -d= -f3)" <<'PY'
+import sys
 import streaming, transformers, deepspeed, torch  # noqa: F401  (the import that the torchvision trap breaks)
+if torch.__version__.split("+")[0] != sys.argv[1]:
+    sys.exit(f"torch {torch.__version__} is installed but constraints.txt pins {sys.argv[1]}")
 PY
 echo "$want" > "$stamp"

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh
 export DS_ACCELERATOR=cpu
-exec .venv/bin/python -m pytest -m "not slow" -q "$@"
+exec "${PMP_VENV:-.venv}/bin/python" -m pytest -m "not slow" -q "$@"

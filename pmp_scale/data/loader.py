@@ -46,7 +46,7 @@ def read_meta(data_uri: str) -> dict:
             try:
                 CloudDownloader.direct_download(url, local)
             except Exception as err:  # each cloud client raises its own types
-                raise DataError(f"cannot fetch {url}: {err}") from err
+                raise DataError(_remote_problem(url, err)) from None
             meta = json.loads(Path(local).read_text())
     else:
         path = Path(data_uri)
@@ -61,6 +61,48 @@ def read_meta(data_uri: str) -> dict:
         raise DataError(f"{data_uri}: data format version {meta.get('format_version')}, this "
                         f"code reads version {FORMAT_VERSION}; prepare the data again")
     return meta
+
+
+def _remote_problem(url: str, err: BaseException) -> str:
+    """One line on why `url` cannot be read. For s3:// the object and its bucket are asked
+    directly, so that a missing bucket and refused credentials are told apart from a missing
+    object (streaming says "not found" for all three)."""
+    text = str(err).strip()
+    generic = f"cannot fetch {url}: {text.splitlines()[0] if text else type(err).__name__}"
+    if not url.startswith("s3://"):
+        return generic
+    bucket, _, key = url[len("s3://"):].partition("/")
+    try:
+        import boto3
+        from botocore.exceptions import ClientError, NoCredentialsError
+    except ImportError:
+        return generic
+    s3 = boto3.session.Session().client(  # a fresh session: the environment as it is now
+        "s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None)
+
+    def status(call) -> int | None:
+        try:
+            call()
+            return 200
+        except ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    try:
+        found = status(lambda: s3.head_object(Bucket=bucket, Key=key))
+        if found in (400, 401, 403):
+            return (f"cannot read {url}: access refused (HTTP {found}): check the credentials "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
+                    f"policy of bucket {bucket!r}")
+        if found == 404:
+            if status(lambda: s3.head_bucket(Bucket=bucket)) == 404:
+                return f"cannot read {url}: bucket {bucket!r} does not exist"
+            return (f"cannot read {url}: no such object in bucket {bucket!r} (is the data path "
+                    "right? tools/prepare_data.py writes meta.json beside train/ and val/)")
+    except NoCredentialsError:
+        return (f"cannot read {url}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)")
+    except Exception:  # endpoint unreachable and the like: the original message says it
+        pass
+    return generic
 
 
 def _collate(samples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
@@ -139,6 +181,7 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
                                shuffle=shuffle, shuffle_seed=seed,
                                num_canonical_nodes=num_canonical_nodes, validate_hash="xxh64")
     _record_background_failures(dataset)
+    _verify_shards_on_first_read(dataset)
     return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
                                drop_last=drop_last,
                                collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
@@ -157,21 +200,75 @@ def _record_background_failures(dataset) -> None:
     for stream in dataset.streams:
         prepare = stream.prepare_shard
 
-        def guarded(shard, prepare=prepare):
+        def guarded(shard, prepare=prepare, stream=stream):
             try:
                 return prepare(shard)
             except Exception as err:
+                err.pmp_remote = stream.remote and _join(stream.remote, stream.split or "")
                 dataset.pmp_failure = err
                 dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
                 raise
         stream.prepare_shard = guarded
 
 
+def _verify_shards_on_first_read(dataset) -> None:
+    """Check a decompressed shard against its index.json checksum before its first sample.
+
+    Streaming validates only what it downloads or decompresses itself; a decompressed
+    `shard.NNNNN.mds` already on disk (from an earlier run, or a corrupt copy in a cache) is
+    trusted as is, and corrupt bytes surface many steps later as a raw IndexError from deep
+    inside streaming. Each shard is hashed once per process, on first use (xxh64: milliseconds
+    per 32 MB shard), then the check unhooks itself. A corrupt one is rebuilt from its
+    compressed twin (fetched again from the remote when the cache dropped it), whose own
+    checksum streaming verifies; without a good twin it is a DataError naming the file."""
+    for shard_id, shard in enumerate(dataset.shards):
+        stream = dataset.streams[dataset.stream_per_shard[shard_id]]
+
+        def first_read(idx, shard=shard, stream=stream):
+            _check_raw_shard(shard, stream)
+            del shard.get_sample_data  # back to the class's method: no cost from now on
+            return shard.get_sample_data(idx)
+        shard.get_sample_data = first_read
+
+
+def _check_raw_shard(shard, stream) -> None:
+    import logging
+    from streaming.base.hashing import get_hash
+
+    for raw_info, zip_info in shard.file_pairs:
+        raw = os.path.join(shard.dirname, shard.split, raw_info.basename)
+        algo = next((a for a in ("xxh64", "sha1") if a in (raw_info.hashes or {})), None)
+        if algo is None or not os.path.isfile(raw):
+            continue  # nothing to check against, or streaming will fetch it (and validate)
+        with open(raw, "rb") as f:
+            data = f.read()
+        if len(data) == raw_info.bytes and get_hash(algo, data) == raw_info.hashes[algo]:
+            continue
+        problem = f"corrupt data shard: {raw} does not match the checksum in its index.json"
+        if zip_info is None:
+            raise DataError(f"{problem} and has no compressed copy to restore it from; restore "
+                            "it or re-run tools/prepare_data.py")
+        packed = os.path.join(shard.dirname, shard.split, zip_info.basename)
+        try:
+            if not os.path.isfile(packed) and stream.remote is not None:
+                stream._download_file(zip_info.basename)
+            stream._decompress_shard_part(zip_info, packed, raw, shard.compression)
+        except Exception as err:  # missing twin, its checksum, download: one line either way
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{problem}, and it could not be restored from {packed} ({why}); "
+                            "restore it or re-run tools/prepare_data.py") from None
+        logging.getLogger("pmp_scale").warning(
+            f"{problem}; restored it from its compressed copy {zip_info.basename}")
+
+
 def _data_error(failure: BaseException) -> DataError:
     message = str(failure)
     if message.startswith("Checksum failure: "):
-        return DataError(f"corrupt data shard: {message.split(': ', 1)[1]} does not match the "
-                         "checksum in its index.json; restore it or re-run tools/prepare_data.py")
+        path = message.split(": ", 1)[1]
+        remote = getattr(failure, "pmp_remote", None)
+        source = f" (downloaded from {_join(remote, os.path.basename(path))})" if remote else ""
+        return DataError(f"corrupt data shard: {path}{source} does not match the checksum in "
+                         "its index.json; restore it or re-run tools/prepare_data.py")
     return DataError(f"data shard could not be loaded: {message}")
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import (ConfigError, apply_overrides, check_batch_and_schedule,
-                      format_validation_error, grad_accum_steps, read_yaml)
+                      check_pmp_deepspeed, format_validation_error, grad_accum_steps, read_yaml)
 
 MODES = ("unauthorized", "unauthorized-lora", "authorized")
 # Built-in offline tasks (data/classification/), then GLUE through `datasets`, then local files.
@@ -148,6 +148,8 @@ class FinetuneConfig(_Strict):
             raise ValueError("export.dir: LoRA runs cannot be exported (the adapters are not "
                              "merged into the ZeRO-3 weights)")
         check_batch_and_schedule(self.train, self.optim, self.deepspeed)
+        if self.mode == "authorized":  # the pre-training masked-update hooks
+            check_pmp_deepspeed(self.deepspeed)
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:

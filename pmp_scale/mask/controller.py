@@ -54,6 +54,7 @@ class PMPController:
         self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, self.excluded,
                                      device=_device())
         self.theta0 = self._snapshot_master()
+        self._theta0_complete = True  # False: rebuilt from the complement (masked part unknown)
         self.mask_seed = cfg.mask_seed
         self.discovery: EarlyBird | None = None
         self.update: MaskedUpdate | None = None
@@ -151,8 +152,7 @@ class PMPController:
     def drift(self) -> float:
         """Largest |θ − θ(0)| on the complement over all ranks (0.0 in frozen mode; a
         measurement, not a failure, with `complement: decay | project`)."""
-        value = torch.tensor([complement_drift(self.engine, self.mask, self.theta0)],
-                             device=_device())
+        value = complement_drift(self.engine, self.mask, self.theta0).reshape(1).to(_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value.item())
 
@@ -172,16 +172,36 @@ class PMPController:
         self.telemetry.info("pmp mask density: " + ", ".join(
             f"{k.split('/')[-1]} {v:.1%}" for k, v in density.items()))
 
+    def mask_state_bytes(self) -> int:
+        """Every resident mask-related byte of this rank (each tensor once): the mask; in Stage I
+        also the current candidate, the host history of candidates and the EMA scores."""
+        tensors = {}
+        d = self.discovery
+        for m in [self.mask] + ([d.candidate, *d.history] if d is not None else []):
+            if m is not None:
+                tensors.update({id(b): b for b in m.bits})
+        for e in (d.ema or []) if d is not None else []:
+            tensors[id(e)] = e
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     # --- checkpoint component ---------------------------------------------------------------------
+    def _theta0_to_save(self) -> list[torch.Tensor] | None:
+        """θ(0) goes into checkpoints only while it cannot be rebuilt: in Stage II the complement
+        of the fp32 master *is* θ(0) (or, with `rewind: none`, the values it is frozen at), so
+        resume rebuilds it from there. `save_init` also needs the masked elements' θ(0): kept."""
+        return self.theta0 if self.stage == 1 or self.cfg.save_init else None
+
     def state_dict(self) -> dict:
         return {"init_seed": self.init_seed, "mask_seed": self.mask_seed,
-                "stage2_start": self.stage2_start, "theta0": self.theta0,
+                "stage2_start": self.stage2_start, "theta0": self._theta0_to_save(),
                 "discovery": None if self.discovery is None else self.discovery.state_dict(),
                 "mask": None if self.mask is None else self.mask.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
-        self.theta0 = state["theta0"]
+        # None: a Stage II checkpoint; the fp32 master (already loaded) holds it on the complement
+        self.theta0 = state["theta0"] if state["theta0"] is not None else self._snapshot_master()
+        self._theta0_complete = state["theta0"] is not None
         if self.update is not None:
             self.update.remove()
             self.update = None
@@ -192,6 +212,8 @@ class PMPController:
         if state["mask"] is not None:
             self.mask = ShardedMask.from_state_dict(self.layout, state["mask"], _device())
             self.update = MaskedUpdate(self.engine, self.mask, self.cfg.complement)
+            if self.discovery is not None:  # its final candidate is the mask: one copy
+                self.discovery.candidate = self.mask
 
     def load_resharded(self, old: list[dict]) -> None:
         """Re-cut the mask and θ(0) from the states of a run with another world size."""
@@ -212,11 +234,15 @@ class PMPController:
             full = unpack_bits(merge_rank_slices([s["mask"]["bits"][e.name] for s in old], lengths),
                                e.slice.numel)
             masks.append(full[e.slice.start:e.slice.start + e.slice.length].clone())
+            if first["theta0"] is None:
+                continue
             pieces = [s["theta0"][w[e.name][4]][w[e.name][5]:w[e.name][5] + w[e.name][3]]
                       for s, w in zip(old, where)]
             values = torch.cat(pieces)[e.slice.start:e.slice.start + e.slice.length]
             theta0[e.sub_group][e.offset:e.offset + e.slice.length] = values
-        self.theta0 = theta0
+        # Not saved in Stage II: the universal checkpoint just loaded holds it on the complement.
+        self.theta0 = theta0 if first["theta0"] is not None else self._snapshot_master()
+        self._theta0_complete = first["theta0"] is not None
         if self.update is not None:
             self.update.remove()
         self.mask = ShardedMask.from_param_masks(self.layout, masks, _device())
@@ -230,6 +256,11 @@ class PMPController:
         """
         shard_dir = self.private_dir / "shards"
         shard_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.save_init and not self._theta0_complete:
+            raise CheckpointError(
+                "pmp.save_init: θ(0) of the masked elements is unknown to this run (it resumed "
+                "from a Stage II checkpoint written without save_init, which keeps only the "
+                "complement); set save_init from the start of a run")
         torch.save({"lengths": [e.slice.length for e in self.layout.entries],
                     "bits": [pack_bits(m) for m in self.mask.param_masks()],
                     "theta0": self._theta0_slices() if self.cfg.save_init else None},

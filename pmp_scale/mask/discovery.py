@@ -40,11 +40,14 @@ class MaskSelector:
         self.excluded = layout.select(exclude)
         self.groups, self.k = target_counts(layout, ratio, scope, self.excluded)
         self.trainable = [i for i, x in enumerate(self.excluded) if not x]
-        # The elements that are selected at all: excluded ones are in every candidate, so an
-        # IoU counting them would be inflated.
-        self.selectable = ShardedMask.from_param_masks(layout, [
+
+    def selectable(self) -> ShardedMask:
+        """The elements that are selected at all: excluded ones are in every candidate, so an
+        IoU counting them would be inflated. Derived when needed (Stage I checks only), not
+        kept: the resident mask state stays 1 bit per element."""
+        return ShardedMask.from_param_masks(self.layout, [
             torch.full((e.slice.length,), not x, dtype=torch.bool)
-            for e, x in zip(layout.entries, self.excluded)], device)
+            for e, x in zip(self.layout.entries, self.excluded)], self.device)
 
     def from_scores(self, scores: list[torch.Tensor]) -> ShardedMask:
         """`scores[i]` for every layout entry (excluded entries ignored: always trainable)."""
@@ -65,9 +68,9 @@ class MaskSelector:
     def full(self) -> ShardedMask:
         return ShardedMask.full(self.layout, self.device)
 
-    def iou(self, a: ShardedMask, b: ShardedMask) -> float:
+    def iou(self, a: ShardedMask, b: ShardedMask, selectable: ShardedMask | None = None) -> float:
         """IoU over the selectable elements (excluded parameters left out), over all ranks."""
-        keep = self.selectable.bits
+        keep = (selectable or self.selectable()).bits
         return iou([x.to(self.device) & k for x, k in zip(a.bits, keep)],
                    [y.to(self.device) & k for y, k in zip(b.bits, keep)])
 
@@ -158,8 +161,9 @@ class EarlyBird:
     def finish(self) -> ShardedMask:
         """The final mask; fills in every candidate's IoU with it, then drops the history."""
         final = self.candidate
+        keep = self.selector.selectable()
         for record, cand in zip(self.trace, self.history):
-            record["iou_final"] = self.selector.iou(cand, final)
+            record["iou_final"] = self.selector.iou(cand, final, keep)
         self.history = []
         self.ema = self.acc = None
         return final

@@ -109,6 +109,11 @@ class ShardedMask:
         """Unpacked bool mask of sub-group i (transient: the resident form stays packed)."""
         return unpack_bits(self.bits[i], self.layout.sub_group_sizes[i])
 
+    def sub_group_slice(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """Unpacked bool mask of elements [start, stop) of sub-group i (start a multiple of 8):
+        the hooks work chunk by chunk, so the transient stays small whatever the sub-group size."""
+        return unpack_bits(self.bits[i][start // 8:(stop + 7) // 8], stop - start)
+
     def param_masks(self) -> list[torch.Tensor]:
         """Bool masks of every entry's real local elements (for saving / export)."""
         out: list[torch.Tensor | None] = [None] * len(self.layout.entries)

@@ -1,6 +1,6 @@
 """Stage II: only masked elements are ever updated; the complement stays bit-exactly at θ(0).
 
-Two hooks (see DESIGN.md, "The masked update"):
+Two hooks (see docs/design.md, "The masked update"):
   H1 — at the accumulation boundary, before `engine.step()`, zero the complement in the
        partitioned gradients, so the global norm and clipping see the masked gradient.
   H2 — around every inner optimizer step (once per ZeRO-3 sub-group) snapshot the fp32 master
@@ -10,12 +10,33 @@ Two hooks (see DESIGN.md, "The masked update"):
        gathered parameters are derived from the fp32 master after the step, so they follow.
 `complement: decay` keeps H1 only (the reference implementation's behaviour); `project` too,
 plus the controller's periodic projection (`project.py`).
+
+H2 cannot switch itself off quietly: every optimizer step counts the sub-groups it restored and
+`after_step` raises `MaskedUpdateError` unless that is every sub-group, exactly once (a
+DeepSpeed step path that bypasses the inner optimizer, or a sub-group the hooks do not
+recognise, would otherwise train the complement as `decay` does, without a word).
 """
 from __future__ import annotations
 
 import torch
 
 from .sharded import ShardedMask
+
+
+# Elements per chunk of the hooks' work: ≤ 32 MB unpacked mask + 128 MB fp32 temporary, so the
+# work transient stays under 256 MB per rank whatever `sub_group_size` is. Not chunked: H2's
+# snapshot, one sub-group of fp32 master (4 B x sub_group_size; 400 MB at the derived 1e8),
+# alive only during that sub-group's inner step.
+CHUNK = 1 << 25
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
+class MaskedUpdateError(RuntimeError):
+    """The masked update did not cover every sub-group: the complement may have moved."""
 
 
 class MaskedUpdate:
@@ -31,6 +52,8 @@ class MaskedUpdate:
         self.fp32_flat = zero.fp32_partitioned_groups_flat
         self._group_of = {t.data_ptr(): i for i, t in enumerate(self.fp32_flat)}
         self._snapshot: tuple[int, torch.Tensor] | None = None
+        self._restored: list[int] = []  # sub-groups restored during the current step
+        self._unmatched = 0             # inner steps on parameters that are no sub-group
         self._handles = []
         if complement == "frozen":
             # Partial offload (`ratio` < 1) steps the sub-groups kept on the device with a
@@ -45,32 +68,34 @@ class MaskedUpdate:
             h.remove()
         self._handles = []
 
-    def _bool(self, group: int, device) -> torch.Tensor:
-        """Unpacked mask of one sub-group, only for the op at hand: the resident form stays
-        packed (1 bit per element); the transient is one sub-group's bytes."""
-        return self.mask.sub_group(group).to(device, non_blocking=True)
+    def _keep(self, group: int, start: int, stop: int, device) -> torch.Tensor:
+        """Unpacked mask of one chunk, only for the op at hand: the resident form stays packed
+        (1 bit per element)."""
+        return self.mask.sub_group_slice(group, start, stop).to(device, non_blocking=True)
 
     # H1 ------------------------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self, engine, step: int) -> None:
         zero = engine.optimizer
+        self._restored, self._unmatched = [], 0
         buf = zero.grad_partitions_flat_buffer
         offset = 0
         for g, n in enumerate(self.mask.layout.sub_group_sizes):
-            keep = self._bool(g, buf.device)
-            buf[offset:offset + n].masked_fill_(~keep, 0)
+            # With optimizer offload the boundary backward has already copied the gradients
+            # to the host fp32 partition: mask that copy too.
+            host = self.fp32_flat[g].grad if self.offload else None
+            for a, b in _chunks(n):
+                drop = ~self._keep(g, a, b, buf.device)
+                buf[offset + a:offset + b].masked_fill_(drop, 0)
+                if host is not None:
+                    host[a:b].masked_fill_(drop.to(host.device), 0)
             offset += n
-            if self.offload:
-                self._mask_offloaded(zero, g, keep)
+            if host is not None:
+                self._renorm_offloaded(zero, g, host)
 
-    def _mask_offloaded(self, zero, g: int, keep: torch.Tensor) -> None:
-        """With optimizer offload the boundary backward has already copied the gradients to
-        the host fp32 partition and cached each parameter's norm (used for the global norm and
-        clipping): mask the copy and recompute those norms."""
-        grad = self.fp32_flat[g].grad
-        if grad is None:
-            return
-        grad.masked_fill_(~keep.to(grad.device), 0)
+    def _renorm_offloaded(self, zero, g: int, grad: torch.Tensor) -> None:
+        """Offload caches each parameter's gradient norm at the boundary backward (used for
+        the global norm and clipping): recompute them from the masked host gradients."""
         for p in zero.fp16_groups[g]:
             pid = zero.get_param_id(p)
             if pid in zero.norm_for_param_grads:
@@ -89,7 +114,9 @@ class MaskedUpdate:
 
     def _pre(self, optimizer, args, kwargs) -> None:
         g = self._stepped_group(optimizer)
-        if g is not None:
+        if g is None:
+            self._unmatched += 1
+        else:
             self._snapshot = (g, self.fp32_flat[g].detach().clone())
 
     @torch.no_grad()
@@ -99,19 +126,39 @@ class MaskedUpdate:
         g, before = self._snapshot
         self._snapshot = None
         flat = self.fp32_flat[g]
-        flat.copy_(torch.where(self._bool(g, flat.device), flat, before))
+        for a, b in _chunks(flat.numel()):
+            part = flat[a:b]
+            part.copy_(torch.where(self._keep(g, a, b, flat.device), part, before[a:b]))
+        self._restored.append(g)
 
     def after_step(self, engine, step: int) -> None:
-        """Nothing to do: kept for the StepHook protocol."""
+        """H2's guard: every sub-group snapshotted and restored exactly once in this step."""
+        if self.complement != "frozen":
+            return
+        if getattr(engine.optimizer, "overflow", False) and not self._restored:
+            return  # fp16 loss-scale overflow: DeepSpeed skipped the whole step
+        n = len(self.fp32_flat)
+        if sorted(self._restored) != list(range(n)) or self._unmatched:
+            missing = sorted(set(range(n)) - set(self._restored))
+            raise MaskedUpdateError(
+                f"masked update at step {step + 1}: the complement was restored for "
+                f"{len(self._restored)} of {n} ZeRO-3 sub-groups (not restored: {missing}; "
+                f"inner optimizer steps on unrecognised parameters: {self._unmatched}); the "
+                "complement may have moved, so training stops here (the last checkpoint is "
+                "intact). This DeepSpeed optimizer path is not covered by the PMP hooks.")
 
 
 @torch.no_grad()
-def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> float:
-    """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen)."""
-    drift = 0.0
-    for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
-        frozen = ~mask.sub_group(g).to(flat.device) & mask.layout.real_elements(g).to(flat.device)
-        if frozen.any():
-            diff = (flat[frozen] - theta0[g].to(flat.device)[frozen]).abs().max().item()
-            drift = max(drift, diff)
+def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> torch.Tensor:
+    """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen), as a
+    0-dim tensor on the master's device: chunked, and no host sync until the caller reads it.
+    Padding is never selected, and is 0 in both, so it does not count."""
+    fp32 = engine.optimizer.fp32_partitioned_groups_flat
+    drift = torch.zeros((), dtype=torch.float32, device=fp32[0].device)
+    for g, flat in enumerate(fp32):
+        for a, b in _chunks(flat.numel()):
+            part = flat[a:b]
+            ref = theta0[g][a:b].to(part.device, non_blocking=True)
+            diff = (part - ref).abs().masked_fill_(mask.sub_group_slice(g, a, b).to(part.device), 0)
+            drift = torch.maximum(drift, diff.max())
     return drift

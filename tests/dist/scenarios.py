@@ -167,6 +167,10 @@ def pmp_resume_second_half(args):
         t.train()
         save0(losses(t.run_dir), Path(args.out) / f"{name}_losses.pt")
         save0(gathered(t.model), Path(args.out) / f"{name}_params.pt")
+        Path(args.out, f"{name}_memory_rank{rank()}.json").write_text(json.dumps({
+            "mask_state_bytes": t.pmp.mask_state_bytes(),
+            "local": sum(t.pmp.layout.sub_group_sizes),
+            "sub_groups": len(t.pmp.layout.sub_group_sizes)}))
     _refused(args, "model", model={"preset": "gpt2-tiny"})
 
 
@@ -203,6 +207,8 @@ def _pmp_run(args, name, precision="fp32", steps=50, ds=None, **pmp):
     result = {"before": before, "after": after, "drift": t.pmp.drift(),
               "grad_norms": [m.get("train/grad_norm") for m in _metrics(t.run_dir)],
               "mask_dir": str(mask_dir), "resident_bytes": t.pmp.mask.resident_bytes(),
+              "mask_state_bytes": t.pmp.mask_state_bytes(),
+              "sub_groups": len(t.pmp.layout.sub_group_sizes),
               "local_numel": sum(t.pmp.layout.sub_group_sizes)}
     # the fp32 master complement too (not only what the low-precision params show)
     real = [t.pmp.layout.real_elements(g) for g in range(len(master0))]
@@ -224,9 +230,16 @@ def _metrics(run_dir):
 
 @scenario
 def pmp_frozen(args):
-    _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
-    _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
-    _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
+    """The hooks work in chunks (of 32M elements by default): small ones here, so every
+    sub-group of these runs spans many chunk boundaries."""
+    import pmp_scale.mask.update as update
+    default, update.CHUNK = update.CHUNK, 4104
+    try:
+        _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
+        _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
+        _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
+    finally:
+        update.CHUNK = default
 
 
 @scenario
@@ -319,6 +332,30 @@ def pmp_project(args):
            "drift": t.pmp.drift(), "persistent": len(t.engine.optimizer.persistent_parameters),
            "mask_dir": str(Path(cfg.run_dir) / "private" / "mask"),
            "run_dir": str(cfg.run_dir)}, Path(args.out) / f"{name}.pt")
+
+
+@scenario
+def pmp_h2_guard(args):
+    """H2 is broken on purpose: the restore hook no longer recognises sub-group 0, so its
+    complement would train like `decay`. The step must fail instead (and a working step not)."""
+    from pmp_scale.mask.update import MaskedUpdateError
+    cfg = config(args, "pmp_h2_guard", train={"max_steps": 2},
+                 pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5},
+                 deepspeed={"zero_optimization": {"sub_group_size": 20_000}})
+    t = Trainer(cfg)
+    update = t.pmp.update
+    batches = t._batches()
+    t.train_step(batches)  # intact hooks: no error
+    t.state.step += 1
+    first = update.fp32_flat[0].data_ptr()
+    update._group_of = {ptr: g for ptr, g in update._group_of.items() if ptr != first}
+    try:
+        t.train_step(batches)
+        error = None
+    except MaskedUpdateError as err:
+        error = str(err)
+    save0({"error": error, "sub_groups": len(update.fp32_flat)},
+          Path(args.out) / "pmp_h2_guard.pt")
 
 
 # --- issue: release tools -------------------------------------------------------------------------
@@ -489,9 +526,10 @@ def corrupt_resume(args):
 
 @scenario
 def elastic_setup(args):
-    """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4."""
+    """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4.
+    Without save_init: its Stage II checkpoint holds no θ(0), the re-cut rebuilds it."""
     import shutil
-    Trainer(_fault_cfg(args, "elastic", pmp={"save_init": True})).train(stop_at=8)
+    Trainer(_fault_cfg(args, "elastic")).train(stop_at=8)
     if rank() == 0:
         for w in (1, 4):
             shutil.copytree(Path(args.out) / "elastic", Path(args.out) / f"elastic_w{w}")
@@ -500,7 +538,9 @@ def elastic_setup(args):
 
 @scenario
 def elastic_resume(args):
-    _run_to_end(args, f"elastic_w{world()}", pmp={"save_init": True})
+    t = _run_to_end(args, f"elastic_w{world()}")
+    drift = t.pmp.drift()  # against the θ(0) rebuilt from the universal checkpoint
+    save0(drift, Path(args.out) / f"elastic_w{world()}_drift.pt")
 
 
 @fail_cleanly
