@@ -142,10 +142,14 @@ def shadow_attack(target: Target, shadow_release: Path, shadow_mask: Path,
     clf = HistGradientBoostingClassifier(max_iter=200, categorical_features=[FEATURES.index("kind")],
                                          random_state=seed).fit(x, y)
     target_feats = Featurizer(target, counts, grad_stats(target, batches) if use_grads else None)
+    predicted: dict[str, torch.Tensor] = {}  # 4 bytes per element: predict once, score twice
 
     def scores() -> Scores:
         for name, t in target.tensors():
-            yield name, torch.from_numpy(clf.predict_proba(target_feats.tensor(name, t))[:, 1]).float()
+            if name not in predicted:
+                x = target_feats.tensor(name, t)
+                predicted[name] = torch.from_numpy(clf.predict_proba(x)[:, 1]).float()
+            yield name, predicted[name]
     return Attack("shadow", "shadow run" + (" + public text" if use_grads else ""),
                   "shadow-model classifier", scores,
                   {"train_elements": len(y), "shadow_mask_share": float(y.mean()),
