@@ -16,6 +16,17 @@ SCENARIOS = REPO / "tests" / "dist" / "scenarios.py"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_environment():
+    """Each test module starts from the environment the session started with: HF Trainer,
+    accelerate and the fine-tuner's W=1 group write rank variables (LOCAL_WORLD_SIZE,
+    ACCELERATE_MIXED_PRECISION, ...) that later launches would otherwise inherit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A 512-piece SentencePiece model and seq-64 MDS shards from two of the books."""
@@ -25,6 +36,10 @@ def tiny_data(tmp_path_factory):
     model = train_sentencepiece(books, str(root / "spm"), vocab_size=512)
     prepare_dataset(books, model, root / "mds", seq_len=64, val_fraction=0.05, progress=False)
     return {"data": str(root / "mds"), "tokenizer": model}
+
+
+LAUNCHER_OWNED = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"}
 
 
 def _shm_files() -> set[str]:
@@ -38,7 +53,12 @@ def launch(script: Path | str, args: list[str], world_size: int, cwd=None,
     DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm file per rank per run; remove ours.
     """
     before = _shm_files()
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    # In-process tests (HF Trainer, accelerate, the fine-tuner's W=1 group) leave rank and
+    # accelerate variables in this process's environment; a launched rank must not inherit them
+    # (LOCAL_WORLD_SIZE=1 would make each rank its own node to streaming).
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in LAUNCHER_OWNED and not k.startswith("ACCELERATE_")}
+    full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     port = str(29500 + (os.getpid() % 1000))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),

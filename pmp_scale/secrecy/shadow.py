@@ -75,6 +75,10 @@ class Featurizer:
         return torch.stack([x.float() for x in cols_out], dim=1).numpy()
 
 
+_RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT"}
+
+
 def _free_port() -> int:
     """A port nobody listens on: the attacker's run may share the machine with training."""
     import socket
@@ -88,7 +92,11 @@ def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: i
     run_dir = workdir / "run"
     if (run_dir / "private" / "mask" / "mask.json").is_file():
         return run_dir
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The launcher sets each rank's own; inherited ones (this process may host a W=1 group or
+    # an HF Trainer) would make every rank its own node to streaming.
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV and
+           not k.startswith("ACCELERATE_")}
+    env["PYTHONUNBUFFERED"] = "1"
     if not torch.cuda.is_available():
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),

@@ -23,7 +23,8 @@ from .plan import Plan, Run
 log = logging.getLogger("pmp_scale.study")
 REPO = Path(__file__).resolve().parents[2]
 # Set by the in-process fine-tuning process group; a launcher child must not inherit them.
-_PG_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_PG_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+           "MASTER_PORT")
 
 
 def write_json(path: Path, doc: dict) -> None:
