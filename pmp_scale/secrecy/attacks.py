@@ -40,7 +40,6 @@ class Target:
     """A release directory, read one tensor at a time."""
 
     def __init__(self, path):
-        from safetensors import safe_open
         self.path = Path(path)
         if not self.path.is_dir():
             raise AttackError(f"no release at {self.path}: give the directory tools/release.py wrote")
@@ -49,33 +48,36 @@ class Target:
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise AttackError(f"{self.path} is not a release: no *.safetensors weights")
-        self.shapes = {}
+        self._where: dict[str, tuple[Path, int, dict]] = {}  # name -> (file, data start, entry)
         for f in files:
-            problem = _truncated(f)
+            header, problem = _header(f)
             if problem:
                 raise AttackError(f"{f}: {problem}; re-download or re-release it")
-            with safe_open(str(f), framework="pt") as h:
-                self.shapes.update({n: tuple(h.get_slice(n).get_shape()) for n in h.keys()})
+            start = 8 + header.pop("__len__")
+            self._where.update({n: (f, start, e) for n, e in header.items()})
+        self.shapes = {n: tuple(e["shape"]) for n, (_, _, e) in self._where.items()}
         arch = (self.hf_config().architectures or [None])[0]  # none named: the family's causal LM
         if arch is not None and not arch.endswith(("ForCausalLM", "LMHeadModel")):
             raise AttackError(f"{self.path} is a {arch}: the attacks target pre-trained causal-LM "
                               "releases (the model PMP pre-trained)")
         self.names = sorted(self.shapes)
 
-    def tensors(self) -> Scores:
-        from ..release import release_tensors
-        return release_tensors(self.path)
-
     def get(self, name: str) -> torch.Tensor:
-        """One tensor by name (random access; the file handles stay open)."""
-        from safetensors import safe_open
-        if not hasattr(self, "_handles"):
-            index = self.path / "model.safetensors.index.json"
-            files = (json.loads(index.read_text())["weight_map"] if index.is_file()
-                     else {n: "model.safetensors" for n in self.names})
-            handles = {f: safe_open(str(self.path / f), framework="pt") for f in set(files.values())}
-            self._handles = {n: handles[f] for n, f in files.items()}
-        return self._handles[name].get_tensor(name)
+        """One tensor, read into its own memory. Not memory-mapped on purpose: every page of a
+        mapping the suite touches would stay resident, and it reads the whole model many times."""
+        path, start, entry = self._where[name]
+        lo, hi = entry["data_offsets"]
+        buf = bytearray(hi - lo)
+        with open(path, "rb") as f:
+            f.seek(start + lo)
+            f.readinto(buf)
+        dtype = _DTYPES[entry["dtype"]]
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"]) if buf else \
+            torch.empty(entry["shape"], dtype=dtype)
+
+    def tensors(self) -> Scores:
+        """(name, tensor) in sorted name order, one in memory at a time."""
+        return ((name, self.get(name)) for name in self.names)
 
     def hf_config(self):
         from transformers import AutoConfig
@@ -97,19 +99,30 @@ class Target:
                                                     dtype=torch.float32)
 
 
-def _truncated(path: Path) -> str | None:
-    """Why a safetensors file cannot hold what its header promises, or None."""
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(path: Path) -> tuple[dict, str | None]:
+    """A safetensors file's tensor entries (+ "__len__", the header size), or why it cannot
+    hold what its header promises (damaged, truncated, not safetensors)."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        return f"not a readable safetensors file ({type(e).__name__}: {e})"
+        header.pop("__metadata__", None)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        unknown = sorted({v["dtype"] for v in header.values()} - set(_DTYPES))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        return {}, f"not a readable safetensors file ({type(e).__name__}: {e})"
+    if unknown:
+        return {}, f"tensor dtypes {unknown} are not supported"
     size = path.stat().st_size
-    return None if size == 8 + n + end else (f"the weights cannot be read: {size:,} bytes, its "
-                                             f"header promises {8 + n + end:,} (truncated?)")
+    if size != 8 + n + end:
+        return {}, (f"the weights cannot be read: {size:,} bytes, its header promises "
+                    f"{8 + n + end:,} (truncated?)")
+    return {**header, "__len__": n}, None
 
 
 def _per_tensor(target: Target, fn) -> Callable[[], Scores]:

@@ -17,9 +17,9 @@ def trailing_zero_bits(t: torch.Tensor) -> torch.Tensor:
     """Zero bits at the bottom of each element's mantissa (0..m). A value drawn in a narrower
     dtype (bf16 θ(0) in an fp32 file) has ≥ 16 of them; a trained fp32 value almost never."""
     m = MANTISSA[t.dtype]
-    bits = t.reshape(-1).view(_INT[t.dtype]).to(torch.int64) & ((1 << m) - 1)
-    lowest = bits & -bits  # the lowest set bit, as a power of two (0 when none is set)
-    tz = torch.log2(lowest.clamp(min=1).double()).round().to(torch.int64)
+    bits = t.reshape(-1).view(_INT[t.dtype]).to(torch.int32) & ((1 << m) - 1)
+    lowest = bits & -bits  # the lowest set bit, as a power of two ≤ 2^22 (0 when none is set)
+    tz = torch.log2(lowest.clamp(min=1).float()).round_().to(torch.int8)
     return torch.where(bits == 0, torch.full_like(tz, m), tz)
 
 
