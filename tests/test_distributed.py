@@ -119,10 +119,18 @@ def test_decay_complement_moves(dist_results):
     assert r["drift"] > 0
 
 
+def _expected_selected(meta: dict, ratio: float = 0.7) -> int:
+    """k = round(ρ·N) over the selectable elements, plus every element of the always-trained
+    (constant-initialised, by default) parameters, which are outside the ratio."""
+    excluded = sum(meta["numel"][n] for n in meta["excluded_params"])
+    assert excluded > 0  # llama-tiny's norm weights
+    return math.floor(ratio * (meta["total_numel"] - excluded) + 0.5) + excluded
+
+
 def test_random_mask_exact_count_and_world_size_invariant(dist_results):
     a_packed, a_meta = read_artifact(dist_results / "pmp_random_w1" / "private" / "mask")
     b_packed, b_meta = read_artifact(dist_results / "pmp_random_w2" / "private" / "mask")
-    assert a_meta["total_selected"] == math.floor(0.7 * a_meta["total_numel"] + 0.5)
+    assert a_meta["total_selected"] == _expected_selected(a_meta)
     for name in a_packed:
         assert torch.equal(a_packed[name], b_packed[name]), name
 
@@ -133,7 +141,7 @@ def test_private_artifact_matches_packbits_and_records_discovery(dist_results):
     masks = _full_masks(r["mask_dir"])
     for name, m in masks.items():
         assert packed[name].numpy().tobytes() == np.packbits(m.flatten().numpy()).tobytes()
-    assert meta["total_selected"] == math.floor(0.7 * meta["total_numel"] + 0.5)
+    assert meta["total_selected"] == _expected_selected(meta)
     disc = meta["discovery"]
     assert disc["stop_reason"] in ("converged", "step_limit")
     assert disc["trace"] and all("iou_final" in t for t in disc["trace"])
