@@ -35,12 +35,15 @@ def _process_group(single_process_group):
 @pytest.fixture(scope="module")
 def tiny_release(save_tiny_llama, tmp_path_factory):
     """A llama-tiny HF release (save_pretrained + tokenizer) and a random ρ=0.7 private mask
-    bound to it by its release sha256."""
+    (norm weights always trained) bound to it by its release sha256."""
     from pmp_scale.release import record_release, release_sha256
     root = tmp_path_factory.mktemp("ft_release")
     model = save_tiny_llama(root / "release")
     g = torch.Generator().manual_seed(1)
-    items = [(n, pack_bits(torch.rand(p.numel(), generator=g) < 0.7), tuple(p.shape))
+    # Norm weights (constant-initialised) always trained, as pmp.exclude_constant_init does:
+    # frozen ones would sit at 1.0 and the release path refuses such a model.
+    items = [(n, pack_bits(torch.rand(p.numel(), generator=g) < 0.7 if p.dim() > 1
+                           else torch.ones(p.numel(), dtype=torch.bool)), tuple(p.shape))
              for n, p in model.named_parameters()]
     write_artifact(root / "mask", items, {"mask_ratio": 0.7, "mask_source": "random"})
     record_release(root / "mask", release_sha256(root / "release"), "fp32")
