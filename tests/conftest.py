@@ -139,6 +139,12 @@ def single_process_group():
             os.environ[k] = v
     if dist.is_initialized():
         dist.destroy_process_group()
+        # DeepSpeed caches groups of the destroyed one (its world / data-parallel groups): the
+        # next module's group would otherwise be handed a dead group ("is not registered").
+        from deepspeed.utils import groups
+        for name, value in vars(groups).copy().items():
+            if name.isupper() and name.endswith("_GROUP") and value is not None:
+                setattr(groups, name, None)
 
 
 @pytest.fixture(scope="session")
