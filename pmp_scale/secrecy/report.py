@@ -153,6 +153,3 @@ def run_attacks(release_dir, out_dir=None, private_dir=None, public=None, attack
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def load_result(out_dir) -> dict:
-    return json.loads((Path(out_dir) / "attack.json").read_text())
