@@ -7,7 +7,6 @@ interrupted run leaves no half-written report.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
