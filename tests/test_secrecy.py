@@ -98,6 +98,29 @@ def test_scores_equal_hand_computation(synthetic):
     assert trailing_zero_bits(t.bfloat16()).tolist() == [7, 6, 5, 7, 7, 6]
 
 
+def test_chunked_scans_equal_whole_tensor_reference(monkeypatch):
+    """The memory-bounded scans (chunks of CHUNK elements) give what one whole-tensor pass gives:
+    the spike (a global torch.unique), the zero-bit counts and the sampling stream."""
+    from pmp_scale.secrecy import evaluate, stats
+    monkeypatch.setattr(stats, "CHUNK", 1000)
+    torch.manual_seed(0)
+    pinned = torch.randn(10_500)
+    pinned[torch.rand(pinned.numel()) < 0.2] = 1.0
+    for t in (pinned, torch.randn(10_500), torch.randn(10_500).bfloat16(), torch.zeros(3)):
+        values, counts = torch.unique(t, return_counts=True)
+        i = int(counts.argmax())
+        found = stats.spike(t)
+        if found is not None:
+            assert (found[0], found[1]) == (float(values[i]), int(counts[i]))
+        assert (found is not None) == (t is pinned)
+    assert stats.constant_score(pinned).eq(-1).sum() == pinned.eq(1.0).sum()
+    whole = torch.randn(10_500)
+    ref = [stats.trailing_zero_bits(whole[i:i + 1]).item() for i in range(0, 10_500, 97)]
+    assert stats.trailing_zero_bits(whole)[::97].tolist() == ref
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(evaluate._bernoulli(10_500, 0.3, g1), torch.rand(10_500, generator=g2) < 0.3)
+
+
 def test_planted_bf16_init_is_caught_by_bits_and_audit(synthetic, capsys):
     """θ(0) drawn in bf16, released in fp32: the complement's low 16 bits are zero."""
     planted = {n: torch.where(synthetic["masks"][n].reshape(t.shape), t,

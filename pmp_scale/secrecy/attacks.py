@@ -159,7 +159,7 @@ def seed_guess(target: Target, seeds=COMMON_SEEDS) -> Attack:
     def scores() -> Scores:
         for name, value in target.init_replay(best):
             t = target.get(name).reshape(-1)
-            yield name, (t.float() - value.to(t.dtype).reshape(-1).float()).abs()
+            yield name, (t.float() - value.to(t.dtype).reshape(-1).float()).abs_()
     return Attack("seed_guess", "release", "init-seed guessing", scores,
                   {"seeds_tried": len(seeds), "best_seed": best,
                    "exact_match_fraction": best_hits / total})
@@ -203,26 +203,33 @@ def _dict_scores(values: dict[str, torch.Tensor]) -> Callable[[], Scores]:
     return lambda: ((n, values[n].reshape(-1)) for n in sorted(values))
 
 
-def gradients(target: Target, batches: list[torch.Tensor], ks=(1, 4, 16, 64)) -> list[Attack]:
-    """Mean |g| and mean g² (diagonal Fisher) over K public batches, for each K: the paper's
-    "multiple gradient observations". Early-bird picked large-|g| elements, and the frozen
-    complement is where the loss is sharp (the paper's own mechanism)."""
+def gradient_sums(target: Target, batches: list[torch.Tensor], at) -> Iterator[tuple[int, dict, dict]]:
+    """(K, Σ|g|, Σg²) per element over the first K public batches, for each K in `at` (the
+    running sums: divide before keeping them)."""
     model = target.load_model()
     params = {n: p for n, p in model.named_parameters() if n in target.shapes}
     g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
     g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-    out, ks = [], sorted(k for k in ks if k <= len(batches))
-    for k, ids in enumerate(batches[:max(ks)], start=1):
+    for k, ids in enumerate(batches[:max(at)], start=1):
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
         for n, p in params.items():
             g_abs[n] += p.grad.abs()
             g_sq[n] += p.grad.square()
-        if k in ks:
-            out.append(Attack(f"grad_abs@K{k}", "public text", f"mean |g| over {k} batches",
-                              _dict_scores({n: v / k for n, v in g_abs.items()}), {"K": k}))
-            out.append(Attack(f"fisher@K{k}", "public text", f"mean g² over {k} batches",
-                              _dict_scores({n: v / k for n, v in g_sq.items()}), {"K": k}))
+        if k in at:
+            yield k, g_abs, g_sq
+
+
+def gradients(target: Target, batches: list[torch.Tensor], ks=(1, 4, 16, 64)) -> list[Attack]:
+    """Mean |g| and mean g² (diagonal Fisher) over K public batches, for each K: the paper's
+    "multiple gradient observations". Early-bird picked large-|g| elements, and the frozen
+    complement is where the loss is sharp (the paper's own mechanism)."""
+    out = []
+    for k, g_abs, g_sq in gradient_sums(target, batches, [k for k in ks if k <= len(batches)]):
+        out.append(Attack(f"grad_abs@K{k}", "public text", f"mean |g| over {k} batches",
+                          _dict_scores({n: v / k for n, v in g_abs.items()}), {"K": k}))
+        out.append(Attack(f"fisher@K{k}", "public text", f"mean g² over {k} batches",
+                          _dict_scores({n: v / k for n, v in g_sq.items()}), {"K": k}))
     return out
 
 

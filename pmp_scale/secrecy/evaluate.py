@@ -17,6 +17,7 @@ import torch
 from ..mask.bits import pack_bits, unpack_bits
 from ..mask.kinds import NAMES as KIND_NAMES, layer_kind
 from .attacks import Attack, AttackError
+from . import stats
 
 MIN_CLASS = 100  # elements of each class a tensor needs for its own AUC to mean anything
 
@@ -28,8 +29,18 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
+def _bernoulli(numel: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """rand(numel) < p, drawn in chunks (the same stream as one draw) without a float
+    temporary the size of the tensor."""
+    out = torch.empty(numel, dtype=torch.bool)
+    for start in range(0, numel, stats.CHUNK):
+        n = min(stats.CHUNK, numel - start)
+        out[start:start + n] = torch.rand(n, generator=gen) < p
+    return out
+
+
 def _keep(numel: int, frac: float, gen: torch.Generator) -> torch.Tensor | None:
-    return None if frac >= 1 else torch.rand(numel, generator=gen) < frac
+    return None if frac >= 1 else _bernoulli(numel, frac, gen)
 
 
 class Sample:
@@ -116,5 +127,5 @@ def predicted_mask(attack: Attack, sample: Sample, ratio: float, shapes: Mapping
     gen = torch.Generator().manual_seed(seed)
     for name, s in attack.scores():
         s = s.reshape(-1).float()
-        chosen = (s > thr) | ((s == thr) & (torch.rand(s.numel(), generator=gen) < p_tied))
+        chosen = (s > thr) | ((s == thr) & _bernoulli(s.numel(), p_tied, gen))
         yield name, pack_bits(chosen), tuple(shapes[name])

@@ -18,7 +18,7 @@ from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
 from ..mask.kinds import NAMES as _KINDS, layer_kind
 from . import stats
-from .attacks import Attack, AttackError, Scores, Target
+from .attacks import Attack, AttackError, Scores, Target, gradient_sums
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURES = ["abs", "z_tensor", "z_row", "z_col", "zero_bits", "at_spike", "init_nll", "kind",
@@ -32,17 +32,8 @@ def _depth(name: str, n_layers: int) -> float:
 
 def grad_stats(target: Target, batches) -> tuple[dict, dict]:
     """Mean |g| and mean g² per element over the public batches."""
-    model = target.load_model()
-    params = {n: p for n, p in model.named_parameters() if n in target.shapes}
-    g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
-    g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-    for ids in batches:
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        for n, p in params.items():
-            g_abs[n] += p.grad.abs() / len(batches)
-            g_sq[n] += p.grad.square() / len(batches)
-    return g_abs, g_sq
+    k, g_abs, g_sq = next(gradient_sums(target, batches, [len(batches)]))
+    return {n: v / k for n, v in g_abs.items()}, {n: v / k for n, v in g_sq.items()}
 
 
 class Featurizer:

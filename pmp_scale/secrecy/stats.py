@@ -6,25 +6,50 @@ release of any size with one tensor in memory.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
+CHUNK = 1 << 22  # elements per step of the element-wise scans
+_CANDIDATES = 4  # most frequent values per chunk that `spike` counts over the whole tensor
 # Mantissa bits of the dtypes a release can hold.
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+def chunks(flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, view) over a 1-D tensor: per-element temporaries stay a few MiB at any size."""
+    size = CHUNK
+    for start in range(0, flat.numel(), size):
+        yield start, flat[start:start + size]
+
+
 def trailing_zero_bits(t: torch.Tensor) -> torch.Tensor:
-    """Zero bits at the bottom of each element's mantissa (0..m). A value drawn in a narrower
-    dtype (bf16 θ(0) in an fp32 file) has ≥ 16 of them; a trained fp32 value almost never."""
+    """Zero bits at the bottom of each element's mantissa (0..m), as int8. A value drawn in a
+    narrower dtype (bf16 θ(0) in an fp32 file) has ≥ 16 of them; a trained fp32 value almost
+    never."""
     m = MANTISSA[t.dtype]
-    bits = t.reshape(-1).view(_INT[t.dtype]).to(torch.int32) & ((1 << m) - 1)
-    lowest = bits & -bits  # the lowest set bit, as a power of two ≤ 2^22 (0 when none is set)
-    tz = torch.log2(lowest.clamp(min=1).float()).round_().to(torch.int8)
-    return torch.where(bits == 0, torch.full_like(tz, m), tz)
+    out = torch.empty(t.numel(), dtype=torch.int8)
+    for start, c in chunks(t.reshape(-1)):
+        bits = c.view(_INT[t.dtype]).to(torch.int32) & ((1 << m) - 1)
+        lowest = bits & -bits  # the lowest set bit, a power of two ≤ 2^22 (0 when none is set)
+        tz = torch.log2(lowest.clamp(min=1).float()).round_().to(torch.int8)
+        out[start:start + c.numel()] = torch.where(bits == 0, torch.full_like(tz, m), tz)
+    return out
 
 
 def bits_score(t: torch.Tensor) -> torch.Tensor:
-    return -trailing_zero_bits(t).float()
+    return trailing_zero_bits(t).float().neg_()
+
+
+def count_values(flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """How many elements of `flat` equal each of the sorted, distinct `values` (exactly)."""
+    counts = torch.zeros(values.numel(), dtype=torch.int64)
+    for _, c in chunks(flat):
+        at = torch.searchsorted(values, c).clamp_(max=values.numel() - 1)
+        hit = values[at] == c
+        counts += torch.bincount(at[hit], minlength=values.numel())
+    return counts
 
 
 def spike(t: torch.Tensor) -> tuple[float, int, int] | None:
@@ -33,16 +58,28 @@ def spike(t: torch.Tensor) -> tuple[float, int, int] | None:
     A trained tensor's values are smooth: even a bf16 tensor, whose values repeat, has about as
     many elements at the next representable values. Elements frozen at a constant (a norm
     weight at 1.0, a bias at 0.0) pile up on one value: a spike. Returns (value, count,
-    neighbour count) or None."""
+    neighbour count) or None.
+
+    Why in chunks: a global sort of an 80M-element embedding costs GiBs and minutes. The
+    candidates are each chunk's most frequent values (exact for a tensor of one chunk); a
+    constant pinned on a share of the elements is the mode of every chunk it covers. Candidates
+    and their neighbours are then counted exactly over the whole tensor."""
     flat = t.detach().reshape(-1)
-    values, counts = torch.unique(flat, return_counts=True)
-    i = int(counts.argmax())
-    count, value = int(counts[i]), values[i]
+    if flat.numel() == 0:
+        return None
+    candidates = []
+    for _, c in chunks(flat):
+        values, counts = torch.unique(c, return_counts=True)
+        candidates.append(values[counts.topk(min(_CANDIDATES, counts.numel())).indices])
+    candidates = torch.unique(torch.cat(candidates))
+    counts = count_values(flat, candidates)
+    i = int(counts.argmax())  # ties: the smallest value, as a global torch.unique would give
+    count, value = int(counts[i]), candidates[i]
     if count < 8:
         return None
     up = torch.nextafter(value, torch.tensor(float("inf"), dtype=t.dtype))
     down = torch.nextafter(value, torch.tensor(float("-inf"), dtype=t.dtype))
-    around = max(int((flat == up).sum()), int((flat == down).sum()))
+    around = int(count_values(flat, torch.stack([down, up]).unique()).max())
     if count <= 4 * around + 8:
         return None
     return float(value), count, around
@@ -53,7 +90,8 @@ def constant_score(t: torch.Tensor) -> torch.Tensor:
     s = spike(t)
     out = torch.zeros(t.numel())
     if s is not None:
-        out[t.reshape(-1) == s[0]] = -1.0
+        for start, c in chunks(t.reshape(-1)):
+            out[start:start + c.numel()][c == s[0]] = -1.0
     return out
 
 
@@ -62,28 +100,28 @@ def _z(x: torch.Tensor, dim: int | None) -> torch.Tensor:
         mean, std = x.mean(), x.std() if x.numel() > 1 else torch.tensor(0.0)
     else:
         mean, std = x.mean(dim, keepdim=True), x.std(dim, keepdim=True)
-    return (x - mean) / std.clamp(min=1e-12)
+    return (x - mean).div_(std.clamp(min=1e-12))  # one tensor-sized temporary, not three
 
 
 def magnitude(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).float().abs()
+    return t.reshape(-1).abs().float()
 
 
 def magnitude_tensor(t: torch.Tensor) -> torch.Tensor:
     """|w| standardised over its tensor: removes scale differences between tensors."""
-    return _z(t.reshape(-1).float(), None).abs()
+    return _z(t.reshape(-1).float(), None).abs_()
 
 
 def magnitude_row(t: torch.Tensor) -> torch.Tensor:
     """|w| standardised over its row (an output unit; a token for embeddings)."""
     x = t.float()
-    return (_z(x, 1) if x.dim() == 2 and x.shape[1] > 1 else _z(x.reshape(-1), None)).abs().reshape(-1)
+    return (_z(x, 1) if x.dim() == 2 and x.shape[1] > 1 else _z(x.reshape(-1), None)).abs_().reshape(-1)
 
 
 def magnitude_col(t: torch.Tensor) -> torch.Tensor:
     """|w| standardised over its column (an input feature)."""
     x = t.float()
-    return (_z(x, 0) if x.dim() == 2 and x.shape[0] > 1 else _z(x.reshape(-1), None)).abs().reshape(-1)
+    return (_z(x, 0) if x.dim() == 2 and x.shape[0] > 1 else _z(x.reshape(-1), None)).abs_().reshape(-1)
 
 
 def init_likelihood(t: torch.Tensor, init_mean: float, init_std: float) -> torch.Tensor:
@@ -91,8 +129,8 @@ def init_likelihood(t: torch.Tensor, init_mean: float, init_std: float) -> torch
     replaying the public init with any seed): unlikely values were moved by training."""
     x = t.reshape(-1).float()
     if init_std == 0:  # a constant init: the distance from that constant
-        return (x - init_mean).abs()
-    return 0.5 * ((x - init_mean) / init_std) ** 2
+        return (x - init_mean).abs_()
+    return (x - init_mean).div_(init_std).square_().mul_(0.5)
 
 
 DATA_FREE = {"bits": bits_score, "constant": constant_score, "magnitude": magnitude,
@@ -114,7 +152,7 @@ def release_channels(name: str, t: torch.Tensor) -> list[str]:
                 f"{s[0]:g} (neighbouring values: {s[2]:,}); they are frozen at their init "
                 "constant and reveal their mask bit"]
     if t.dtype == torch.float32 and t.numel() >= 64:
-        narrow = float((trailing_zero_bits(t) >= 16).float().mean())
+        narrow = int((trailing_zero_bits(t) >= 16).sum()) / t.numel()
         if 0.01 <= narrow <= 0.99:
             return [f"{name}: bits channel — {narrow:.1%} of its elements have ≥ 16 zero low "
                     "mantissa bits (a bf16/fp16-drawn θ(0) released in fp32) and the rest do "
