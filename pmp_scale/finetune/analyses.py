@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..mask.artifact import read_artifact
-from ..mask.bits import unpack_bits
+from ..mask import iou, read_artifact, unpack_bits
 from .config import FinetuneConfig
 from .report import base_quality, parse_report_config, read_prepared_tokens, run_grid, summarise
 from .summary import save, style, subplots
@@ -115,17 +114,10 @@ def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, s
 
 def mask_iou(mask_a, mask_b) -> float | None:
     """IoU of two mask artifacts over all elements (None if they describe different shapes)."""
-    ta, ma = read_artifact(mask_a)
-    tb, mb = read_artifact(mask_b)
+    (ta, ma), (tb, mb) = read_artifact(mask_a), read_artifact(mask_b)
     if ma["shapes"] != mb["shapes"]:
         return None
-    inter = union = 0
-    for name, shape in ma["shapes"].items():
-        n = math.prod(shape)
-        a, b = unpack_bits(ta[name], n), unpack_bits(tb[name], n)
-        inter += int((a & b).sum())
-        union += int((a | b).sum())
-    return inter / union if union else 1.0
+    return iou([ta[n] for n in ma["shapes"]], [tb[n] for n in ma["shapes"]])
 
 
 def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, steps, seeds,
@@ -169,13 +161,11 @@ def _plain_model(release, task: TaskData, seed: int):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(seed)
     if task.kind == "lm":
-        model = AutoModelForCausalLM.from_pretrained(str(release), local_files_only=True,
-                                                     dtype=torch.float32)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(release), local_files_only=True, dtype=torch.float32,
-            num_labels=task.num_labels, pad_token_id=task.pad_id)
-    return model
+        return AutoModelForCausalLM.from_pretrained(str(release), local_files_only=True,
+                                                    dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(release), local_files_only=True, dtype=torch.float32, num_labels=task.num_labels,
+        pad_token_id=task.pad_id)
 
 
 def _full_masks(mask_dir, model) -> dict[str, torch.Tensor]:
@@ -216,12 +206,13 @@ def task_gradient(model, task: TaskData, n_batches: int, batch_size: int, seed: 
 
 
 @torch.no_grad()
-def _loss(model, batches) -> float:
+def _loss(model, batches, params: dict[str, torch.Tensor]) -> float:
+    """Mean loss over `batches` with the model's parameters replaced by `params`."""
     model.eval()
     total = count = 0.0
     for batch in batches:
         n = batch["input_ids"].shape[0]
-        total += model(**batch).loss.item() * n
+        total += torch.func.functional_call(model, params, (), batch).loss.item() * n
         count += n
     return total / count
 
@@ -261,24 +252,14 @@ def landscape(release, mask, finetune_cfg: FinetuneConfig, out, radius: float = 
         for n in names:
             d[n] = d[n] / norm
     eval_set = list(_batches(task, "validation", eval_batches, batch_size, seed))
-    params = dict(model.named_parameters())
-    theta = {n: params[n].detach().clone() for n in names}
+    theta = {n: p.detach() for n, p in model.named_parameters()}
     theta_norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in theta.values()))
     unit = [2 * i / (points - 1) - 1 for i in range(points)]
     alphas = [radius * u for u in unit]
     random_alphas = [random_radius * theta_norm * u for u in unit]
-    curves = {}
-    for key, d in directions.items():
-        losses = []
-        for a in (alphas if key.startswith("gradient") else random_alphas):
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(theta[n] + a * d[n])
-            losses.append(_loss(model, eval_set))
-        curves[key] = losses
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(theta[n])
+    curves = {key: [_loss(model, eval_set, {n: theta[n] + a * d[n] for n in names})
+                    for a in (alphas if key.startswith("gradient") else random_alphas)]
+              for key, d in directions.items()}
     g_full = norms["gradient, full space (unauthorized)"]
     g_mask = norms["gradient, inside M (authorized)"]
     numbers = {"alphas": alphas, "random_alphas": random_alphas, "theta_norm": theta_norm,

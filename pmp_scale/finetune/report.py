@@ -15,6 +15,7 @@ Every cell runs in this process on one W=1 ZeRO-3 engine setup; finished cells a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import ConfigError, format_validation_error, apply_overrides
-from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml
+from ..config import apply_overrides
+from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml, validated
 from .baselines import cell_failure, drop_failed, majority_baseline
 from .summary import gaps, summarise, write_report  # noqa: F401 (re-exported)
 from .tasks import build_task, load_hf_tokenizer, task_fingerprint
@@ -83,11 +84,7 @@ class ReportConfig(_Strict):
 
 
 def parse_report_config(raw: dict) -> ReportConfig:
-    """Validated report config; bad input is one ConfigError line, not a pydantic traceback."""
-    try:
-        return ReportConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+    return validated(ReportConfig, raw)
 
 
 def load_report_config(path, overrides: list[str] = ()) -> tuple[ReportConfig, Path]:
@@ -119,23 +116,20 @@ def plan_cells(cfg: ReportConfig, base_raw: dict) -> list[dict]:
     cells = []
     for entry in cfg.releases:
         first = True
-        for mode in entry.modes:
-            for lr in cfg.lrs:
-                for run_steps, evals in runs:
-                    for seed in cfg.seeds:
-                        raw = apply_overrides(base_raw, [])
-                        raw.update(release=entry.release, mode=mode, seed=seed,
-                                   mask=entry.mask, reinit=entry.reinit, out_dir=None)
-                        raw.pop("export", None)  # grid cells are measured, not exported
-                        raw.setdefault("optim", {})["lr"] = lr
-                        raw.setdefault("train", {}).update(max_steps=run_steps, eval_steps=evals)
-                        if share_step0 and not entry.reinit:
-                            raw["train"]["eval_at_start"] = first
-                            first = False
-                        ft = parse_finetune_config(raw)
-                        name = f"{entry.name}__{mode}__lr{lr:g}__steps{run_steps}__seed{seed}"
-                        cells.append(dict(name=name, entry=entry, mode=mode, lr=lr, seed=seed,
-                                          run_steps=run_steps, durations=evals, config=ft))
+        for mode, lr, (run_steps, evals), seed in itertools.product(entry.modes, cfg.lrs, runs,
+                                                                    cfg.seeds):
+            raw = apply_overrides(base_raw, [])
+            raw.update(release=entry.release, mode=mode, seed=seed, mask=entry.mask,
+                       reinit=entry.reinit, out_dir=None)
+            raw.pop("export", None)  # grid cells are measured, not exported
+            raw.setdefault("optim", {})["lr"] = lr
+            raw.setdefault("train", {}).update(max_steps=run_steps, eval_steps=evals)
+            if share_step0 and not entry.reinit:
+                raw["train"]["eval_at_start"] = first
+                first = False
+            cells.append(dict(name=f"{entry.name}__{mode}__lr{lr:g}__steps{run_steps}__seed{seed}",
+                              entry=entry, mode=mode, lr=lr, seed=seed, run_steps=run_steps,
+                              durations=evals, config=parse_finetune_config(raw)))
     return cells
 
 
@@ -182,8 +176,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --- base quality on the pre-training data --------------------------------------------------------
 def read_prepared_tokens(data_dir, split: str = "val", limit: int | None = None):
-    """LongTensor[N, seq_len] from prepared MDS shards, read directly (no streaming loader, so no
-    shared memory: safe beside running jobs)."""
+    """LongTensor[N, seq_len]: the first samples of prepared MDS shards, read shard by shard with
+    streaming's reader. Not `data.build_loader` on purpose: its shared memory (and the stale-
+    memory cleanup it runs) would disturb training jobs beside this one, and it unpacks
+    compressed shards in place, where this unpacks into a temporary directory."""
+    import itertools
     import tempfile
 
     import numpy as np
@@ -194,24 +191,19 @@ def read_prepared_tokens(data_dir, split: str = "val", limit: int | None = None)
     read_meta(str(data_dir))
     split_dir = Path(data_dir) / split
     index = json.loads((split_dir / "index.json").read_text())
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+
+    def samples(tmp: Path):
         for shard in index["shards"]:
-            root = Path(data_dir)
-            raw = split_dir / shard["raw_data"]["basename"]
-            if not raw.is_file():  # only the compressed shard is present: unpack into tmp
-                (Path(tmp) / split).mkdir(exist_ok=True)
-                zipped = split_dir / shard["zip_data"]["basename"]
-                (Path(tmp) / split / raw.name).write_bytes(
-                    decompress(shard["compression"], zipped.read_bytes()))
-                root = Path(tmp)
+            root, raw = Path(data_dir), shard["raw_data"]["basename"]
+            if not (split_dir / raw).is_file():  # only the compressed shard is there
+                (tmp / split).mkdir(exist_ok=True)
+                zipped = (split_dir / shard["zip_data"]["basename"]).read_bytes()
+                (tmp / split / raw).write_bytes(decompress(shard["compression"], zipped))
+                root = tmp
             reader = reader_from_json(str(root), split, shard)
-            for i in range(reader.samples):
-                rows.append(np.asarray(reader.get_item(i)["tokens"], dtype=np.int64))
-                if limit is not None and len(rows) >= limit:
-                    break
-            if limit is not None and len(rows) >= limit:
-                break
+            yield from (reader.get_item(i)["tokens"] for i in range(reader.samples))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [np.asarray(t, dtype=np.int64) for t in itertools.islice(samples(Path(tmp)), limit)]
     if not rows:
         raise DataError(f"{split_dir}: no samples")
     return torch.from_numpy(np.stack(rows))
