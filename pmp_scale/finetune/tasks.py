@@ -134,8 +134,9 @@ def _file_rows(cfg: TaskConfig, classify: bool) -> tuple[dict[str, list[dict]], 
         if path is None:
             continue
         ds = _load_file(path, cfg.format)
-        for col in (c for c in role if c is not None and c not in ds.column_names):
-            raise TaskError(f"{role[col]} column {col!r} not found in {path} "
+        missing = [c for c in role if c and c not in ds.column_names]
+        if missing:
+            raise TaskError(f"{role[missing[0]]} column {missing[0]!r} not found in {path} "
                             f"(columns: {', '.join(ds.column_names)})")
         for row in ds.to_list():  # python rows in one go: iterating a Dataset formats each row
             text = row[cfg.text_column]
