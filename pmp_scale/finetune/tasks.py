@@ -218,6 +218,7 @@ def _collator(tokenizer, pad_id: int):
     from transformers import DataCollatorWithPadding
     tok = copy.deepcopy(tokenizer)
     tok.padding_side, tok.pad_token_id = "right", pad_id
+    tok.model_input_names = ["input_ids", "attention_mask"]  # a mask whatever the release says
     tok.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True  # padding ids is the point
     return DataCollatorWithPadding(tok, return_tensors="pt")
 
