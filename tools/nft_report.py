@@ -21,16 +21,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pmp_scale.cli import fail_cleanly  # noqa: E402
 
 
-@fail_cleanly
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="report YAML (see configs/finetune/demo_report.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="report YAML (see configs/finetune/demo_report.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--fresh", action="store_true", help="rerun every cell, ignoring the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if not _has_gpu():
+    return parser.parse_args(argv)
+
+
+@fail_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -38,24 +44,15 @@ def main(argv=None) -> int:
     cfg, base_dir = load_report_config(args.config, args.overrides)
     doc = run_report(cfg, base_dir, fresh=args.fresh, progress=not args.quiet)
     out = Path(cfg.out_dir)
-    text = (out / "report.md").read_text()
-    summary = text.split("## Full grid")[0]
-    print(summary.rstrip())
+    print((out / "report.md").read_text().split("## Full grid")[0].rstrip())
     print(f"\nwrote {out / 'report.md'}, {out / 'results.json'} and "
           f"{', '.join(str(out / p) for p in doc['plots'].values())}")
     if doc["failed"]:
+        first = doc["failed"][0]
         print(f"error: {len(doc['failed'])} cell(s) failed and are left out of the report "
-              f"(first: {doc['failed'][0]['cell']}: {doc['failed'][0]['error']})", file=sys.stderr)
+              f"(first: {first['cell']}: {first['error']})", file=sys.stderr)
         return 1
     return 0
-
-
-def _has_gpu() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -18,41 +18,45 @@ from pathlib import Path
 
 import torch
 
-from ..mask.artifact import read_artifact
-from ..mask.bits import unpack_bits
+from ..mask import iou, read_artifact, unpack_bits
 from .config import FinetuneConfig
-from .report import (ReportConfig, base_quality, parse_report_config, read_prepared_tokens,
-                     run_grid, summarise)
+from .report import base_quality, parse_report_config, read_prepared_tokens, run_grid, summarise
+from .summary import save, style, subplots
 from .tasks import TaskData, build_task, load_hf_tokenizer
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _write(out: Path, name: str, numbers: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+def _write(out: Path, name: str, fig, numbers: dict) -> dict:
+    """The analysis' plot `<name>.png` and its numbers `<name>.json`."""
+    numbers["plot"] = save(fig, out, f"{name}.png")
     (out / f"{name}.json").write_text(json.dumps(numbers, indent=1, default=float))
     return numbers
 
 
 # --- fine-tuning comparisons ----------------------------------------------------------------------
-def _grid(out: Path, finetune: str, entries: list[dict], lrs, steps, seeds,
-          overrides=(), dense: dict | None = None, progress=True,
-          min_seeds: int = 3) -> tuple[dict, ReportConfig]:
-    """Run the report's grid over `entries` (ReleaseEntry fields) and the optional dense one."""
+BOTH_MODES = ("unauthorized", "authorized")
+
+
+def _entries(named: list[tuple[str, str, str]], dense_release: str | None):
+    """(name, release, mask) → report entries in both modes, plus the optional dense one."""
+    entries = [dict(name=name, release=rel, mask=mask, modes=list(BOTH_MODES))
+               for name, rel, mask in named]
+    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
+             if dense_release else None)
+    return entries, dense
+
+
+def _grid(out: Path, finetune: str, entries: list[dict], dense: dict | None, lrs, steps, seeds,
+          overrides=(), progress=True, min_seeds: int = 3) -> dict:
+    """Run the report's grid over `entries` (ReleaseEntry fields) and the optional dense one;
+    returns its summary."""
     from .train import ensure_process_group
-    releases = list(entries) + ([dense] if dense is not None else [])
     cfg = parse_report_config(dict(
         out_dir=str(out), finetune=str(Path(finetune).resolve()), overrides=list(overrides),
-        releases=releases, lrs=list(lrs), steps=list(steps), seeds=list(seeds),
-        min_seeds=min_seeds, dense=dense["name"] if dense else "dense", pmp=entries[0]["name"]))
+        releases=entries + ([dense] if dense else []), lrs=list(lrs), steps=list(steps),
+        seeds=list(seeds), min_seeds=min_seeds, dense=dense["name"] if dense else "dense",
+        pmp=entries[0]["name"]))
     ensure_process_group()
-    results = run_grid(cfg, Path("."), progress=progress)
-    return summarise(cfg, results), cfg
+    return summarise(cfg, run_grid(cfg, Path("."), progress=progress))
 
 
 def _best_at(summary: dict, name: str, mode: str, steps: int) -> dict | None:
@@ -62,6 +66,14 @@ def _best_at(summary: dict, name: str, mode: str, steps: int) -> dict | None:
     return None
 
 
+def _by_mode(summary: dict, name: str, steps: int) -> dict:
+    """Per mode: the selected LR's test metric, the metric before fine-tuning and the gain."""
+    rows = {mode: _best_at(summary, name, mode, steps) for mode in BOTH_MODES}
+    return {mode: {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
+                   "before_ft": b["before_mean"], "gain_mean": b["gain_mean"]}
+            for mode, b in rows.items()}
+
+
 def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, steps, seeds,
                 pretrain_data, dense_release: str | None = None, overrides=(), progress=True,
                 min_seeds: int = 3, pretrain_eval_samples: int = 64) -> dict:
@@ -69,67 +81,43 @@ def ratio_sweep(inputs: list[tuple[float, str, str]], out, finetune: str, lrs, s
     pre-training data `pretrain_data`, a prepared MDS dir) and the test metric after
     fine-tuning, per mode: the paper's trade-off is the two against each other."""
     out = Path(out)
-    entries = [dict(name=f"rho{rho:g}", release=rel, mask=mask,
-                    modes=["unauthorized", "authorized"]) for rho, rel, mask in inputs]
-    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
-             if dense_release else None)
+    entries, dense = _entries([(f"rho{rho:g}", rel, mask) for rho, rel, mask in inputs],
+                              dense_release)
     tokens = read_prepared_tokens(pretrain_data, "val", pretrain_eval_samples)
     base = {e["name"]: base_quality(e["release"], tokens) for e in entries + [dense] if e}
-    summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
-                       min_seeds)
+    summary = _grid(out, finetune, entries, dense, lrs, steps, seeds, overrides, progress,
+                    min_seeds)
     d = max(steps)
-    rows = []
-    for (rho, rel, mask), e in zip(inputs, entries):
-        row = {"rho": rho, "release": rel, "mask": mask, "base": base[e["name"]]}
-        for mode in ("unauthorized", "authorized"):
-            b = _best_at(summary, e["name"], mode, d)
-            row[mode] = {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
-                         "before_ft": b["before_mean"], "gain_mean": b["gain_mean"]}
-        rows.append(row)
+    rows = [{"rho": rho, "release": rel, "mask": mask, "base": base[e["name"]],
+             **_by_mode(summary, e["name"], d)} for (rho, rel, mask), e in zip(inputs, entries)]
     dense_row = _best_at(summary, "dense", "unauthorized", d) if dense else None
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     xs = [r["rho"] for r in rows]
     ax1.plot(xs, [r["base"]["loss"] for r in rows], marker="o", label="PMP release")
     if dense:
         ax1.axhline(base["dense"]["loss"], color="k", ls="--", label="dense release")
-    ax1.set_ylabel("validation loss, pre-training data")
-    ax1.set_title(f"base quality ({len(tokens)} held-out sequences; lower is better)")
-    for mode in ("unauthorized", "authorized"):
-        ax2.errorbar(xs, [r[mode]["test_mean"] for r in rows], yerr=[r[mode]["test_std"] for r in rows],
-                     marker="o", capsize=3, label=f"PMP {mode} FT")
+    for mode in BOTH_MODES:
+        ax2.errorbar(xs, [r[mode]["test_mean"] for r in rows],
+                     yerr=[r[mode]["test_std"] for r in rows], marker="o", capsize=3,
+                     label=f"PMP {mode} FT")
     if dense_row:
         ax2.axhline(dense_row["test_mean"], color="k", ls="--", label="dense unauthorized FT")
-    ax2.set_ylabel(f"test {summary['metric']} after {d} steps")
-    ax2.set_title("fine-tuning result")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("mask ratio ρ")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    style(ax1, "mask ratio ρ", "validation loss, pre-training data",
+          f"base quality ({len(tokens)} held-out sequences; lower is better)")
+    style(ax2, "mask ratio ρ", f"test {summary['metric']} after {d} steps", "fine-tuning result")
     fig.suptitle("mask ratio: base quality vs fine-tuning")
-    fig.tight_layout()
-    fig.savefig(out / "ratio_sweep.png", dpi=110)
-    plt.close(fig)
-    return _write(out, "ratio_sweep", {"metric": summary["metric"], "steps": d, "rows": rows,
-                                       "dense": dense_row, "dense_base": base.get("dense"),
-                                       "pretrain_data": str(pretrain_data),
-                                       "pretrain_eval_samples": len(tokens),
-                                       "plot": "ratio_sweep.png"})
+    return _write(out, "ratio_sweep", fig, {
+        "metric": summary["metric"], "steps": d, "rows": rows, "dense": dense_row,
+        "dense_base": base.get("dense"), "pretrain_data": str(pretrain_data),
+        "pretrain_eval_samples": len(tokens)})
 
 
 def mask_iou(mask_a, mask_b) -> float | None:
     """IoU of two mask artifacts over all elements (None if they describe different shapes)."""
-    ta, ma = read_artifact(mask_a)
-    tb, mb = read_artifact(mask_b)
+    (ta, ma), (tb, mb) = read_artifact(mask_a), read_artifact(mask_b)
     if ma["shapes"] != mb["shapes"]:
         return None
-    inter = union = 0
-    for name, shape in ma["shapes"].items():
-        n = math.prod(shape)
-        a, b = unpack_bits(ta[name], n), unpack_bits(tb[name], n)
-        inter += int((a & b).sum())
-        union += int((a | b).sum())
-    return inter / union if union else 1.0
+    return iou([ta[n] for n in ma["shapes"]], [tb[n] for n in ma["shapes"]])
 
 
 def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, steps, seeds,
@@ -137,28 +125,20 @@ def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, ste
                 min_seeds: int = 3) -> dict:
     """inputs: (label e.g. earlybird / random, release dir, mask dir), same ρ."""
     out = Path(out)
-    entries = [dict(name=label, release=rel, mask=mask, modes=["unauthorized", "authorized"])
-               for label, rel, mask in inputs]
-    dense = (dict(name="dense", release=dense_release, modes=["unauthorized"])
-             if dense_release else None)
-    summary, _ = _grid(out, finetune, entries, lrs, steps, seeds, overrides, dense, progress,
-                       min_seeds)
+    entries, dense = _entries(inputs, dense_release)
+    summary = _grid(out, finetune, entries, dense, lrs, steps, seeds, overrides, progress,
+                    min_seeds)
     d = max(steps)
     rows = []
     for label, rel, mask in inputs:
         _, meta = read_artifact(mask)
-        row = {"source": label, "release": rel, "mask": mask,
-               "rho": meta["total_selected"] / meta["total_numel"]}
-        for mode in ("unauthorized", "authorized"):
-            b = _best_at(summary, label, mode, d)
-            row[mode] = {"test_mean": b["test_mean"], "test_std": b["test_std"], "lr": b["lr"],
-                         "before_ft": b["before_mean"], "gain_mean": b["gain_mean"]}
-        rows.append(row)
+        rows.append({"source": label, "release": rel, "mask": mask,
+                     "rho": meta["total_selected"] / meta["total_numel"],
+                     **_by_mode(summary, label, d)})
     iou = mask_iou(inputs[0][2], inputs[1][2]) if len(inputs) == 2 else None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     width = 0.25
-    for j, key in enumerate(("before_ft", "unauthorized", "authorized")):
+    for j, key in enumerate(("before_ft", *BOTH_MODES)):
         vals = [r["unauthorized"]["before_ft"] if key == "before_ft" else r[key]["test_mean"]
                 for r in rows]
         errs = [0 if key == "before_ft" else r[key]["test_std"] for r in rows]
@@ -169,15 +149,10 @@ def mask_source(inputs: list[tuple[str, str, str]], out, finetune: str, lrs, ste
     lo = min(min(r["unauthorized"]["test_mean"], r["authorized"]["test_mean"]) for r in rows)
     if summary["metric"] == "loss":
         ax.set_ylim(bottom=max(0, lo - 0.5))
-    ax.set_ylabel(summary["metric"])
-    ax.set_title("early-bird vs random mask" + (f" (mask IoU {iou:.2f})" if iou is not None else ""))
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "mask_source.png", dpi=110)
-    plt.close(fig)
-    return _write(out, "mask_source", {"metric": summary["metric"], "steps": d, "rows": rows,
-                                       "mask_iou": iou, "plot": "mask_source.png"})
+    style(ax, "", summary["metric"], "early-bird vs random mask" +
+          (f" (mask IoU {iou:.2f})" if iou is not None else ""), grid="y")
+    return _write(out, "mask_source", fig, {"metric": summary["metric"], "steps": d,
+                                            "rows": rows, "mask_iou": iou})
 
 
 # --- analyses on the released weights -------------------------------------------------------------
@@ -186,13 +161,11 @@ def _plain_model(release, task: TaskData, seed: int):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     torch.manual_seed(seed)
     if task.kind == "lm":
-        model = AutoModelForCausalLM.from_pretrained(str(release), local_files_only=True,
-                                                     dtype=torch.float32)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(release), local_files_only=True, dtype=torch.float32,
-            num_labels=task.num_labels, pad_token_id=task.pad_id)
-    return model
+        return AutoModelForCausalLM.from_pretrained(str(release), local_files_only=True,
+                                                    dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(release), local_files_only=True, dtype=torch.float32, num_labels=task.num_labels,
+        pad_token_id=task.pad_id)
 
 
 def _full_masks(mask_dir, model) -> dict[str, torch.Tensor]:
@@ -233,12 +206,13 @@ def task_gradient(model, task: TaskData, n_batches: int, batch_size: int, seed: 
 
 
 @torch.no_grad()
-def _loss(model, batches) -> float:
+def _loss(model, batches, params: dict[str, torch.Tensor]) -> float:
+    """Mean loss over `batches` with the model's parameters replaced by `params`."""
     model.eval()
     total = count = 0.0
     for batch in batches:
         n = batch["input_ids"].shape[0]
-        total += model(**batch).loss.item() * n
+        total += torch.func.functional_call(model, params, (), batch).loss.item() * n
         count += n
     return total / count
 
@@ -278,24 +252,14 @@ def landscape(release, mask, finetune_cfg: FinetuneConfig, out, radius: float = 
         for n in names:
             d[n] = d[n] / norm
     eval_set = list(_batches(task, "validation", eval_batches, batch_size, seed))
-    params = dict(model.named_parameters())
-    theta = {n: params[n].detach().clone() for n in names}
+    theta = {n: p.detach() for n, p in model.named_parameters()}
     theta_norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in theta.values()))
     unit = [2 * i / (points - 1) - 1 for i in range(points)]
     alphas = [radius * u for u in unit]
     random_alphas = [random_radius * theta_norm * u for u in unit]
-    curves = {}
-    for key, d in directions.items():
-        losses = []
-        for a in (alphas if key.startswith("gradient") else random_alphas):
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(theta[n] + a * d[n])
-            losses.append(_loss(model, eval_set))
-        curves[key] = losses
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(theta[n])
+    curves = {key: [_loss(model, eval_set, {n: theta[n] + a * d[n] for n in names})
+                    for a in (alphas if key.startswith("gradient") else random_alphas)]
+              for key, d in directions.items()}
     g_full = norms["gradient, full space (unauthorized)"]
     g_mask = norms["gradient, inside M (authorized)"]
     numbers = {"alphas": alphas, "random_alphas": random_alphas, "theta_norm": theta_norm,
@@ -305,28 +269,18 @@ def landscape(release, mask, finetune_cfg: FinetuneConfig, out, radius: float = 
                "min_loss": {k: min(v) for k, v in curves.items()},
                "alpha_at_min": {k: (alphas if k.startswith("gradient") else random_alphas)[
                    v.index(min(v))] for k, v in curves.items()},
-               "task": task.name, "radius": radius, "random_radius": random_radius,
-               "plot": "landscape.png"}
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+               "task": task.name, "radius": radius, "random_radius": random_radius}
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(11, 4))
     for key, losses in curves.items():
         grad = key.startswith("gradient")
         (ax1 if grad else ax2).plot(alphas if grad else random_alphas, losses, marker=".",
                                     label=key)
     for ax, title in ((ax1, "along the task's negative gradient"),
                       (ax2, f"along random directions (‖θ‖ = {theta_norm:.1f})")):
-        ax.set_xlabel("α (L2 distance from the release)")
-        ax.set_ylabel("validation loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        style(ax, "α (L2 distance from the release)", "validation loss", title)
     fig.suptitle(f"loss landscape from the release ({task.name}); ‖g_M‖²/‖g‖² = "
                  f"{numbers['gradient_energy_in_mask']:.3f}")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "landscape.png", dpi=110)
-    plt.close(fig)
-    return _write(out, "landscape", numbers)
+    return _write(out, "landscape", fig, numbers)
 
 
 def overlap_coefficient(a: torch.Tensor, b: torch.Tensor, bins: int = 100,
@@ -385,22 +339,14 @@ def grad_hist(release, mask, finetune_cfg: FinetuneConfig, out, grad_batches: in
                "n_masked": int(a.numel()), "n_unmasked": int(b.numel()),
                "zero_fraction_masked": zero_a, "zero_fraction_unmasked": zero_b,
                "median_log10_masked": float(a_nz.median()), "median_log10_unmasked": float(b_nz.median()),
-               "per_kind": kinds, "histogram": hist, "plot": "grad_hist.png"}
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+               "per_kind": kinds, "histogram": hist}
+    fig, ax = subplots(figsize=(7, 4))
     centers = [(x + y) / 2 for x, y in zip(hist["edges"][:-1], hist["edges"][1:])]
     width = hist["edges"][1] - hist["edges"][0]
     ax.bar(centers, hist["masked"], width, alpha=0.5,
            label=f"masked (in M), n={a.numel():,}; exactly 0: {zero_a:.1%}")
     ax.bar(centers, hist["unmasked"], width, alpha=0.5,
            label=f"unmasked, n={b.numel():,}; exactly 0: {zero_b:.1%}")
-    ax.set_xlabel("log10 |gradient| (non-zero elements)")
-    ax.set_ylabel("fraction of elements")
-    ax.set_title(f"gradient magnitudes at the release ({task.name}): overlap {ovl:.3f}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "grad_hist.png", dpi=110)
-    plt.close(fig)
-    return _write(out, "grad_hist", numbers)
+    style(ax, "log10 |gradient| (non-zero elements)", "fraction of elements",
+          f"gradient magnitudes at the release ({task.name}): overlap {ovl:.3f}")
+    return _write(out, "grad_hist", fig, numbers)

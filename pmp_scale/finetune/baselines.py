@@ -60,14 +60,11 @@ def drop_failed(share_step0, results: list[dict], failures: list[dict]) -> CellR
 def majority_baseline(task) -> dict:
     """Test metrics of the constant classifier answering the training set's majority class."""
     from .tasks import classification_metrics
-    counts = [0] * task.num_labels
-    for _, y in task.splits["train"]:
-        counts[y] += 1
+    counts = task.stats["train_label_counts"]
     majority = max(range(task.num_labels), key=lambda c: counts[c])
-    k = task.num_labels
-    confusion = torch.zeros(k, k)
-    for _, y in task.splits["test"]:
-        confusion[y, majority] += 1
+    confusion = torch.zeros(task.num_labels, task.num_labels)
+    confusion[:, majority] = torch.bincount(torch.tensor(task.labels("test")),
+                                            minlength=task.num_labels).float()
     label = task.label_names[majority] if task.label_names else str(majority)
     return {"label": label, "train_share": counts[majority] / sum(counts),
             **classification_metrics(confusion)}

@@ -8,19 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ..config import (ConfigError, apply_overrides, check_batch_and_schedule,
+from ..config import (ConfigError, _Strict, apply_overrides, check_batch_and_schedule,
                       check_pmp_deepspeed, format_validation_error, grad_accum_steps, read_yaml)
 
 MODES = ("unauthorized", "unauthorized-lora", "authorized")
 # Built-in offline tasks (data/classification/), then GLUE through `datasets`, then local files.
 BUILTIN_TASKS = ("movie_reviews", "amazon_reviews", "review_lm")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TaskConfig(_Strict):
@@ -156,11 +152,16 @@ class FinetuneConfig(_Strict):
         return grad_accum_steps(self.train, world_size)
 
 
-def parse_finetune_config(raw: dict) -> FinetuneConfig:
+def validated(model: type[BaseModel], raw: dict):
+    """`model` from `raw`; bad input is one ConfigError line, not a pydantic traceback."""
     try:
-        return FinetuneConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+
+
+def parse_finetune_config(raw: dict) -> FinetuneConfig:
+    return validated(FinetuneConfig, raw)
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:

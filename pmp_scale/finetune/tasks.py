@@ -3,17 +3,19 @@
 Sequence classification (GLUE by name through `datasets` when the hub is reachable; local
 CSV / TSV / JSONL files; the offline review snippets) and causal-LM fine-tuning on a new text
 domain (documents packed into fixed-length blocks, EOS between documents, as in pre-training).
-Splits are fixed by a hash of each row's key, never by a seed, so every mode, seed and learning
-rate of a sweep sees the same train / validation / test examples.
+Splits are fixed by a hash of each row's key, never by a seed (hand-written on purpose: no
+library split is stable under a changing seed, file order or file set), so every mode, seed
+and learning rate of a sweep sees the same train / validation / test examples.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..data.loader import DataError
@@ -30,6 +32,7 @@ GLUE_COLUMNS = {"cola": ("sentence", None), "sst2": ("sentence", None),
                 "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
                 "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
 GLUE_METRIC = {"cola": "matthews", "mrpc": "f1", "qqp": "f1"}
+FILE_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
 class TaskError(DataError):
@@ -38,7 +41,7 @@ class TaskError(DataError):
 
 @dataclass
 class TaskData:
-    """Tokenized splits. classification: lists of (token ids, label); lm: LongTensor[N, L]."""
+    """Tokenized splits. classification: lists of {input_ids, label}; lm: LongTensor[N, L]."""
     name: str
     kind: str                 # "classification" | "lm"
     metric: str               # primary metric key in `evaluate` results
@@ -49,24 +52,20 @@ class TaskData:
     label_names: list[str] = field(default_factory=list)
     splits: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    collator: object = None   # classification: pads a list of rows into a batch
 
     def size(self, split: str) -> int:
         return len(self.splits[split])
+
+    def labels(self, split: str) -> list[int]:
+        return [row["label"] for row in self.splits[split]]
 
     def collate(self, split: str, indices) -> dict[str, torch.Tensor]:
         data = self.splits[split]
         if self.kind == "lm":
             ids = data[torch.as_tensor(list(indices), dtype=torch.long)]
             return {"input_ids": ids, "labels": ids}
-        rows = [data[i] for i in indices]
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(rows):
-            input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention[i, :len(ids)] = 1
-        labels = torch.tensor([label for _, label in rows], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        return self.collator([data[i] for i in indices])
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -88,47 +87,26 @@ def _row(key: str, text: str, pair: str | None, label) -> dict:
     return {"text": text, "pair": pair, "label": label, "order": _unit(key + "#order")}
 
 
-def _file_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.name.lower().removesuffix(".gz")
-    for suffix, kind in ((".tsv", "tsv"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl")):
-        if name.endswith(suffix):
-            return kind
-    raise TaskError(f"{path}: cannot tell the format from the name; set task.format "
-                    "(csv, tsv or jsonl)")
-
-
 def _load_file(path: str | Path, fmt: str, column_names: list[str] | None = None):
     """A local CSV/TSV/JSONL file as a `datasets.Dataset` (no hub access)."""
     import datasets
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task data file not found: {path}")
-    kind = _file_format(path, fmt)
-    kwargs = {}
-    if kind in ("csv", "tsv"):
-        builder = "csv"
-        kwargs = dict(keep_default_na=False)
-        if kind == "tsv":
-            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
-        if column_names:
-            kwargs["column_names"] = column_names
-    else:
-        builder = "json"
+    suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+    kind = fmt if fmt != "auto" else FILE_FORMATS.get(suffix)
+    if kind is None:
+        raise TaskError(f"{path}: cannot tell the format from the name; set task.format "
+                        "(csv, tsv or jsonl)")
+    kwargs = dict(keep_default_na=False, column_names=column_names) if kind != "jsonl" else {}
+    if kind == "tsv":
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train",
-                                     **kwargs)
+        return datasets.load_dataset("json" if kind == "jsonl" else "csv", split="train",
+                                     data_files={"train": str(path)}, **kwargs)
     except Exception as err:  # pyarrow/pandas parse errors have many types
         raise TaskError(f"{path}: cannot read as {kind}: {type(err).__name__}: {err}") from err
-
-
-def _require_columns(ds, columns: list[str | None], where: str, role: dict[str, str]) -> None:
-    for col in columns:
-        if col is not None and col not in ds.column_names:
-            raise TaskError(f"{role[col]} column {col!r} not found in {where} "
-                            f"(columns: {', '.join(ds.column_names)})")
 
 
 def _review_rows(cfg: TaskConfig, files: list[str], classify: bool) -> dict[str, list[dict]]:
@@ -136,8 +114,8 @@ def _review_rows(cfg: TaskConfig, files: list[str], classify: bool) -> dict[str,
     data_dir = Path(cfg.data_dir) if cfg.data_dir else DEFAULT_DATA_DIR
     out = {s: [] for s in SPLITS}
     for name in files:
-        ds = _load_file(data_dir / name, "tsv", column_names=["id", "score", "text"])
-        for row in ds:
+        rows = _load_file(data_dir / name, "tsv", column_names=["id", "score", "text"])
+        for row in rows.to_list():  # python rows in one go: iterating a Dataset formats each
             score = float(row["score"])
             if classify and abs(score) < cfg.min_abs_score:
                 continue
@@ -148,22 +126,19 @@ def _review_rows(cfg: TaskConfig, files: list[str], classify: bool) -> dict[str,
 
 
 def _file_rows(cfg: TaskConfig, classify: bool) -> tuple[dict[str, list[dict]], list[str]]:
-    role = {cfg.text_column: "text", cfg.label_column: "label"}
-    if cfg.text_pair_column:
-        role[cfg.text_pair_column] = "text pair"
-    if cfg.id_column:
-        role[cfg.id_column] = "id"
-    wanted = [cfg.text_column, cfg.text_pair_column, cfg.id_column]
-    if classify:
-        wanted.append(cfg.label_column)
+    role = {cfg.text_column: "text", cfg.text_pair_column: "text pair", cfg.id_column: "id",
+            **({cfg.label_column: "label"} if classify else {})}
     files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
     out = {s: [] for s in SPLITS}
     for split, path in files.items():
         if path is None:
             continue
         ds = _load_file(path, cfg.format)
-        _require_columns(ds, wanted, str(path), role)
-        for row in ds:
+        missing = [c for c in role if c and c not in ds.column_names]
+        if missing:
+            raise TaskError(f"{role[missing[0]]} column {missing[0]!r} not found in {path} "
+                            f"(columns: {', '.join(ds.column_names)})")
+        for row in ds.to_list():  # python rows in one go: iterating a Dataset formats each row
             text = row[cfg.text_column]
             if text is None or str(text) == "":
                 continue
@@ -177,18 +152,21 @@ def _file_rows(cfg: TaskConfig, classify: bool) -> tuple[dict[str, list[dict]], 
             out[target].append(_row(
                 key, str(text), str(row[cfg.text_pair_column]) if cfg.text_pair_column else None,
                 row[cfg.label_column] if classify else None))
-    # string / arbitrary labels -> 0..K-1 (sorted, so the mapping is stable)
-    names: list[str] = []
-    if classify:
-        values = sorted({r["label"] for rows in out.values() for r in rows}, key=str)
-        if any(v is None or v == "" for v in values):
-            raise TaskError(f"label column {cfg.label_column!r} has empty values")
-        names = [str(v) for v in values]
-        index = {v: i for i, v in enumerate(values)}
-        for rows in out.values():
-            for r in rows:
-                r["label"] = index[r["label"]]
-    return out, names
+    return out, (_encode_labels(out, cfg.label_column) if classify else [])
+
+
+def _encode_labels(out: dict[str, list[dict]], column: str) -> list[str]:
+    """Any label values -> 0..K-1 in place, by `datasets`' class encoding (sorted names, so the
+    mapping is stable); returns the names."""
+    import datasets
+    rows = [r for part in out.values() for r in part]
+    if any(r["label"] is None or r["label"] == "" for r in rows):
+        raise TaskError(f"label column {column!r} has empty values")
+    encoded = datasets.Dataset.from_dict({"label": [str(r["label"]) for r in rows]})
+    encoded = encoded.class_encode_column("label")
+    for r, label in zip(rows, encoded["label"]):
+        r["label"] = label
+    return encoded.features["label"].names
 
 
 def _glue_rows(cfg: TaskConfig) -> tuple[dict[str, list[dict]], list[str]]:
@@ -201,15 +179,13 @@ def _glue_rows(cfg: TaskConfig) -> tuple[dict[str, list[dict]], list[str]]:
         raise TaskError(f"cannot load GLUE task {task!r} from the hub (nyu-mll/glue): {err}; "
                         "offline, use task.name movie_reviews or a local file") from err
     text, pair = GLUE_COLUMNS[task]
-    names = list(ds["train"].features["label"].names)
     out = {s: [] for s in SPLITS}
-    source = {"train": "train", "test": "validation_matched" if task == "mnli" else "validation"}
-    for theirs, rows in ((source["train"], None), (source["test"], "test")):
+    for theirs in ("train", "validation_matched" if task == "mnli" else "validation"):
         for row in ds[theirs]:
             key = f"{task}:{theirs}:{row['idx']}"
-            split = rows or split_of(key, cfg.val_fraction, 0.0)
+            split = split_of(key, cfg.val_fraction, 0.0) if theirs == "train" else "test"
             out[split].append(_row(key, row[text], row[pair] if pair else None, int(row["label"])))
-    return out, names
+    return out, list(ds["train"].features["label"].names)
 
 
 # --- tokens ---------------------------------------------------------------------------------------
@@ -234,6 +210,32 @@ def _pad_id(tok) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def _collator(tokenizer, pad_id: int):
+    """Right-padding with `pad_id` and an attention mask, on a copy of the release's tokenizer
+    (its own padding side and pad token stay as they are)."""
+    from transformers import DataCollatorWithPadding
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side, tok.pad_token_id = "right", pad_id
+    tok.model_input_names = ["input_ids", "attention_mask"]  # a mask whatever the release says
+    tok.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True  # padding ids is the point
+    return DataCollatorWithPadding(tok, return_tensors="pt")
+
+
+def _blocks(ids: list[list[int]], eos: int, length: int, limit: int | None) -> torch.Tensor:
+    """Documents joined with EOS, cut into `length`-token blocks (the `datasets` group-texts
+    recipe over the whole split: only the last partial block is dropped)."""
+    import datasets
+
+    def group(batch):
+        stream = [t for doc in batch["input_ids"] for t in doc + [eos]]
+        n = len(stream) // length
+        return {"input_ids": [stream[i * length:(i + 1) * length] for i in range(n)]}
+    docs = datasets.Dataset.from_dict({"input_ids": ids})
+    blocks = docs.map(group, batched=True, batch_size=None, remove_columns=["input_ids"])
+    blocks = blocks.select(range(min(len(blocks), limit or len(blocks)))).with_format("torch")
+    return blocks[:]["input_ids"] if len(blocks) else torch.zeros((0, length), dtype=torch.long)
 
 
 def _primary_metric(cfg: TaskConfig, kind: str) -> tuple[str, bool]:
@@ -267,6 +269,8 @@ def build_task(cfg: TaskConfig, tokenizer) -> TaskData:
                         "classification needs at least 2")
     metric, higher = _primary_metric(cfg, kind)
     eos = tokenizer.eos_token_id
+    if not classify and eos is None:
+        raise TaskError("lm fine-tuning needs a tokenizer with an EOS token")
     data = TaskData(name=cfg.name, kind=kind, metric=metric, higher_is_better=higher,
                     pad_id=_pad_id(tokenizer), max_length=cfg.max_length,
                     num_labels=len(names) if classify else None, label_names=names)
@@ -274,60 +278,42 @@ def build_task(cfg: TaskConfig, tokenizer) -> TaskData:
         limit = cfg.max_train_examples if split == "train" else cfg.max_eval_examples
         part = sorted(rows[split], key=lambda r: r["order"])
         if classify:
-            if limit is not None:
-                part = part[:limit]
+            part = part[:limit]
             ids = _encode(tokenizer, [r["text"] for r in part])
-            if part and part[0]["pair"] is not None:
+            if part[0]["pair"] is not None:
                 sep = [eos] if eos is not None else []
                 ids = [a + sep + b for a, b in zip(ids, _encode(tokenizer, [r["pair"] for r in part]))]
-            data.splits[split] = [(x[:cfg.max_length] or [data.pad_id], r["label"])
-                                  for x, r in zip(ids, part)]
+            data.splits[split] = [{"input_ids": x[:cfg.max_length] or [data.pad_id],
+                                   "label": r["label"]} for x, r in zip(ids, part)]
         else:
-            if eos is None:
-                raise TaskError("lm fine-tuning needs a tokenizer with an EOS token")
-            stream: list[int] = []
-            for x in _encode(tokenizer, [r["text"] for r in part]):
-                stream += x + [eos]
-            n = len(stream) // cfg.max_length
-            if limit is not None:
-                n = min(n, limit)
-            if n == 0:
+            data.splits[split] = _blocks(_encode(tokenizer, [r["text"] for r in part]), eos,
+                                         cfg.max_length, limit)
+            if not len(data.splits[split]):
                 raise TaskError(f"task {cfg.name!r}: the {split} split has fewer than "
                                 f"{cfg.max_length} tokens (one block)")
-            data.splits[split] = torch.tensor(stream[:n * cfg.max_length],
-                                              dtype=torch.long).view(n, cfg.max_length)
         data.stats[split] = len(data.splits[split])
     if classify:
-        counts = [0] * data.num_labels
-        for _, label in data.splits["train"]:
-            counts[label] += 1
-        data.stats["train_label_counts"] = counts
+        data.collator = _collator(tokenizer, data.pad_id)
+        train, test = np.bincount(data.labels("train"), minlength=data.num_labels), \
+            np.bincount(data.labels("test"), minlength=data.num_labels)
+        data.stats["train_label_counts"] = train.tolist()
         # A classifier that always answers the majority class: the floor any model must beat.
-        data.stats["majority_accuracy_test"] = max(
-            sum(1 for _, y in data.splits["test"] if y == c) for c in range(data.num_labels)
-        ) / len(data.splits["test"])
+        data.stats["majority_accuracy_test"] = int(test.max()) / len(data.splits["test"])
     return data
 
 
 # --- metrics --------------------------------------------------------------------------------------
 def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """accuracy, F1 (binary: class 1; multi-class: macro) and Matthews correlation from a
-    confusion matrix [true, predicted]."""
-    c = confusion.double()
-    total = c.sum().item()
-    correct = c.diag().sum().item()
-    out = {"accuracy": correct / total if total else float("nan")}
-    tp = c.diag()
-    fp = c.sum(0) - tp
-    fn = c.sum(1) - tp
-    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), torch.zeros_like(tp))
-    out["f1"] = f1[1].item() if c.shape[0] == 2 else f1.mean().item()
-    # Multi-class MCC (Gorodkin): (c·s − Σ p_k t_k) / sqrt((s² − Σ p_k²)(s² − Σ t_k²))
-    t, p = c.sum(1), c.sum(0)
-    num = correct * total - (p * t).sum().item()
-    den = math.sqrt(max(0.0, (total**2 - (p * p).sum().item()) * (total**2 - (t * t).sum().item())))
-    out["matthews"] = num / den if den > 0 else 0.0
-    return out
+    """accuracy, F1 (binary: class 1; multi-class: macro) and Matthews correlation (scikit-learn)
+    from a confusion matrix [true, predicted]: the sum ranks all-reduce, read as weighted pairs."""
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+    k = confusion.shape[0]
+    true, pred = np.divmod(np.arange(k * k), k)
+    weight = confusion.double().flatten().numpy()
+    return {"accuracy": accuracy_score(true, pred, sample_weight=weight),
+            "f1": f1_score(true, pred, sample_weight=weight, labels=list(range(k)),
+                           average="binary" if k == 2 else "macro", zero_division=0.0),
+            "matthews": matthews_corrcoef(true, pred, sample_weight=weight)}
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
