@@ -98,7 +98,9 @@ def single_process_group():
 
 @pytest.fixture(scope="session")
 def launcher_run(tmp_path_factory, tiny_data):
-    """The real entry point: `deepspeed --num_gpus 2 launchers/pretrain.py --config ...`."""
+    """The real entry point: `deepspeed --num_gpus 2 launchers/pretrain.py --config ...`. Not
+    `tiny_run_config` on purpose: tensorboard and the optimizer stay at their defaults, as in a
+    user's first config."""
     import yaml
     root = tmp_path_factory.mktemp("launcher")
     cfg = {"run_dir": str(root / "run"), "seed": 3, "model": {"preset": "gpt2-tiny"},

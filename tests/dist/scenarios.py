@@ -6,6 +6,9 @@ named in SESSION share four launches per pytest session (conftest's `dist_result
 checks run in tests/test_distributed.py, one test each, against that directory. A scenario whose
 assertions live in another test file says which (`checked_in`): that file launches it or reads
 the shared launches' output.
+
+A new scenario: a function `name(args)` decorated with `@scenario(FIRST, ...)` (the launches it
+joins), writing under `args.out`; then its checks, each decorated with `@name.check`.
 """
 from __future__ import annotations
 
