@@ -32,14 +32,14 @@ def free_port() -> int:
 
 
 # --- runs and their results ---------------------------------------------------------------------
-def tiny_run_config(run_dir, data: dict, **sections) -> dict:
-    """The raw config of a tiny llama run on `data` (the `tiny_data` fixture). A dict section
-    updates the default one key by key; anything else replaces it."""
+def tiny_run_config(run_dir, dataset: dict, /, **sections) -> dict:
+    """The raw config of a tiny llama run on `dataset` (the `tiny_data` fixture). A dict
+    section updates the default one key by key (`data=` too); anything else replaces it."""
     raw = {
         "run_dir": str(run_dir),
         "seed": 7,
         "model": {"preset": "llama-tiny"},
-        "data": {"path": data["data"], "tokenizer": data["tokenizer"]},
+        "data": {"path": dataset["data"], "tokenizer": dataset["tokenizer"]},
         "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6,
                   "log_every": 1, "eval_every": 1000, "eval_batches": 2},
         "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.1, "grad_clip": 1.0},
