@@ -1,17 +1,17 @@
-"""Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches."""
+"""Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches.
+
+Shared helpers live in tests/helpers.py; the names below are re-exported for test files that
+still import them from here.
+"""
 from __future__ import annotations
 
-import glob
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "data" / "corpus"
-SCENARIOS = REPO / "tests" / "dist" / "scenarios.py"
+pytest.register_assert_rewrite("dist.scenarios")  # its checks run as tests
+
+from helpers import CORPUS, REPO, SCENARIOS, launch, run_scenarios  # noqa: E402,F401
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -38,65 +38,14 @@ def tiny_data(tmp_path_factory):
     return {"data": str(root / "mds"), "tokenizer": model}
 
 
-LAUNCHER_OWNED = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE",
-                  "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"}
-
-
-def _shm_files() -> set[str]:
-    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-
-
-def launch(script: Path | str, args: list[str], world_size: int, cwd=None,
-           timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `script` on `world_size` CPU ranks with the deepspeed launcher.
-
-    DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm file per rank per run; remove ours.
-    """
-    before = _shm_files()
-    # In-process tests (HF Trainer, accelerate, the fine-tuner's W=1 group) leave rank and
-    # accelerate variables in this process's environment; a launched rank must not inherit them
-    # (LOCAL_WORLD_SIZE=1 would make each rank its own node to streaming).
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in LAUNCHER_OWNED and not k.startswith("ACCELERATE_")}
-    full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    port = str(29500 + (os.getpid() % 1000))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-           "--master_port", port, str(script), *args]
-    try:
-        return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True,
-                              text=True, timeout=timeout)
-    finally:
-        for f in _shm_files() - before:
-            try:
-                os.unlink(f)
-            except OSError:
-                pass
-
-
-def run_scenarios(out: Path, data: dict, names: list[str], world_size: int) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    proc = launch(SCENARIOS, ["--out", str(out), "--data", data["data"],
-                              "--tokenizer", data["tokenizer"], "--scenarios", ",".join(names)],
-                  world_size)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scenarios {names} failed at world size {world_size}:\n"
-                           f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return out
-
-
 @pytest.fixture(scope="session")
 def dist_results(tmp_path_factory, tiny_data):
-    """All shared multi-rank runs: two launches at W=2 (the second resumes the first's
-    stopped run in a fresh process) and one at W=1."""
+    """The directory the session's shared multi-rank launches wrote (tests/dist/scenarios.py:
+    SESSION); the second W=2 launch resumes the first's stopped runs in fresh processes."""
+    from dist.scenarios import session_launches
     out = tmp_path_factory.mktemp("dist")
-    run_scenarios(out, tiny_data, ["partition", "theta0", "resume_first_half", "pmp_frozen",
-                                   "pmp_earlybird", "pmp_scoped", "pmp_offload",
-                                   "pmp_secret_seed", "pmp_random_mask", "pmp_resume_first_half",
-                                   "pmp_rewind", "release_source", "leaky",
-                                   "pmp_project", "pmp_h2_guard"], 2)
-    run_scenarios(out, tiny_data, ["resume_second_half", "pmp_resume_second_half"], 2)
-    run_scenarios(out, tiny_data, ["theta0", "pmp_random_mask", "pmp_resume_refused"], 1)
+    for world, names in session_launches():
+        run_scenarios(out, tiny_data, names, world)
     return out
 
 
@@ -149,7 +98,9 @@ def single_process_group():
 
 @pytest.fixture(scope="session")
 def launcher_run(tmp_path_factory, tiny_data):
-    """The real entry point: `deepspeed --num_gpus 2 launchers/pretrain.py --config ...`."""
+    """The real entry point: `deepspeed --num_gpus 2 launchers/pretrain.py --config ...`. Not
+    `tiny_run_config` on purpose: tensorboard and the optimizer stay at their defaults, as in a
+    user's first config."""
     import yaml
     root = tmp_path_factory.mktemp("launcher")
     cfg = {"run_dir": str(root / "run"), "seed": 3, "model": {"preset": "gpt2-tiny"},

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dist_util import run_distributed
+from helpers import run_distributed
 from pmp_scale.mask import (LocalSlice, iou, mask_counts, pack_bits, popcount, random_scores,
                             topk_mask, unpack_bits)
 

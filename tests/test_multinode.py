@@ -17,7 +17,6 @@ before training with one clear line.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -31,7 +30,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, launch
+from helpers import (REPO, full_masks, launch, launcher_command, launcher_env,
+                     run_distributed, tiny_run_config)
 
 PRETRAIN = REPO / "launchers" / "pretrain.py"
 KILL_AFTER = 10  # node 1 dies after this optimizer step (Stage II: discovery ends at step 6)
@@ -126,16 +126,13 @@ class Cluster:
 
     def start(self, node: Node, args: list[str], env: dict | None = None) -> subprocess.Popen:
         tmp = self.scratch / "tmp"
-        node_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                    "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": node.ifname,
-                    "TMPDIR": str(tmp),
-                    "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
-                    "AWS_ACCESS_KEY_ID": "node", "AWS_SECRET_ACCESS_KEY": "node",
-                    "AWS_DEFAULT_REGION": "us-east-1", **(env or {})}
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner",
-                    "--hostfile", str(self.hostfile), "--no_ssh", "--node_rank", str(node.rank),
-                    "--master_addr", self.nodes[0].addr, "--master_port", "29500",
-                    str(PRETRAIN), *args]
+        node_env = launcher_env({"GLOO_SOCKET_IFNAME": node.ifname, "TMPDIR": str(tmp),
+                                 "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
+                                 "AWS_ACCESS_KEY_ID": "node", "AWS_SECRET_ACCESS_KEY": "node",
+                                 "AWS_DEFAULT_REGION": "us-east-1", **(env or {})})
+        launcher = launcher_command(PRETRAIN, args, "--hostfile", str(self.hostfile), "--no_ssh",
+                                    "--node_rank", str(node.rank), "--master_addr",
+                                    self.nodes[0].addr, "--master_port", "29500")
         # A node's own /dev/shm and scratch: mounts made here stay inside its namespace.
         boot = 'mount -t tmpfs tmpfs /dev/shm && mount --bind "$1" "$2" && mkdir -p "$3" ' \
                '&& shift 3 && exec "$@"'
@@ -203,16 +200,10 @@ def _serve_s3(node: Node, data: str) -> subprocess.Popen:
 
 
 def _config(root: Path, data: dict, run_dir: Path, cache: Path, path: str | None = None) -> Path:
-    cfg = {"run_dir": str(run_dir), "seed": 11, "model": {"preset": "llama-tiny"},
-           "data": {"path": path or data["data"], "tokenizer": data["tokenizer"],
-                    "local_cache": str(cache)},
-           "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 6,
-                     "log_every": 1, "eval_every": 1000, "eval_batches": 2},
-           "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.1, "grad_clip": 1.0},
-           "checkpoint": {"every": 4, "keep": 2},
-           "logging": {"tensorboard": False},
-           "pmp": {"enabled": True, "mask_ratio": 0.6, "check_every": 2, "patience": 9,
-                   "warmup_max_steps": 6, "save_init": True}}
+    cfg = tiny_run_config(run_dir, data, seed=11, checkpoint={"every": 4},
+                          data={"path": path or data["data"], "local_cache": str(cache)},
+                          pmp={"enabled": True, "mask_ratio": 0.6, "check_every": 2,
+                               "patience": 9, "warmup_max_steps": 6, "save_init": True})
     path = root / f"{run_dir.parent.name}_{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -285,7 +276,6 @@ def test_two_nodes_lose_one_resume_and_equal_a_single_node_run(multinode):
         assert values == ref_losses[step] * len(values), step
 
     from pmp_scale.mask.artifact import read_artifact
-    from pmp_scale.mask.bits import unpack_bits
     from safetensors.torch import load_file
     mask, meta = read_artifact(root / "run" / "private" / "mask")
     ref_mask, _ = read_artifact(root / "ref" / "private" / "mask")
@@ -303,8 +293,9 @@ def test_two_nodes_lose_one_resume_and_equal_a_single_node_run(multinode):
 
     init = load_file(str(root / "run" / "private" / "mask" / "init.safetensors"))
     trained = 0
+    keeps = full_masks(root / "run" / "private" / "mask")
     for name, value in weights.items():
-        keep = unpack_bits(mask[name], meta["numel"][name]).reshape(value.shape)
+        keep = keeps[name]
         assert torch.equal(value[~keep], init[name][~keep]), name  # complement bit-exact
         trained += int((value[keep] != init[name][keep]).sum())
     assert trained > 0
@@ -342,7 +333,6 @@ def _probe(rank, world, dirs):
 
 def test_shared_run_dir_probe(tmp_path):
     """Without namespaces: ranks given the same / different / an unwritable run_dir."""
-    from dist_util import run_distributed
     shared = tmp_path / "shared"
     assert run_distributed(_probe, 2, [shared, shared]) == [None, None]
     assert not (shared / ".shared_fs_probe").exists()  # the probe cleans up after itself

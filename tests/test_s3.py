@@ -7,22 +7,15 @@ ways a remote dataset is wrong each give one clear line.
 """
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 
 import pmp_scale.data.loader as loader_mod
+from helpers import free_port
 from pmp_scale.data import DataError, batches, build_loader, read_meta
 
 BUCKET = "pmp-data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upload(client, local: Path, bucket: str, prefix: str, corrupt: bool = False) -> None:
