@@ -27,7 +27,7 @@ from .preemption import Preemption
 from .telemetry import Telemetry, ThroughputWindow, memory_gib, peak_tflops
 from .zero3 import (DTYPES, SkippedSteps, StepHook, build_ds_config, build_engine,
                     init_distributed, init_master, mean_over_ranks, on_cpu, optimizer_step,
-                    resolve_precision, restart_schedule, warmup_decay)
+                    param_groups, resolve_precision, restart_schedule, warmup_decay)
 
 
 # PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
@@ -299,5 +299,6 @@ class Trainer:
         return end is not None and self.state.step >= end
 
 
+# The ZeRO-3 helpers that lived here before `zero3/` are re-exported for their callers.
 __all__ = ["Trainer", "StepHook", "NonFiniteError", "build_ds_config", "init_distributed",
-           "on_cpu"]
+           "on_cpu", "param_groups"]
