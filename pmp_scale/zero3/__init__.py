@@ -16,7 +16,7 @@ from .step import SkippedSteps, StepHook, mean_over_ranks, optimizer_step
 
 __all__ = ["DTYPES", "SkippedSteps", "StepHook", "build_ds_config", "build_engine", "deep_merge",
            "deepspeed_local_rank", "ensure_process_group", "hf_zero3", "init_distributed",
-           "init_master", "init_partitioned", "local_elements", "master_to_params", "no_hf_init",
-           "rank_slice", "mean_over_ranks", "offloads_optimizer",
-           "on_cpu", "optimizer_step", "param_groups", "resolve_precision", "restart_schedule",
-           "warmup_decay", "write_master"]
+           "init_master", "init_partitioned", "local_elements", "master_to_params",
+           "mean_over_ranks", "no_hf_init", "offloads_optimizer", "on_cpu", "optimizer_step",
+           "param_groups", "rank_slice", "resolve_precision", "restart_schedule", "warmup_decay",
+           "write_master"]
