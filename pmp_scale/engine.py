@@ -1,17 +1,16 @@
-"""DeepSpeed ZeRO-3 pre-training: components, the train step, evaluation.
+"""DeepSpeed ZeRO-3 pre-training: the run's components and the one train loop.
 
-The train step is where PMP plugs in: after the last micro-batch's backward (gradients are
-reduced into each rank's partition) and before `engine.step()`, every `StepHook` sees the
-partitioned gradients; see `pmp_scale/mask/update.py`.
+The ZeRO-3 mechanics (config, engine, the optimizer step with the PMP hooks) live in `zero3/`,
+shared with fine-tuning; when to save and when to stop live in `policies.py` and
+`preemption.py`; throughput in `telemetry.py`. What is left here is the wiring and the loop.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
-import time
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -19,13 +18,16 @@ import yaml
 
 from .checkpoint import Checkpointer, RNGState, tag_for
 from .cluster import check_shared_run_dir
-from .preemption import Preemption
-from .faults import fault_point
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .data import DataError, batches, build_loader, load_tokenizer, read_meta
+from .faults import fault_point
 from .models import build_hf_config, build_model, count_params, flops_per_token
-from .telemetry import Telemetry, memory_gib, peak_tflops
-from .zero3 import init_master
+from .policies import Divergence, NonFiniteError, SaveSchedule
+from .preemption import Preemption
+from .telemetry import Telemetry, ThroughputWindow, memory_gib, peak_tflops
+from .zero3 import (DTYPES, SkippedSteps, StepHook, build_ds_config, build_engine,
+                    init_distributed, init_master, mean_over_ranks, on_cpu, optimizer_step,
+                    param_groups, resolve_precision, restart_schedule, warmup_decay)
 
 
 # PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
@@ -34,93 +36,8 @@ PMP_IDENTITY = {"mask_ratio", "mask_source", "score", "topk_scope", "exclude",
                 "exclude_constant_init", "rewind", "complement"}
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class StepHook(Protocol):
-    """Runs on every rank at each optimizer step, around `engine.step()`."""
-
-    def before_step(self, engine, step: int) -> None: ...
-    def after_step(self, engine, step: int) -> None: ...
-
-
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-    return get_accelerator().device_name() == "cpu"
-
-
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "fp32" if on_cpu() else "bf16"
-    if precision == "fp16" and on_cpu():
-        raise ConfigError("train.precision fp16 is not supported on CPU ranks; use fp32 or bf16")
-    return precision
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def build_ds_config(cfg: RunConfig, world_size: int, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config pmp_scale derives from the run config; `deepspeed:` overrides it."""
-    derived = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {
-            "stage": 3,
-            # One fp32 sub-group is snapshotted by the PMP restore hook: keep them moderate.
-            "sub_group_size": 100_000_000,
-            "contiguous_gradients": True,
-            "overlap_comm": not on_cpu(),
-        },
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(derived, cfg.deepspeed)
-
-
-def offloads_optimizer(ds_config: dict) -> bool:
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return offload.get("device", "none") in ("cpu", "nvme")
-
-
-def lr_lambda(cfg: RunConfig):
-    """Linear warm-up then cosine decay to min_lr_ratio·lr at max_steps."""
-    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D tensors (norms, biases); ZeRO-3 shapes live in `ds_shape`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)
-            (decay if len(shape) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _set_cpu_threads() -> None:
@@ -129,23 +46,13 @@ def _set_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
-def init_distributed() -> None:
-    import deepspeed
-    if not dist.is_initialized():
-        if not on_cpu():  # NCCL collectives before the engine exists (the run_dir probe, the
-            from deepspeed.accelerator import get_accelerator  # seed broadcast) use this device
-            get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
-
-
-class TrainState:
+class TrainState(SkippedSteps):
     """Counters that must survive a resume."""
 
     def __init__(self):
         self.step = 0
         self.tokens = 0
-        self.skipped = 0      # steps skipped for a non-finite loss or gradient
-        self.bad_streak = 0   # ... of which consecutive, up to now
+        super().__init__()  # skipped, bad_streak
 
     def state_dict(self):
         return dict(vars(self))
@@ -209,7 +116,8 @@ class Trainer:
         if cfg.pmp.enabled:
             from .mask.controller import PMPController
             self.pmp = PMPController(cfg.pmp, self.engine, self.run_dir, self.init_seed,
-                                     self._reset_schedule, self.telemetry,
+                                     functools.partial(restart_schedule, self.engine,
+                                                       self.schedule), self.telemetry,
                                      constant_init=self.constant_init)
             self.hooks.append(self.pmp)
             components["pmp"] = self.pmp
@@ -235,32 +143,12 @@ class Trainer:
 
     # --- construction -------------------------------------------------------------------
     def _build_engine(self, seed: int):
-        import deepspeed
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        self.model = build_model(self.hf_config, self.ds_config, dtype[self.precision])
+        self.model = build_model(self.hf_config, self.ds_config, DTYPES[self.precision])
         o = self.cfg.optim
-        self.schedule = lr_lambda(self.cfg)
-        groups = param_groups(self.model, o.weight_decay)
-        if offloads_optimizer(self.ds_config):  # the step runs on the host: DeepSpeed's CPU Adam
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps,
-                                         adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
-                                          fused=not on_cpu())
-        engine, *_ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
+        self.schedule = warmup_decay(o.warmup_steps, self.cfg.train.max_steps, o.min_lr_ratio)
+        engine = build_engine(self.model, o, self.ds_config, self.schedule)
         self.constant_init = init_master(engine, seed)
         return engine
-
-    def _reset_schedule(self) -> None:
-        """Restart warm-up + cosine (PMP rewinds to θ(0) after Stage I: Stage II starts afresh)."""
-        sched = self.engine.lr_scheduler
-        sched.last_epoch = 0
-        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
-            group["lr"] = base * self.schedule(0)
-        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def _load_val_batches(self) -> list[dict[str, torch.Tensor]]:
         """A fixed held-out set, read once, so every evaluation sees the same tokens."""
@@ -282,47 +170,13 @@ class Trainer:
         ids = batch["input_ids"].to(self.engine.device)
         return self.engine(input_ids=ids, labels=ids).loss
 
-    def _mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().float().to(self.engine.device)
-        dist.all_reduce(value)
-        return value.item() / self.world_size
-
     def train_step(self, batches) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
-        total = torch.zeros((), device=self.engine.device)
-        finite = True
-        for micro in range(self.grad_accum):
-            loss = self._forward(next(batches))
-            self.engine.backward(loss)
-            total += loss.detach().float()
-            if micro == self.grad_accum - 1:
-                fault_point(f"backward:{self.state.step + 1}")
-                finite = self._all_finite(total)
-                if finite:
-                    for hook in self.hooks:
-                        hook.before_step(self.engine, self.state.step)
-                else:  # DeepSpeed's own overflow path: no optimizer step, no moment update
-                    self.engine.optimizer.overflow = True
-            self.engine.step()
-        if finite:
-            self.state.bad_streak = 0
-            for hook in self.hooks:
-                hook.after_step(self.engine, self.state.step)
-        else:
-            self.engine.optimizer.overflow = False
-            self.state.skipped += 1
-            self.state.bad_streak += 1
-        return self._mean_over_ranks(total / self.grad_accum)
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Loss and this rank's gradient partition finite on every rank (fp16 has its own)."""
-        if self.precision == "fp16":
-            return True
-        grads = self.engine.optimizer.grad_partitions_flat_buffer
-        ok = torch.isfinite(loss) & torch.isfinite(grads).all()
-        flag = ok.to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        losses = (self._forward(next(batches)) for _ in range(self.grad_accum))
+        return optimizer_step(
+            self.engine, losses, self.hooks, self.state.step, self.state,
+            check_finite=self.precision != "fp16",  # fp16: its loss scaler skips overflows
+            after_backward=lambda: fault_point(f"backward:{self.state.step + 1}"))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -331,7 +185,7 @@ class Trainer:
         for batch in self.val_batches:
             total += self._forward(batch).float()
         self.engine.train()
-        return self._mean_over_ranks(total / len(self.val_batches))
+        return mean_over_ranks(total / len(self.val_batches), self.engine.device)
 
     def _batches(self):
         """Micro-batches forever: each pass over the loader is one epoch (state resumes)."""
@@ -366,78 +220,77 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(c.model_dump(mode="json")))
         if self.state.step == 0:
-            val = self.evaluate()
-            self.telemetry.scalars(0, {"val/loss": val, "val/ppl": math.exp(min(val, 50))})
-            self.telemetry.info(f"step 0 | val loss {val:.4f}")
-        tokens_per_step = c.train.global_batch_size * self.seq_len
+            self.telemetry.scalars(0, self._validate(0))
         batches = self._batches()
         preemption = Preemption(c.checkpoint.preempt_grace_s)
         try:
-            return self._loop(batches, tokens_per_step, preemption, stop_at)
+            return self._loop(batches, preemption, stop_at)
         finally:
             preemption.close()
             self.telemetry.close()
 
-    def _loop(self, batches, tokens_per_step, preemption, stop_at) -> dict[str, float]:
+    def _loop(self, batches, preemption: Preemption, stop_at: int | None) -> dict[str, float]:
         c = self.cfg
-        last = {}
-        window_start, window_steps = time.perf_counter(), 0
+        saves = SaveSchedule(c.checkpoint.every, stop_at)
+        divergence = Divergence(c.train.nonfinite_max_in_a_row, self.telemetry)
+        window = ThroughputWindow(c.train.global_batch_size * self.seq_len, self.flops_per_token,
+                                  self.world_size, self.peak_tflops)
+        metrics = {}
         while not self._finished():
             loss = self.train_step(batches)
-            self.state.step += 1
-            self.state.tokens += tokens_per_step
-            window_steps += 1
-            step = self.state.step
+            step = self._advance(window)
             fault_point(f"step:{step}")
-            metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                       "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                       "train/skipped_steps": self.state.skipped}
-            if self.pmp is not None:
-                metrics["pmp/stage"] = self.pmp.stage
             last_step = self._finished()
+            metrics = self._step_metrics(loss)
             if step % c.train.log_every == 0 or last_step:
-                elapsed = time.perf_counter() - window_start
-                tps = tokens_per_step * window_steps / elapsed
-                metrics["perf/tokens_per_s"] = tps
-                metrics["perf/step_s"] = elapsed / window_steps
-                if self.peak_tflops:
-                    per_device = tps * self.flops_per_token / self.world_size
-                    metrics["perf/mfu"] = per_device / (self.peak_tflops * 1e12)
-                metrics.update({f"mem/{k}": v for k, v in memory_gib().items()})
-                self.telemetry.info(
-                    f"step {step} | loss {loss:.4f} | lr {metrics['train/lr']:.2e} | "
-                    f"gnorm {metrics['train/grad_norm']:.3f} | {tps:,.0f} tok/s"
-                    + (f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""))
-                window_start, window_steps = time.perf_counter(), 0
+                metrics.update(window.measure())
+                self._log_step(step, metrics)
             if step % c.train.eval_every == 0 or last_step:
-                val = self.evaluate()
-                metrics.update({"val/loss": val, "val/ppl": math.exp(min(val, 50))})
-                self.telemetry.info(f"step {step} | val loss {val:.4f}")
+                metrics.update(self._validate(step))
             self.telemetry.scalars(step, metrics)
-            last = metrics
-            if self.state.bad_streak:
-                self.telemetry.info(f"step {step} skipped: non-finite loss or gradient "
-                                    f"({self.state.bad_streak} in a row)")
-            diverged = self.state.bad_streak >= c.train.nonfinite_max_in_a_row
+            diverged = divergence.check(step, self.state.bad_streak)
             preempted = preemption.requested()
-            if (step % c.checkpoint.every == 0 or last_step or step == stop_at
-                    or diverged or preempted):
+            if saves.due(step, last=last_step, stopping=diverged or preempted):
                 self.checkpointer.save(step)
             if diverged:
-                raise NonFiniteError(
-                    f"training stopped: non-finite loss or gradient in {self.state.bad_streak} "
-                    f"consecutive steps up to step {step}; the checkpoint {tag_for(step)} holds "
-                    "the last good weights (skipped steps change nothing); lower optim.lr or "
-                    "inspect the data, then --resume auto")
+                divergence.stop(step, self.state.bad_streak)
             if preempted:
                 self.telemetry.info(f"preempted: checkpoint {tag_for(step)} written, exiting")
-                return last
+                return metrics
             if step == stop_at:
-                return last
+                return metrics
         if self.pmp is not None:
             path = self.pmp.write_private()
             self.telemetry.info(f"pmp private artifacts written to {path} (keep them secret)")
-        return last
+        return metrics
+
+    def _advance(self, window: ThroughputWindow) -> int:
+        self.state.step += 1
+        self.state.tokens += self.cfg.train.global_batch_size * self.seq_len
+        window.tick()
+        return self.state.step
+
+    def _step_metrics(self, loss: float) -> dict[str, float]:
+        metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                   "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                   "train/skipped_steps": self.state.skipped}
+        if self.pmp is not None:
+            metrics["pmp/stage"] = self.pmp.stage
+        return metrics
+
+    def _log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """The step's console line; memory figures join its metrics."""
+        metrics.update({f"mem/{k}": v for k, v in memory_gib().items()})
+        mfu = f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+        self.telemetry.info(
+            f"step {step} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e} | "
+            f"gnorm {metrics['train/grad_norm']:.3f} | {metrics['perf/tokens_per_s']:,.0f} tok/s"
+            + mfu)
+
+    def _validate(self, step: int) -> dict[str, float]:
+        val = self.evaluate()
+        self.telemetry.info(f"step {step} | val loss {val:.4f}")
+        return {"val/loss": val, "val/ppl": math.exp(min(val, 50))}
 
     def _finished(self) -> bool:
         end = self.cfg.train.max_steps
@@ -446,4 +299,6 @@ class Trainer:
         return end is not None and self.state.step >= end
 
 
-__all__ = ["Trainer", "StepHook", "NonFiniteError", "build_ds_config"]
+# The ZeRO-3 helpers that lived here before `zero3/` are re-exported for their callers.
+__all__ = ["Trainer", "StepHook", "NonFiniteError", "build_ds_config", "init_distributed",
+           "on_cpu", "param_groups"]

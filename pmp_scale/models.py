@@ -3,8 +3,8 @@
 Why the init pass: under `deepspeed.zero.Init` the parameters are partitioned as soon as each
 module is built, so HF's `_init_weights` runs on empty tensors and the model keeps PyTorch's
 default init (embeddings std 1.0 instead of 0.02). We therefore re-run HF's init one module at a
-time, gathering only that module's parameters on rank 0, from a freshly seeded generator. The
-result depends on the seed alone, not on the world size — PMP freezes weights at exactly θ(0).
+time on full-size fp32 stand-ins, from a freshly seeded generator (`seeded_init`). The result
+depends on the seed alone, not on the world size — PMP freezes weights at exactly θ(0).
 """
 from __future__ import annotations
 
@@ -143,8 +143,10 @@ def _full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = "cpu"):
-    """(name, full fp32 θ(0)) for every parameter: HF's `_init_weights` from `seed`, in fp32.
+def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = "cpu",
+                only: set[str] | None = None):
+    """(name, full fp32 θ(0)) for every parameter (or those named in `only`, drawing nothing
+    for modules without one): HF's `_init_weights` from `seed`, in fp32.
 
     Why stand-ins: each module's parameters are swapped for full-size fp32 tensors while HF's
     init runs on it, on every rank with the same seeded generator, so θ(0) is the same fp32
@@ -163,7 +165,8 @@ def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = 
     try:
         for i, module in enumerate(order):  # children first, as nn.Module.apply (HF's order)
             touched = _touched(module)
-            if not touched:
+            if not touched or (only is not None
+                               and not any(names[id(p)] in only for _, _, p in touched)):
                 continue
             for owner, attr, p in touched:
                 standin = values.setdefault(id(p), torch.full(_full_shape(p), float("nan"),
@@ -177,6 +180,8 @@ def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = 
             for _, _, p in touched:
                 if last[id(p)] == i and id(p) in values:
                     value = values.pop(id(p))
+                    if only is not None and names[id(p)] not in only:
+                        continue
                     if torch.isnan(value).any():
                         raise ModelConfigError(f"{names[id(p)]}: HF's _init_weights left it (partly)"
                                                " uninitialised; this architecture needs its own init")
@@ -190,16 +195,3 @@ def is_constant(t: torch.Tensor) -> bool:
     sit exactly at a public constant, revealing their mask bit without any seed."""
     flat = t.reshape(-1)
     return bool((flat == flat[0]).all())
-
-
-def init_partitioned(model: torch.nn.Module, seed: int) -> None:
-    """θ(0) from `seed` into each rank's ZeRO-3 partitions (`ds_tensor`, in the model dtype):
-    for models whose optimizer state is built afterwards from these values (fine-tuning)."""
-    params = dict(model.named_parameters())
-    rank = torch.distributed.get_rank()
-    device = next(iter(params.values())).ds_tensor.device
-    for name, value in seeded_init(model, seed, device=device):
-        local = params[name].ds_tensor
-        start = local.numel() * rank  # ZeRO-3: rank r owns [r·P, (r+1)·P), P = ds_tensor.numel()
-        flat = value.reshape(-1)[start:start + local.numel()]
-        local.data[:flat.numel()].copy_(flat.to(local.dtype))

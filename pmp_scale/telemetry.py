@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -32,6 +33,29 @@ def memory_gib() -> dict[str, float]:
     if torch.cuda.is_available():
         out["gpu_max_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+class ThroughputWindow:
+    """Tokens/s, seconds per step and MFU over the steps since the last `measure()`."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, world_size: int,
+                 peak: float | None):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.world_size, self.peak = world_size, peak
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def measure(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        tps = self.tokens_per_step * self.steps / elapsed
+        out = {"perf/tokens_per_s": tps, "perf/step_s": elapsed / self.steps}
+        if self.peak:
+            per_device = tps * self.flops_per_token / self.world_size
+            out["perf/mfu"] = per_device / (self.peak * 1e12)
+        self.start, self.steps = time.perf_counter(), 0
+        return out
 
 
 class Telemetry:

@@ -6,10 +6,11 @@
                        (`MaskedUpdate`): the complement stays bit-exactly at the release; new
                        parameters (a classification head) are fully trainable
 
-Always the same engine: W=1 in-process (tests, sweeps; `ensure_process_group`) or W>1 under the
-`deepspeed` launcher. The release is loaded the Hugging Face way under ZeRO-3
-(`HfDeepSpeedConfig` before `from_pretrained`: built under zero.Init, weights loaded into the
-partitions) and checked against the release bit for bit, partition by partition.
+Always the same ZeRO-3 core as pre-training (`pmp_scale/zero3`): W=1 in-process (tests, sweeps;
+`ensure_process_group`) or W>1 under the `deepspeed` launcher. The release is loaded the Hugging
+Face way under ZeRO-3 (`HfDeepSpeedConfig` before `from_pretrained`: built under zero.Init,
+weights loaded into the partitions) and checked against the release bit for bit, partition by
+partition (`release_check.py`).
 """
 from __future__ import annotations
 
@@ -19,24 +20,20 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
-import socket
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..data.loader import DataError
-from ..engine import deep_merge, on_cpu, param_groups, resolve_precision
-from ..models import init_partitioned
-from ..mask.artifact import MaskArtifactError, read_artifact, slice_for_rank
-from ..mask.select import LocalSlice
+from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, deepspeed_local_rank,
+                     ensure_process_group, hf_zero3, init_partitioned, no_hf_init,
+                     optimizer_step, resolve_precision, warmup_decay)
 from .config import FinetuneConfig, OptimConfig
+from .release_check import (MaskMismatchError, Release, ReleaseLoadError, backbone_name,
+                            check_mask, compare_with_release, sharded_mask, verify_loaded)
 from .tasks import TaskData, build_task, classification_metrics, load_hf_tokenizer
 
 log = logging.getLogger("pmp_scale.finetune")
@@ -45,180 +42,32 @@ LORA_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                 "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
 
-class MaskMismatchError(MaskArtifactError):
-    """A private mask that does not belong to the model being fine-tuned."""
-
-
-class ReleaseLoadError(DataError):
-    """A release directory that cannot be fine-tuned (not an HF model, or loaded wrongly)."""
-
-
-# --- process group --------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_process_group() -> None:
-    """Join the launcher's process group, or start a single-process (W=1) one in-process."""
-    if dist.is_initialized():
-        return
-    own = "RANK" not in os.environ
-    if own:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
-    if own:  # DeepSpeed's CPU all-reduce leaves a 66 MiB /dev/shm file per process: ours goes
-        import atexit
-        atexit.register(_remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-
-
-def _remove_shm_buffers(addr: str, port: str) -> None:
-    import glob
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-# --- the release and its private mask -------------------------------------------------------------
-@dataclass
-class Release:
-    """A released HF model directory: tensor names/shapes/dtypes from the safetensors headers."""
-    path: Path
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]
-
-    @classmethod
-    def open(cls, path) -> "Release":
-        from safetensors import safe_open
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ReleaseLoadError(f"{path} is not a released model directory: no config.json + "
-                                   "model.safetensors (tools/release.py writes one)")
-        if not (path / "config.json").is_file():
-            raise ReleaseLoadError(f"{path} has no config.json")
-        shapes, dtypes = {}, {}
-        for f in files:
-            with safe_open(str(path / f), framework="pt") as h:
-                for name in h.keys():
-                    part = h.get_slice(name)
-                    shapes[name], dtypes[name] = tuple(part.get_shape()), part.get_dtype()
-        return cls(path, shapes, dtypes)
-
-    @cached_property
-    def sha256(self) -> str:
-        from ..release import release_sha256
-        return release_sha256(self.path)
-
-    def tensors(self):
-        """(name, tensor) in sorted order, one in memory at a time."""
-        from ..release import release_tensors
-        return release_tensors(self.path)
-
-
-def check_mask(mask_dir, release: Release, allow_unbound: bool = False) -> tuple[dict, dict]:
-    """The private mask artifact, after checking that it belongs to this release. A mask with no
-    recorded release sha256 would fit any release of the same architecture, so it is refused
-    unless `allow_unbound` (config `allow_unbound_mask: true`) says so."""
-    mask_dir = Path(mask_dir)
-    tensors, meta = read_artifact(mask_dir)  # malformed artifacts: MaskArtifactError
-    recorded = meta.get("release_sha256")
-    if recorded is not None and recorded != release.sha256:
-        raise MaskMismatchError(
-            f"mask belongs to another release: {mask_dir / 'mask.json'} records release sha256 "
-            f"{recorded[:16]}…, {release.path} has {release.sha256[:16]}…")
-    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
-    if shapes != release.shapes:
-        diff = sorted(n for n in set(shapes) | set(release.shapes)
-                      if shapes.get(n) != release.shapes.get(n))
-        n = diff[0]
-        raise MaskMismatchError(
-            f"mask does not match the model: {len(diff)} parameter(s) differ in name or shape, "
-            f"e.g. {n!r}: mask {list(shapes[n]) if n in shapes else 'absent'}, release "
-            f"{list(release.shapes[n]) if n in release.shapes else 'absent'} ({mask_dir})")
-    if recorded is None:
-        if not allow_unbound:
-            raise MaskMismatchError(
-                f"{mask_dir / 'mask.json'} records no release_sha256, so it cannot be checked "
-                f"against {release.path}: bind it with tools/release.py --private {mask_dir}, "
-                "or set allow_unbound_mask=true to accept a names-and-shapes check")
-        log.warning("%s records no release_sha256 (allow_unbound_mask): only names and shapes "
-                    "were checked against %s", mask_dir, release.path)
-    return tensors, meta
-
-
 # --- model ----------------------------------------------------------------------------------------
-def backbone_name(name: str) -> str:
-    """The release's tensor name of a (possibly PEFT-wrapped) model parameter."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
-def is_adapter(name: str) -> bool:
-    return ".lora_" in name
-
-
-@contextlib.contextmanager
-def hf_zero3(ds_config: dict):
-    """transformers builds and loads under zero.Init while this is active."""
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 (a weakref is held by transformers)
-    try:
-        yield
-    finally:
-        unset_hf_deepspeed_config()
-        del keep
-
-
-def _init_new_params(model, release: Release, seed: int) -> list[str]:
+def _init_new_params(model, release: Release, seed: int) -> None:
     """HF init, from `seed`, of the parameters the release does not have (a new classification
     head): under ZeRO-3, `from_pretrained` leaves them uninitialised (zeros or garbage)."""
-    import deepspeed
-    rank, names = dist.get_rank(), []
     # A tied parameter (GPT-2's lm_head.weight is wte.weight) is released under its other
     # name only: it is loaded, not new — initialising it would overwrite the embedding.
     loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
               if n in release.shapes}
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    new = set()
     for prefix, module in model.named_modules():
-        direct = [(f"{prefix}.{n}" if prefix else n, p)
-                  for n, p in module.named_parameters(recurse=False) if id(p) not in loaded
-                  or (f"{prefix}.{n}" if prefix else n) in release.shapes]
-        new = [n for n, _ in direct if n not in release.shapes]
-        if not new:
-            continue
-        if len(new) != len(direct):
+        direct = [f"{prefix}.{n}" if prefix else n
+                  for n, p in module.named_parameters(recurse=False)
+                  if id(p) not in loaded or (f"{prefix}.{n}" if prefix else n) in release.shapes]
+        fresh = [n for n in direct if n not in release.shapes]
+        if fresh and len(fresh) != len(direct):
             raise ReleaseLoadError(f"module {prefix!r} mixes released and new parameters "
-                                   f"({new}); cannot initialise the new ones alone")
-        names += new
-        with deepspeed.zero.GatheredParameters([p for _, p in direct], modifier_rank=0):
-            if rank == 0:
-                with torch.no_grad():
-                    model._init_weights(module)
-    torch.random.set_rng_state(state)
-    return names
+                                   f"({fresh}); cannot initialise the new ones alone")
+        new.update(fresh)
+    if new:
+        init_partitioned(model, seed, only=new)
 
 
-def _no_hf_init():
-    """transformers' context that skips `post_init`'s weight initialisation (moved in v5)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
-def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config: dict,
-                dtype: torch.dtype):
+def load_release_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config: dict,
+                       dtype: torch.dtype):
+    """The release as a causal LM or a sequence classifier (new head), partitioned; with
+    `cfg.reinit`, a fresh seeded init of its architecture instead."""
     import deepspeed
     from transformers import (AutoConfig, AutoModelForCausalLM,
                               AutoModelForSequenceClassification)
@@ -234,7 +83,7 @@ def build_model(cfg: FinetuneConfig, task: TaskData, release: Release, ds_config
             # HF's own init would run on the already-partitioned (empty) tensors and index the
             # embedding's padding row (classification configs set pad_token_id): skip it there
             # and initialise module by module on gathered parameters instead.
-            with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_hf_init():
+            with deepspeed.zero.Init(config_dict_or_path=ds_config), no_hf_init():
                 model = cls.from_config(config, dtype=dtype)
             init_partitioned(model, cfg.seed)
         else:
@@ -271,108 +120,10 @@ def apply_lora(model, cfg: FinetuneConfig, release: Release):
     return model
 
 
-def _local(p) -> torch.Tensor:
-    """This rank's real (unpadded) elements of a ZeRO-3 parameter, flat."""
-    s = LocalSlice.for_rank(0, p.ds_numel, dist.get_rank(), dist.get_world_size())
-    return p.ds_tensor.detach().reshape(-1)[:s.length].cpu()  # compared with CPU tensors
-
-
-def _release_slice(t: torch.Tensor) -> torch.Tensor:
-    s = LocalSlice.for_rank(0, t.numel(), dist.get_rank(), dist.get_world_size())
-    return t.reshape(-1)[s.start:s.start + s.length]
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-@torch.no_grad()
-def compare_with_release(model, release: Release, masks: dict | None = None) -> dict:
-    """Counts over all ranks of backbone elements that differ (bitwise, in the training dtype)
-    from the release: overall, and inside / outside the private mask when `masks` is given."""
-    params = {backbone_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}
-    counts = torch.zeros(5, dtype=torch.float64)  # elements, changed, complement, changed in it, max|Δ| (compl.)
-    for name, t in release.tensors():
-        p = params.get(name)
-        if p is None:  # e.g. lm_head of a classification model
-            continue
-        local = _local(p)
-        ref = _release_slice(t).to(local.dtype)
-        changed = _bits(local) != _bits(ref)
-        counts[0] += changed.numel()
-        counts[1] += changed.sum().item()
-        if masks is not None and name in masks:
-            frozen = ~slice_for_rank(masks[name], t.numel(), dist.get_rank(), dist.get_world_size())
-            counts[2] += frozen.sum().item()
-            counts[3] += changed[frozen].sum().item()
-            if frozen.any():
-                counts[4] = max(counts[4].item(),
-                                (local[frozen].double() - ref[frozen].double()).abs().max().item())
-    from deepspeed.accelerator import get_accelerator
-    counts = counts.to(get_accelerator().current_device_name())  # NCCL reduces device tensors
-    maximum = counts[4:].clone()
-    dist.all_reduce(counts[:4])
-    dist.all_reduce(maximum, op=dist.ReduceOp.MAX)
-    counts = counts.cpu()
-    out = {"elements": int(counts[0]), "changed": int(counts[1])}
-    if masks is not None:
-        out.update(complement=int(counts[2]), complement_changed=int(counts[3]),
-                   complement_max_abs_diff=float(maximum[0]))
-    return out
-
-
-def verify_loaded(model, release: Release) -> None:
-    """Every backbone partition equals the release exactly (in the training dtype)."""
-    diff = compare_with_release(model, release)
-    if diff["changed"]:
-        raise ReleaseLoadError(f"{release.path}: {diff['changed']} of {diff['elements']} loaded "
-                               "elements differ from the released weights")
-
-
-def sharded_mask(engine, masks: dict):
-    """ShardedMask for the engine's partitions: the artifact's bits for released parameters,
-    all ones (fully trainable) for parameters the release does not have (new heads)."""
-    from ..mask.sharded import PartitionLayout, ShardedMask
-    layout = PartitionLayout.from_engine(engine)
-    rank, world = layout.rank, layout.world_size
-    local = []
-    for e in layout.entries:
-        name = backbone_name(e.name)
-        if name in masks:
-            local.append(slice_for_rank(masks[name], math.prod(e.shape), rank, world))
-        else:
-            local.append(torch.ones(e.slice.length, dtype=torch.bool))
-    return ShardedMask.from_param_masks(layout, local)
-
-
-# --- schedule, config -----------------------------------------------------------------------------
+# --- schedule -------------------------------------------------------------------------------------
 def lr_factor(o: OptimConfig, total: int):
     """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at `total`."""
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
-    return factor
-
-
-def build_ds_config(cfg: FinetuneConfig, world_size: int, precision: str) -> dict:
-    derived = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": 3, "sub_group_size": 100_000_000,
-                              "contiguous_gradients": True, "overlap_comm": not on_cpu()},
-        "bf16": {"enabled": precision == "bf16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(derived, cfg.deepspeed)
+    return warmup_decay(o.warmup_steps, total, o.min_lr_ratio, o.schedule)
 
 
 # --- data order -----------------------------------------------------------------------------------
@@ -397,7 +148,6 @@ class Finetuner:
 
     def __init__(self, cfg: FinetuneConfig, task: TaskData | None = None,
                  release: Release | None = None):
-        import deepspeed
         self.cfg = cfg
         self.release = release or Release.open(cfg.release)
         self.masks = self.mask_meta = None
@@ -409,22 +159,20 @@ class Finetuner:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.grad_accum = cfg.grad_accum_steps(self.world)
         self.precision = resolve_precision(cfg.train.precision)
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.precision]
         self.ds_config = build_ds_config(cfg, self.world, self.precision)
-        self.model = build_model(cfg, self.task, self.release, self.ds_config, self.dtype)
-        if cfg.verify_load and not cfg.reinit:
-            verify_loaded(self.model, self.release)
-        if cfg.mode == "unauthorized-lora":
-            self.model = apply_lora(self.model, cfg, self.release)
-        o = cfg.optim
-        self.schedule = lr_factor(o, cfg.train.max_steps)
-        optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
-                                      betas=o.betas, eps=o.eps)
-        self.engine, *_ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
+        with contextlib.ExitStack() as lease:  # held until close(), released on failure
+            lease.enter_context(deepspeed_local_rank())
+            self.model = load_release_model(cfg, self.task, self.release, self.ds_config,
+                                            DTYPES[self.precision])
+            if cfg.verify_load and not cfg.reinit:
+                verify_loaded(self.model, self.release)
+            if cfg.mode == "unauthorized-lora":
+                self.model = apply_lora(self.model, cfg, self.release)
+            self.schedule = lr_factor(cfg.optim, cfg.train.max_steps)
+            self.engine = build_engine(self.model, cfg.optim, self.ds_config, self.schedule)
+            self._release_lease = lease.pop_all().close
         self.hooks = []
-        self.skipped = self.bad_streak = 0  # steps skipped for a non-finite loss or gradient
+        self.skips = SkippedSteps()
         if cfg.mode == "authorized":
             from ..mask.update import MaskedUpdate
             self.hooks.append(MaskedUpdate(self.engine, sharded_mask(self.engine, self.masks)))
@@ -494,41 +242,10 @@ class Finetuner:
             yield self.task.collate("train", [order[p] for p in range(start, start + mb)])
 
     def train_step(self, order: SampleOrder, step: int) -> float:
-        """One optimizer step; a non-finite loss or gradient on any rank skips it (DeepSpeed's
-        overflow path: weights, moments and LR schedule untouched), as in pre-training."""
-        total = torch.zeros((), dtype=torch.float64)
-        finite = True
-        for m, batch in enumerate(self._micro_batches(order, step)):
-            loss = self._forward(batch).loss
-            self.engine.backward(loss)
-            total += loss.detach().double().cpu()
-            if m == self.grad_accum - 1:
-                finite = self._all_finite(total)
-                if finite:
-                    for hook in self.hooks:
-                        hook.before_step(self.engine, step)
-                else:
-                    self.engine.optimizer.overflow = True
-            self.engine.step()
-        if finite:
-            self.bad_streak = 0
-            for hook in self.hooks:
-                hook.after_step(self.engine, step)
-        else:
-            self.engine.optimizer.overflow = False
-            self.skipped += 1
-            self.bad_streak += 1
-        total = (total / self.grad_accum).to(self.engine.device)
-        dist.all_reduce(total)
-        return total.item() / self.world
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Loss and this rank's gradient partition finite on every rank."""
-        grads = self.engine.optimizer.grad_partitions_flat_buffer
-        ok = torch.isfinite(grads).all() & torch.isfinite(loss.to(grads.device))
-        flag = ok.to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        """One optimizer step (the shared ZeRO-3 step: hooks, non-finite skipping)."""
+        losses = (self._forward(batch).loss for batch in self._micro_batches(order, step))
+        return optimizer_step(self.engine, losses, self.hooks, step, self.skips,
+                              loss_dtype=torch.float64)
 
     def run(self, progress=None) -> dict:
         """Train max_steps; validation at 0 / eval_every / eval_steps / end, test at 0,
@@ -557,10 +274,10 @@ class Finetuner:
             result["train_loss"].append([steps_done, loss])
             if progress is not None:
                 progress(steps_done)
-            if self.bad_streak:
+            if self.skips.bad_streak:
                 log.warning("%s | step %d | non-finite loss or gradient: step skipped (%d in a "
-                            "row)", c.mode, steps_done, self.bad_streak)
-                if self.bad_streak >= c.train.nonfinite_max_in_a_row:
+                            "row)", c.mode, steps_done, self.skips.bad_streak)
+                if self.skips.bad_streak >= c.train.nonfinite_max_in_a_row:
                     result["diverged"] = True
                     break
             if steps_done % c.train.log_every == 0:
@@ -584,7 +301,7 @@ class Finetuner:
         if self.masks is not None or c.mode == "unauthorized-lora":
             result["backbone"] = compare_with_release(self.model, self.release, self.masks)
         result["steps_done"] = steps_done
-        result["skipped_steps"] = self.skipped
+        result["skipped_steps"] = self.skips.skipped
         result["time_s"] = time.perf_counter() - t0
         return result
 
@@ -637,6 +354,7 @@ class Finetuner:
         self.engine.destroy()
         self.engine = self.model = None
         gc.collect()
+        self._release_lease()
 
 
 def _info(*args) -> None:
@@ -674,3 +392,8 @@ def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+# Also imported from here by the sweeps, the analyses and the tests.
+__all__ = ["Finetuner", "MaskMismatchError", "Release", "ReleaseLoadError", "SampleOrder",
+           "check_mask", "ensure_process_group", "finetune", "lr_factor"]

@@ -1,4 +1,5 @@
-"""Writing the ZeRO-3 fp32 master and propagating it to the training partitions.
+"""Seeded θ(0) into ZeRO-3 partitions: the fp32 master (pre-training) or the model's own
+partitions before the optimizer exists (fine-tuning's fresh heads and from-scratch models).
 
 θ(0) is defined once, in fp32, and written straight into the optimizer's fp32 master partitions
 (`fp32_partitioned_groups_flat`); the bf16/fp16/fp32 training partitions are derived from it.
@@ -11,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
-from .mask.sharded import PartitionLayout
-from .models import is_constant, seeded_init
+from ..mask.select import LocalSlice
+from ..mask.sharded import PartitionLayout
+from ..models import is_constant, seeded_init
 
 
 @torch.no_grad()
@@ -55,3 +58,30 @@ def init_master(engine, seed: int) -> list[str]:
     write_master(engine, layout, values())
     master_to_params(engine)
     return constant
+
+
+@torch.no_grad()
+def init_partitioned(model: torch.nn.Module, seed: int, only: set[str] | None = None) -> None:
+    """θ(0) from `seed` into each rank's ZeRO-3 partitions (`ds_tensor`, in the model dtype), for
+    every parameter or those named in `only`: for models whose optimizer state is built
+    afterwards from these values (fine-tuning)."""
+    params = dict(model.named_parameters())
+    rank = torch.distributed.get_rank()
+    device = next(iter(params.values())).ds_tensor.device
+    for name, value in seeded_init(model, seed, device=device, only=only):
+        local = params[name].ds_tensor
+        start = local.numel() * rank  # ZeRO-3: rank r owns [r·P, (r+1)·P), P = ds_tensor.numel()
+        flat = value.reshape(-1)[start:start + local.numel()]
+        local.data[:flat.numel()].copy_(flat.to(local.dtype))
+
+
+def local_elements(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's real (unpadded) elements of a ZeRO-3 parameter, flat, on the host."""
+    s = LocalSlice.for_rank(0, p.ds_numel, dist.get_rank(), dist.get_world_size())
+    return p.ds_tensor.detach().reshape(-1)[:s.length].cpu()
+
+
+def rank_slice(full: torch.Tensor) -> torch.Tensor:
+    """The elements of a full tensor that this rank's partition holds, flat."""
+    s = LocalSlice.for_rank(0, full.numel(), dist.get_rank(), dist.get_world_size())
+    return full.reshape(-1)[s.start:s.start + s.length]
