@@ -340,7 +340,7 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
 
 def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):
     """lm: one step-0 evaluation per release; a from-scratch entry's step 0 depends on the seed."""
-    from pmp_scale.finetune.report import ReportConfig, plan_cells
+    from pmp_scale.nft.report import ReportConfig, plan_cells
     rel = str(tiny_release["release"])
     cfg = ReportConfig(out_dir="x", finetune="ft.yaml", lrs=[1e-3, 1e-2], steps=[2], seeds=[0, 1],
                        min_seeds=2, releases=[{"name": "dense", "release": rel},
@@ -373,7 +373,7 @@ def test_task_fingerprint_follows_data_and_tokenizer(tiny_release, tmp_path):
 
 
 def test_report_needs_three_seeds(tmp_path):
-    from pmp_scale.finetune.report import load_report_config
+    from pmp_scale.nft.report import load_report_config
     report = tmp_path / "r.yaml"
     report.write_text(yaml.safe_dump({"out_dir": "x", "finetune": "ft.yaml", "lrs": [1e-3],
                                       "steps": [2], "seeds": [0],
@@ -383,7 +383,7 @@ def test_report_needs_three_seeds(tmp_path):
 
 
 def test_grad_hist_and_landscape(tiny_release, tmp_path):
-    from pmp_scale.finetune import analyses
+    from pmp_scale.nft import analyses
     cfg = parse_finetune_config(ft_config(tiny_release, "review_lm", "authorized"))
     numbers = analyses.grad_hist(tiny_release["release"], tiny_release["mask"], cfg, tmp_path,
                                  grad_batches=1, batch_size=4)
@@ -410,7 +410,7 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
 
 def test_ratio_sweep_and_mask_source(tiny_release, tiny_data, tmp_path):
     """Two masks of one release stand in for two pre-trained releases (different ρ / source)."""
-    from pmp_scale.finetune import analyses
+    from pmp_scale.nft import analyses
     g = torch.Generator().manual_seed(5)
     items = [(n, pack_bits(torch.rand(w.numel(), generator=g) < 0.5), tuple(w.shape))
              for n, w in release_weights(tiny_release).items()]
@@ -442,7 +442,7 @@ def test_ratio_sweep_and_mask_source(tiny_release, tiny_data, tmp_path):
 
 
 def test_analyses_bad_input_is_a_config_error(tiny_release, tiny_data, tmp_path):
-    from pmp_scale.finetune import analyses
+    from pmp_scale.nft import analyses
     rel, mask = str(tiny_release["release"]), str(tiny_release["mask"])
     with pytest.raises(ConfigError, match=r"invalid config: releases\.0\.name: String should "
                                           r"match pattern"):
@@ -455,7 +455,7 @@ def test_analyses_bad_input_is_a_config_error(tiny_release, tiny_data, tmp_path)
 
 
 def test_overlap_coefficient_bounds():
-    from pmp_scale.finetune.analyses import overlap_coefficient
+    from pmp_scale.nft.analyses import overlap_coefficient
     a = torch.randn(10000, generator=torch.Generator().manual_seed(0))
     assert overlap_coefficient(a, a)[0] == pytest.approx(1.0)
     assert overlap_coefficient(a - 100, a + 100)[0] == 0.0

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from pmp_scale.config import ConfigError
-    from pmp_scale.finetune import analyses
+    from pmp_scale.nft import analyses
     from pmp_scale.finetune.config import load_finetune_config
     ft = load_finetune_config(args.finetune, args.overrides)
     if args.command in ("ratio-sweep", "mask-source"):

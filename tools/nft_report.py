@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from pmp_scale.finetune.report import load_report_config, run_report
+    from pmp_scale.nft.report import load_report_config, run_report
     cfg, base_dir = load_report_config(args.config, args.overrides)
     doc = run_report(cfg, base_dir, fresh=args.fresh, progress=not args.quiet)
     out = Path(cfg.out_dir)

@@ -1,5 +1,5 @@
-"""Non-fine-tunability evaluation: fine-tune a release (unauthorized, LoRA, authorized), sweep
-grids into a report, and the paper's analyses."""
+"""Fine-tuning a release (unauthorized, LoRA, authorized) on ZeRO-3: tasks, config, the run.
+The report grids and analyses built on it are `pmp_scale.nft`."""
 from .config import FinetuneConfig, load_finetune_config, parse_finetune_config
 from .tasks import TaskData, TaskError, build_task
 from .train import MaskMismatchError, Release, ReleaseLoadError, check_mask, finetune

@@ -36,7 +36,8 @@ def verdict(stats: dict, positive: str = "supported", negative: str = "contradic
 
 def _gaps_for(doc: dict, variant: str) -> dict:
     """The report's paired gaps with `variant` as the PMP release, at the longest duration."""
-    from ..finetune.report import gaps, parse_report_config
+    from ..nft.report import parse_report_config
+    from ..nft.summary import gaps
     rc = parse_report_config(doc["config"]).model_copy(update={"pmp": variant})
     rows = gaps(rc, doc["summary"])
     longest = max((g["steps"] for g in rows), default=None)

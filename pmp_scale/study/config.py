@@ -163,7 +163,7 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
 
 def check_grid(cfg: StudyConfig, base_dir: Path, plan, task) -> None:
     """Every fine-tuning cell's config parses (the releases need not exist yet)."""
-    from ..finetune.report import base_finetune_config, parse_report_config, plan_cells
+    from ..nft.report import base_finetune_config, parse_report_config, plan_cells
     from .run import report_config
     try:
         rc = parse_report_config(report_config(cfg, base_dir, plan, plan.presets[0], task))

@@ -171,7 +171,7 @@ def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, tas
 
 def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, ledger: Ledger,
              progress: bool) -> dict:
-    from ..finetune.report import parse_report_config, run_report
+    from ..nft.report import parse_report_config, run_report
     rc = parse_report_config(report_config(cfg, base_dir, plan, preset, task))
     cells_dir = Path(rc.out_dir) / "cells"
     before = {p.name: p.stat().st_mtime_ns for p in cells_dir.glob("*.json")} \

@@ -59,7 +59,7 @@ def drop_failed(share_step0, results: list[dict], failures: list[dict]) -> CellR
 
 def majority_baseline(task) -> dict:
     """Test metrics of the constant classifier answering the training set's majority class."""
-    from .tasks import classification_metrics
+    from ..finetune.tasks import classification_metrics
     counts = task.stats["train_label_counts"]
     majority = max(range(task.num_labels), key=lambda c: counts[c])
     confusion = torch.zeros(task.num_labels, task.num_labels)

@@ -27,10 +27,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..config import apply_overrides
-from .config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml, validated
+from ..finetune.config import FinetuneConfig, _Strict, parse_finetune_config, read_yaml, validated
 from .baselines import cell_failure, drop_failed, majority_baseline
-from .summary import gaps, summarise, write_report  # noqa: F401 (re-exported)
-from .tasks import build_task, load_hf_tokenizer, task_fingerprint
+from .summary import write_report
+from ..finetune.tasks import build_task, load_hf_tokenizer, task_fingerprint
 
 log = logging.getLogger("pmp_scale.finetune")
 Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
@@ -231,7 +231,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
              cells: list[dict] | None = None) -> list[dict]:
     """Run (or load from the cache) every cell; returns the cell results in plan order."""
     from tqdm import tqdm
-    from .train import Release, check_mask, finetune
+    from ..finetune.train import Release, check_mask, finetune
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     base_raw = base_finetune_config(cfg, base_dir)
@@ -306,7 +306,7 @@ def _share_step0(results: list[dict]) -> list[dict]:
 def run_report(cfg: ReportConfig, base_dir: Path, fresh: bool = False,
                progress: bool = True) -> dict:
     """Base quality, the grid, the report. Returns the results.json document."""
-    from .train import ensure_process_group
+    from ..finetune.train import ensure_process_group
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
