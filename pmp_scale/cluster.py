@@ -23,13 +23,6 @@ class SharedFilesystemError(RuntimeError):
     """run_dir is not one directory shared by every rank."""
 
 
-def free_port() -> int:
-    """A local TCP port nobody listens on now (a single-process group, a launcher's master)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ranks(ranks: list[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
@@ -83,4 +76,4 @@ def check_shared_run_dir(run_dir: str | Path, wait_s: float = 5.0) -> None:
         raise SharedFilesystemError(verdict[0])
 
 
-__all__ = ["check_shared_run_dir", "free_port", "SharedFilesystemError", "PROBE_DIR"]
+__all__ = ["check_shared_run_dir", "SharedFilesystemError", "PROBE_DIR"]

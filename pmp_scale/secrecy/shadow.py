@@ -5,15 +5,14 @@ release and public text give away.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..launch import child_env, pretrain_command
 from ..mask.artifact import read_artifact
 from ..mask.bits import unpack_bits
 from ..mask.kinds import NAMES as _KINDS, layer_kind
@@ -66,38 +65,15 @@ class Featurizer:
         return torch.stack([x.float() for x in cols_out], dim=1).numpy()
 
 
-_RANK_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-             "MASTER_PORT"}
-
-
-def _free_port() -> int:
-    """A port nobody listens on: the attacker's run may share the machine with training."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: int) -> Path:
     """The attacker's own PMP run through the project's launcher (reused when finished)."""
     run_dir = workdir / "run"
     if (run_dir / "private" / "mask" / "mask.json").is_file():
         return run_dir
-    # The launcher sets each rank's own; inherited ones (this process may host a W=1 group or
-    # an HF Trainer) would make every rank its own node to streaming.
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV and
-           not k.startswith("ACCELERATE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    if not torch.cuda.is_available():
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(_free_port()), str(REPO / "launchers" / "pretrain.py"), "--config", str(config),
-           "--set", f"run_dir={run_dir}", "--resume", "auto"]
-    for item in overrides:
-        cmd += ["--set", item]
+    cmd = pretrain_command(config, ranks, [f"run_dir={run_dir}", *overrides])
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "shadow.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=child_env())
     if proc.returncode != 0:
         tail = (workdir / "shadow.log").read_text().strip().splitlines()[-3:]
         raise AttackError(f"the shadow run failed (exit {proc.returncode}; log "

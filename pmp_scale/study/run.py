@@ -11,20 +11,16 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from .config import StudyConfig, StudyError, resolve, task_config, task_label
+from ..launch import child_env, pretrain_command
 from .plan import Plan, Run
 
 log = logging.getLogger("pmp_scale.study")
 REPO = Path(__file__).resolve().parents[2]
-# Set by the in-process fine-tuning process group; a launcher child must not inherit them.
-_PG_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-           "MASTER_PORT")
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -75,25 +71,6 @@ def prepare_data(cfg: StudyConfig, ledger: Ledger) -> None:
 
 
 # --- pre-training -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _PG_ENV}
-    try:
-        import torch
-        gpu = torch.cuda.is_available()
-    except ImportError:
-        gpu = False
-    if not gpu:
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("STUDY_OMP_THREADS", "1"))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
 def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Ledger) -> None:
     """One run through the project's launcher, resumed from its newest checkpoint if any."""
     marker = run.run_dir / "study_done.json"
@@ -106,17 +83,12 @@ def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Led
         ledger.record(f"pre-training {run.name}", True)
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(plan.nproc),
-           "--master_port", str(_free_port()), str(REPO / "launchers" / "pretrain.py"),
-           "--config", str(resolve(base_dir, cfg.pretrain.config))]
-    for s in run.sets:
-        cmd += ["--set", s]
-    cmd += ["--resume", "auto"]
+    cmd = pretrain_command(resolve(base_dir, cfg.pretrain.config), plan.nproc, run.sets)
     t0 = time.perf_counter()
     with open(run.run_dir / "launch.log", "a") as out:
         out.write(f"\n# study launch {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=_launch_env(),
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(os.environ.get("STUDY_OMP_THREADS", "1")),
                                cwd=REPO)
     if code != 0:
         lines = (run.run_dir / "launch.log").read_text(errors="replace").splitlines()
