@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from pmp_scale.checkpoint import file_digest
 from pmp_scale.mask import read_artifact, unpack_bits, write_artifact
-from pmp_scale.release import (audit_files, audit_release, merge_mask_slices, record_release,
-                               release_checkpoint, release_sha256, release_tensors,
-                               resolve_checkpoint)
+from pmp_scale.mask.export import merge_mask_slices
+from pmp_scale.release import (audit_files, audit_release, record_release, release_checkpoint,
+                               release_sha256, release_tensors, resolve_checkpoint)
 from tools import audit_release as audit_cli
 from tools import export_mask as export_cli
 from tools import release as release_cli
