@@ -71,7 +71,7 @@ def resolve_checkpoint(path, tag: str | None = None, verify: bool = True) -> Pat
     return path
 
 
-# --- streaming reconstruction ----------------------------------------------------------------------
+# --- lazy reads of the rank files ------------------------------------------------------------
 @contextlib.contextmanager
 def _mmap_torch_loads():
     """DeepSpeed's reader torch.loads each rank's whole model-state file, client state (θ(0)
