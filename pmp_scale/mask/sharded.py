@@ -45,6 +45,11 @@ class SliceLocation(NamedTuple):
     offset: int     # first element of the slice inside the sub-group's flat tensor
 
 
+def read_signature(rows) -> dict[str, SliceLocation]:
+    """A saved signature (plain tuples) by parameter name, in the canonical order."""
+    return {row.name: row for row in map(SliceLocation._make, rows)}
+
+
 class PartitionLayout:
     """Where every parameter's local slice lives in this rank's flat sub-groups."""
 
@@ -175,8 +180,7 @@ class SavedShards:
     def __init__(self, states: list[dict]):
         """states[r]: rank r's {"mask": ShardedMask.state_dict(), "theta0": sub-groups or None}."""
         self.states = states
-        self.where = [{row.name: row for row in map(SliceLocation._make, s["mask"]["signature"])}
-                      for s in states]
+        self.where = [read_signature(s["mask"]["signature"]) for s in states]
 
     @property
     def names(self) -> list[str]:
