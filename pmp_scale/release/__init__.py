@@ -15,8 +15,8 @@ The private side (the mask exported from a checkpoint, re-sliced for any world s
 the artifact, in pmp_scale/mask/export.py; the safetensors writer in pmp_scale/stream_safetensors.py.
 """
 from ..stream_safetensors import digest_update, write_planned
-from .audit import (FORBIDDEN, INDEX_FILE, Audit, audit_files, audit_release, int_view,
-                    release_sha256, release_tensors)
+from .audit import (INDEX_FILE, Audit, audit_files, audit_release, int_view, release_sha256,
+                    release_tensors)
 from .locate import ReleaseError, lazy_state_dict, rank_files, resolve_checkpoint
 from .publish import DTYPES, record_release, release_checkpoint
 
@@ -25,7 +25,7 @@ from .publish import DTYPES, record_release, release_checkpoint
 _digest_update, _int_view, _stream_safetensors = digest_update, int_view, write_planned
 
 __all__ = [
-    "DTYPES", "FORBIDDEN", "INDEX_FILE", "Audit", "ReleaseError", "audit_files", "audit_release",
+    "DTYPES", "INDEX_FILE", "Audit", "ReleaseError", "audit_files", "audit_release",
     "digest_update", "int_view", "lazy_state_dict", "rank_files", "record_release",
     "release_checkpoint", "release_sha256", "release_tensors", "resolve_checkpoint",
     "write_planned",
