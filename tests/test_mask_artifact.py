@@ -1,4 +1,5 @@
-"""Private mask artifact: merge, re-slice for other world sizes, round trip, corruption."""
+"""Private mask artifact: merge, re-slice for other world sizes, round trip, corruption; the
+streaming safetensors writer it shares with releases; saved rank shards joined back (SavedShards)."""
 import json
 
 import numpy as np
@@ -8,6 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from pmp_scale.mask import (LocalSlice, MaskArtifactError, merge_rank_slices, pack_bits, read_artifact,
                             reslice_artifact, slice_for_rank, write_artifact)
+from pmp_scale.mask.sharded import ParamEntry, PartitionLayout, SavedShards, ShardedMask
+from pmp_scale.stream_safetensors import read_header, write_planned, write_unplanned
 
 SHAPES = {"embed.weight": (37, 11), "norm.weight": (3,), "bias": (1,), "layers.0.w": (2, 4), "lm_head": (1001,)}
 
@@ -129,3 +132,56 @@ def test_bad_metadata_and_missing_names(tmp_path, full_masks):
     meta_path.unlink()
     with pytest.raises(MaskArtifactError, match="mask.json: cannot read"):
         read_artifact(tmp_path / "mask")
+
+
+def test_streamed_safetensors_read_back(tmp_path):
+    """Both writers produce files safetensors reads; no scratch file is left behind."""
+    tensors = {"b": torch.randn(3, 5), "a": torch.arange(7, dtype=torch.uint8),
+               "c": torch.randn(2, dtype=torch.bfloat16)}
+    plan = {tmp_path / "planned.safetensors": [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]}
+    write_planned(plan, tensors.items())
+    write_unplanned(tmp_path / "unplanned.safetensors", tensors.items(), metadata=None)
+    for name, metadata in (("planned", {"format": "pt"}), ("unplanned", None)):
+        back = load_file(tmp_path / f"{name}.safetensors")
+        assert back.keys() == tensors.keys() and all(torch.equal(back[n], t) for n, t in tensors.items())
+        assert read_header(tmp_path / f"{name}.safetensors").get("__metadata__") == metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["planned.safetensors", "unplanned.safetensors"]
+
+
+def _saved_ranks(full_masks, theta0, world_size) -> tuple[list[PartitionLayout], list[dict]]:
+    """Each rank's layout and saved PMP state ({"mask", "theta0"}) in a W-rank run with one sub-group."""
+    layouts, states = [], []
+    for r in range(world_size):
+        entries, offset = [], 0
+        for i, (name, mask) in enumerate(full_masks.items()):
+            per_rank = -(-mask.numel() // world_size)
+            entries.append(ParamEntry(name, tuple(mask.shape),
+                                      LocalSlice.for_rank(i, mask.numel(), r, world_size), 0, offset,
+                                      per_rank))
+            offset += per_rank
+        layout, flat = PartitionLayout(entries, [offset], r, world_size), torch.zeros(offset)
+        for e in entries:
+            flat[e.offset:e.offset + e.slice.length] = \
+                theta0[e.name].flatten()[e.slice.start:e.slice.start + e.slice.length]
+        local = [full_masks[e.name].flatten()[e.slice.start:e.slice.start + e.slice.length]
+                 for e in entries]
+        layouts.append(layout)
+        states.append({"mask": ShardedMask.from_param_masks(layout, local).state_dict(),
+                       "theta0": [flat]})
+    return layouts, states
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+def test_saved_shards_join_back_whole_parameters(full_masks, world_size):
+    g = torch.Generator().manual_seed(1)
+    theta0 = {n: torch.randn(m.shape, generator=g) for n, m in full_masks.items()}
+    layouts, states = _saved_ranks(full_masks, theta0, world_size)
+    # checkpoints hold plain tuples: they load without the SliceLocation class
+    assert all(type(row) is tuple for s in states for row in s["mask"]["signature"])
+    for layout, state in zip(layouts, states):
+        ShardedMask.from_state_dict(layout, state["mask"])  # the saved rows match the layout's
+    saved = SavedShards(states)
+    assert saved.names == list(full_masks) and saved.has_theta0
+    for name, mask in full_masks.items():
+        assert torch.equal(saved.packed_mask(name), _numpy_packed(mask)), name
+        assert torch.equal(saved.theta0(name), theta0[name].flatten()), name

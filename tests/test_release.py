@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from pmp_scale.checkpoint import file_digest
 from pmp_scale.mask import read_artifact, unpack_bits, write_artifact
-from pmp_scale.release import (audit_files, audit_release, merge_mask_slices, record_release,
-                               release_checkpoint, release_sha256, release_tensors,
-                               resolve_checkpoint)
+from pmp_scale.mask.export import merge_mask_slices
+from pmp_scale.mask.sharded import read_signature
+from pmp_scale.release import (audit_files, audit_release, record_release, release_checkpoint,
+                               release_sha256, release_tensors, resolve_checkpoint)
 from tools import audit_release as audit_cli
 from tools import export_mask as export_cli
 from tools import release as release_cli
@@ -201,15 +202,15 @@ def test_bf16_run_releases_and_exports(dist_results, tmp_path):
     masters = [torch.load(tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", mmap=True,
                           weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
                for r in range(2)]
-    layouts = [{s[0]: s for s in torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
-                                            mmap=True, weights_only=False)
-                ["pmp_components"]["pmp"]["mask"]["signature"]} for r in range(2)]
+    layouts = [read_signature(torch.load(tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                                         mmap=True, weights_only=False)
+                              ["pmp_components"]["pmp"]["mask"]["signature"]) for r in range(2)]
     assert fp32.keys() == bf16.keys() == trained.keys()
     for name, param in trained.items():
         parts = []
         for groups, layout in zip(masters, layouts):
-            *_, length, group, offset = layout[name]
-            parts.append(groups[group][offset:offset + length])
+            row = layout[name]
+            parts.append(groups[row.sub_group][row.offset:row.offset + row.length])
         master = torch.cat(parts).reshape(param.shape)
         assert fp32[name].dtype == torch.float32 and torch.equal(fp32[name], master), name
         assert param.dtype == torch.bfloat16 and torch.equal(fp32[name].bfloat16(), param), name

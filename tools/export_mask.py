@@ -14,7 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmp_scale.cli import fail_cleanly  # noqa: E402
-from pmp_scale.release import export_mask, resolve_checkpoint  # noqa: E402
+from pmp_scale.mask.export import export_mask  # noqa: E402
+from pmp_scale.release import resolve_checkpoint  # noqa: E402
 
 
 @fail_cleanly

@@ -2,27 +2,30 @@
 
     <dir>/mask.safetensors  name -> uint8[ceil(numel/8)] == numpy.packbits(full_mask.flatten())
     <dir>/mask.json         caller's metadata + shapes, numel, selected, totals, format_version
+    <dir>/init.safetensors  θ(0) by name, full fp32 tensors (optional: pmp.save_init, export --init)
 
 Stored unsharded so that it is independent of the world size that produced it; ranks of any
 world size cut their ZeRO-3 slices out of it (reslice_artifact). It is never part of a release.
 """
+import contextlib
 import json
 import math
 import os
 import shutil
-import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from ..stream_safetensors import write_unplanned
 from .bits import pack_bits, popcount, unpack_bits
 from .select import LocalSlice
 
 MASK_FILE = "mask.safetensors"
 META_FILE = "mask.json"
+INIT_FILE = "init.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -63,9 +66,9 @@ def _dtype_code(t: torch.Tensor) -> str:
     return "U8" if t.dtype == torch.uint8 else str(t.dtype)
 
 
-def _fsync_write(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
+def _fsync_write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -74,51 +77,43 @@ def write_artifact(out_dir, packed_by_name: Iterable[tuple[str, torch.Tensor, tu
                    meta: dict, overwrite: bool = False) -> None:
     """Write the artifact from (name, packed, shape) items, one parameter in memory at a time.
 
-    The safetensors header must precede the data but is only known at the end, so the data is
-    streamed to a scratch file and copied behind the header. Everything is written into a
-    temporary sibling directory that is renamed into place, so a crash never leaves a partial
-    artifact. Fields computed here (shapes, numel, selected, totals, format_version) replace
-    any the caller passed.
+    The items come from a generator, so the safetensors header is only known at the end
+    (write_unplanned); the directory is staged (a crash never leaves a partial artifact).
+    Fields computed here (shapes, numel, selected, totals, format_version) replace any the
+    caller passed.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        header, shapes, numel, selected = {}, {}, {}, {}
-        scratch = tmp / "data.bin"
-        with open(scratch, "wb") as data:
-            for name, packed, shape in packed_by_name:
-                if name in header:
-                    raise ValueError(f"duplicate parameter name {name!r}")
-                n = math.prod(shape)
-                problem = _problem(_dtype_code(packed), list(packed.shape), n,
-                                   int(packed[-1]) if packed.numel() else None)
-                if problem:
-                    raise ValueError(f"packed mask of {name!r} {tuple(shape)}: {problem}")
-                raw = packed.cpu().contiguous().numpy().tobytes()
-                header[name] = {"dtype": "U8", "shape": [len(raw)],
-                                "data_offsets": [data.tell(), data.tell() + len(raw)]}
-                data.write(raw)
-                shapes[name], numel[name], selected[name] = list(shape), n, popcount(packed)
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)  # keep the data 8-byte aligned, as safetensors does
+    shapes, numel, selected = {}, {}, {}
 
-        def write_tensors(f):
-            f.write(struct.pack("<Q", len(head)) + head)
-            with open(scratch, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 24)
-        _fsync_write(tmp / MASK_FILE, write_tensors)
-        scratch.unlink()
+    def checked() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, packed, shape in packed_by_name:
+            if name in shapes:
+                raise ValueError(f"duplicate parameter name {name!r}")
+            n = math.prod(shape)
+            problem = _problem(_dtype_code(packed), list(packed.shape), n,
+                               int(packed[-1]) if packed.numel() else None)
+            if problem:
+                raise ValueError(f"packed mask of {name!r} {tuple(shape)}: {problem}")
+            shapes[name], numel[name], selected[name] = list(shape), n, popcount(packed)
+            yield name, packed
+    with staged_directory(out_dir) as tmp:
+        write_unplanned(tmp / MASK_FILE, checked(), metadata=None)
         meta = {**meta, "format_version": FORMAT_VERSION, "shapes": shapes, "numel": numel,
                 "selected": selected, "total_numel": sum(numel.values()),
                 "total_selected": sum(selected.values())}
-        _fsync_write(tmp / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _fsync_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+
+
+def update_metadata(dir, **fields) -> None:
+    """Set fields of an artifact's mask.json, atomically (rename over the old file)."""
+    path = Path(dir) / META_FILE
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    tmp = path.with_name(f".{META_FILE}.tmp")
+    _fsync_write_text(tmp, json.dumps(meta, indent=1))
+    os.replace(tmp, path)
 
 
 def move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -130,6 +125,20 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `out_dir` to write into, renamed into place when the block ends
+    and removed if it raises: readers see the old directory or the whole new one, never a part."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 class _PackedTensors(Mapping):

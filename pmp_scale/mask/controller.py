@@ -17,7 +17,7 @@ from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .kinds import layer_kind
-from .sharded import PartitionLayout, ShardedMask
+from .sharded import PartitionLayout, SavedShards, ShardedMask
 from .project import project_complement
 from .update import MaskedUpdate, complement_drift
 
@@ -227,22 +227,16 @@ class PMPController:
         if self.discovery is not None and first["discovery"] is not None:
             self.discovery.load_state_dict({**first["discovery"], "candidate": None,
                                             "history": [], "ema": None, "acc": None})
-        where = [{sig[0]: sig for sig in s["mask"]["signature"]} for s in old]
+        saved = SavedShards(old)
         masks, theta0 = [], [torch.zeros(n) for n in self.layout.sub_group_sizes]
         for e in self.layout.entries:
-            lengths = [w[e.name][3] for w in where]
-            full = unpack_bits(merge_rank_slices([s["mask"]["bits"][e.name] for s in old], lengths),
-                               e.slice.numel)
-            masks.append(full[e.slice.start:e.slice.start + e.slice.length].clone())
-            if first["theta0"] is None:
-                continue
-            pieces = [s["theta0"][w[e.name][4]][w[e.name][5]:w[e.name][5] + w[e.name][3]]
-                      for s, w in zip(old, where)]
-            values = torch.cat(pieces)[e.slice.start:e.slice.start + e.slice.length]
-            theta0[e.sub_group][e.offset:e.offset + e.slice.length] = values
+            mine = slice(e.slice.start, e.slice.start + e.slice.length)
+            masks.append(unpack_bits(saved.packed_mask(e.name), e.slice.numel)[mine].clone())
+            if saved.has_theta0:
+                theta0[e.sub_group][e.offset:e.offset + e.slice.length] = saved.theta0(e.name)[mine]
         # Not saved in Stage II: the universal checkpoint just loaded holds it on the complement.
-        self.theta0 = theta0 if first["theta0"] is not None else self._snapshot_master()
-        self._theta0_complete = first["theta0"] is not None
+        self.theta0 = theta0 if saved.has_theta0 else self._snapshot_master()
+        self._theta0_complete = saved.has_theta0
         if self.update is not None:
             self.update.remove()
         self.mask = ShardedMask.from_param_masks(self.layout, masks, _device())

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from .artifact import merge_rank_slices
 from .bits import pack_bits, unpack_bits, popcount
 from .select import LocalSlice
 
@@ -30,6 +32,22 @@ class ParamEntry:
     sub_group: int     # ZeRO-3 sub-group holding its partition
     offset: int        # first element of its partition inside the sub-group's flat tensor
     partition: int     # P: padded partition length
+
+
+class SliceLocation(NamedTuple):
+    """One row of a rank's layout signature: where its slice of one parameter lives. Checkpoints
+    store plain tuples (ShardedMask.state_dict), so they load without this class."""
+    name: str
+    numel: int      # elements of the whole parameter
+    start: int      # first element of this rank's slice in the flattened parameter
+    length: int     # real (non-padding) elements of the slice
+    sub_group: int  # ZeRO-3 sub-group holding it
+    offset: int     # first element of the slice inside the sub-group's flat tensor
+
+
+def read_signature(rows) -> dict[str, SliceLocation]:
+    """A saved signature (plain tuples) by parameter name, in the canonical order."""
+    return {row.name: row for row in map(SliceLocation._make, rows)}
 
 
 class PartitionLayout:
@@ -71,10 +89,10 @@ class PartitionLayout:
                 real[e.offset:e.offset + e.slice.length] = True
         return real
 
-    def signature(self) -> list[tuple]:
+    def signature(self) -> list[SliceLocation]:
         """What a saved mask shard must match to be loaded here."""
-        return [(e.name, e.slice.numel, e.slice.start, e.slice.length, e.sub_group, e.offset)
-                for e in self.entries]
+        return [SliceLocation(e.name, e.slice.numel, e.slice.start, e.slice.length, e.sub_group,
+                              e.offset) for e in self.entries]
 
     def select(self, patterns: list[str]) -> list[bool]:
         """Per entry: does its name match one of the fnmatch `patterns`?"""
@@ -135,7 +153,7 @@ class ShardedMask:
 
     # --- checkpointing: per-parameter packed bits, independent of the sub-group split ----------
     def state_dict(self) -> dict:
-        return {"signature": self.layout.signature(),
+        return {"signature": [tuple(row) for row in self.layout.signature()],
                 "world_size": self.layout.world_size, "rank": self.layout.rank,
                 "bits": {e.name: pack_bits(m) for e, m in zip(self.layout.entries,
                                                                self.param_masks())}}
@@ -152,3 +170,36 @@ class ShardedMask:
                                   "layout (different model, parameter order or sub-group size)")
         masks = [unpack_bits(state["bits"][e.name], e.slice.length) for e in layout.entries]
         return cls.from_param_masks(layout, masks, device)
+
+
+class SavedShards:
+    """Every rank's saved PMP state of a run, joined back per parameter through the ranks' layout
+    signatures: the one place a mask (and θ(0)) saved at one world size is re-assembled, for
+    elastic resume (re-cut to the new layout) and for export (kept whole)."""
+
+    def __init__(self, states: list[dict]):
+        """states[r]: rank r's {"mask": ShardedMask.state_dict(), "theta0": sub-groups or None}."""
+        self.states = states
+        self.where = [read_signature(s["mask"]["signature"]) for s in states]
+
+    @property
+    def names(self) -> list[str]:
+        """Parameter names in the canonical order."""
+        return list(self.where[0])
+
+    @property
+    def has_theta0(self) -> bool:
+        return all(s.get("theta0") is not None for s in self.states)
+
+    def packed_mask(self, name: str) -> torch.Tensor:
+        """The whole parameter's packed mask."""
+        return merge_rank_slices([s["mask"]["bits"][name] for s in self.states],
+                                 [w[name].length for w in self.where])
+
+    def theta0(self, name: str) -> torch.Tensor:
+        """The whole parameter's θ(0), flat, from each rank's sub-group snapshot."""
+        pieces = []
+        for state, where in zip(self.states, self.where):
+            row = where[name]
+            pieces.append(state["theta0"][row.sub_group][row.offset:row.offset + row.length])
+        return torch.cat(pieces)

@@ -1,0 +1,32 @@
+"""Stage III: a ZeRO-3 checkpoint → a standard, mask-free Hugging Face model, and its audit.
+
+A release must look like any other pre-trained model: dense weights, an HF config, a tokenizer.
+Everything else a checkpoint holds reveals the mask (optimizer moments are exactly zero on the
+complement; seeds and θ(0) regenerate it; RNG and data state are private too; docs/design.md "Mask
+secrecy"). Weights are rebuilt with DeepSpeed's own lazy ZeRO-3 reconstruction and streamed one
+tensor at a time into safetensors shards whose headers are planned up front, so memory stays
+bounded by the largest tensor, at any model size and any world size.
+
+    locate   which tag a path means, whether it is whole, its weights read lazily
+    publish  the release directory, and its binding (sha256) to the private mask artifact
+    audit    what a publisher checks before uploading: names, headers, channels, θ(0), attacks
+
+The private side (the mask exported from a checkpoint, re-sliced for any world size) lives beside
+the artifact, in pmp_scale/mask/export.py; the safetensors writer in pmp_scale/stream_safetensors.py.
+"""
+from ..stream_safetensors import digest_update, write_planned
+from .audit import (INDEX_FILE, Audit, audit_files, audit_release, int_view, release_sha256,
+                    release_tensors)
+from .locate import ReleaseError, lazy_state_dict, rank_files, resolve_checkpoint
+from .publish import DTYPES, record_release, release_checkpoint
+
+# The names these had when this package was one module; authorized.py and bench/attack_bench.py
+# still import them from here.
+_digest_update, _int_view, _stream_safetensors = digest_update, int_view, write_planned
+
+__all__ = [
+    "DTYPES", "INDEX_FILE", "Audit", "ReleaseError", "audit_files", "audit_release",
+    "digest_update", "int_view", "lazy_state_dict", "rank_files", "record_release",
+    "release_checkpoint", "release_sha256", "release_tensors", "resolve_checkpoint",
+    "write_planned",
+]
