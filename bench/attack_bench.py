@@ -36,7 +36,8 @@ def write_release(out: Path, preset: str) -> int:
     from transformers import AutoModelForCausalLM
     from pmp_scale.mask import pack_bits, write_artifact
     from pmp_scale.models import build_hf_config
-    from pmp_scale.release import INDEX_FILE, _stream_safetensors
+    from pmp_scale.release import INDEX_FILE
+    from pmp_scale.stream_safetensors import write_planned
     cfg = build_hf_config(preset)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -50,7 +51,7 @@ def write_release(out: Path, preset: str) -> int:
     plan = {rel / f: [(n, torch.float32, shapes[n]) for n in sorted(ns)]
             for f, ns in split.filename_to_tensors.items()}
     order = [n for items in plan.values() for n, _, _ in items]
-    _stream_safetensors(plan, ((n, torch.randn(shapes[n]).mul_(0.02)) for n in order))
+    write_planned(plan, ((n, torch.randn(shapes[n]).mul_(0.02)) for n in order))
     (rel / INDEX_FILE).write_text(json.dumps({"metadata": split.metadata,
                                               "weight_map": split.tensor_to_filename}))
     g = torch.Generator().manual_seed(0)
