@@ -126,7 +126,10 @@ def _header(path: Path) -> tuple[dict, str | None]:
 
 
 def _per_tensor(target: Target, fn) -> Callable[[], Scores]:
-    return lambda: ((name, fn(name, t)) for name, t in target.tensors())
+    def scores() -> Scores:
+        for name in target.names:  # the tensor is freed before its score is handed on
+            yield name, fn(name, target.get(name))
+    return scores
 
 
 def data_free(target: Target) -> list[Attack]:
@@ -159,7 +162,9 @@ def seed_guess(target: Target, seeds=COMMON_SEEDS) -> Attack:
     def scores() -> Scores:
         for name, value in target.init_replay(best):
             t = target.get(name).reshape(-1)
-            yield name, (t.float() - value.to(t.dtype).reshape(-1).float()).abs_()
+            score = (t.float() - value.to(t.dtype).reshape(-1).float()).abs_()
+            del t, value  # not held while the consumer works on the score
+            yield name, score
     return Attack("seed_guess", "release", "init-seed guessing", scores,
                   {"seeds_tried": len(seeds), "best_seed": best,
                    "exact_match_fraction": best_hits / total})

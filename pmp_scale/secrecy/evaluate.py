@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -29,18 +29,26 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
-def _bernoulli(numel: int, p: float, gen: torch.Generator) -> torch.Tensor:
-    """rand(numel) < p, drawn in chunks (the same stream as one draw) without a float
-    temporary the size of the tensor."""
-    out = torch.empty(numel, dtype=torch.bool)
+def _bernoulli(numel: int, p: float, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """rand(numel) < p in chunks of stats.CHUNK (the same stream as one draw), so that no float
+    or bool temporary is the size of the tensor."""
     for start in range(0, numel, stats.CHUNK):
-        n = min(stats.CHUNK, numel - start)
-        out[start:start + n] = torch.rand(n, generator=gen) < p
-    return out
+        yield torch.rand(min(stats.CHUNK, numel - start), generator=gen) < p
 
 
 def _keep(numel: int, frac: float, gen: torch.Generator) -> torch.Tensor | None:
-    return None if frac >= 1 else _bernoulli(numel, frac, gen)
+    """Indices of a Bernoulli(frac) sample of the elements (None: all of them)."""
+    if frac >= 1:
+        return None
+    return torch.cat([chunk.nonzero().squeeze(1) + i * stats.CHUNK
+                      for i, chunk in enumerate(_bernoulli(numel, frac, gen))])
+
+
+def _labels(packed: torch.Tensor, numel: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """Mask bits at `idx` (all when None), read from the packed bytes without unpacking all."""
+    if idx is None:
+        return unpack_bits(packed, numel)
+    return (packed[idx >> 3] >> (7 - (idx & 7)).to(torch.uint8)) & 1 == 1
 
 
 class Sample:
@@ -60,18 +68,18 @@ class Sample:
             s = s.reshape(-1).float()
             numel = s.numel()
             self.group_size[layer_kind(name)] += numel
-            m = unpack_bits(masks[name], numel) if masks is not None else None
-            if m is not None:
+            if masks is not None:
                 k = _keep(numel, tensor_cap / numel, gen)
-                sub_m, sub_s = (m, s) if k is None else (m[k], s[k])
+                sub_m, sub_s = _labels(masks[name], numel, k), s if k is None else s[k]
                 if min(int(sub_m.sum()), int((~sub_m).sum())) >= MIN_CLASS:
                     self.tensor_auc[name] = _auc(sub_m.numpy(), sub_s.numpy())
             k = _keep(numel, frac, gen)
             scores.append((s if k is None else s[k]).numpy())
-            if m is not None:
-                labels.append((m if k is None else m[k]).numpy())
+            if masks is not None:
+                labels.append(_labels(masks[name], numel, k).numpy())
             code = KIND_NAMES.index(layer_kind(name))
-            groups.append(np.full(numel if k is None else int(k.sum()), code, dtype=np.int8))
+            groups.append(np.full(numel if k is None else len(k), code, dtype=np.int8))
+            del s  # before the next tensor is read
         if seen != set(shapes):
             raise AttackError(f"attack {attack.name} scored {len(seen)} of {len(shapes)} tensors")
         self.total = total
@@ -127,5 +135,9 @@ def predicted_mask(attack: Attack, sample: Sample, ratio: float, shapes: Mapping
     gen = torch.Generator().manual_seed(seed)
     for name, s in attack.scores():
         s = s.reshape(-1).float()
-        chosen = (s > thr) | ((s == thr) & _bernoulli(s.numel(), p_tied, gen))
-        yield name, pack_bits(chosen), tuple(shapes[name])
+        ties = _bernoulli(s.numel(), p_tied, gen)
+        packed = [pack_bits((c > thr) | ((c == thr) & next(ties)))  # CHUNK is a multiple of 8
+                  for _, c in stats.chunks(s)]
+        del s
+        yield name, torch.cat(packed) if packed else pack_bits(torch.zeros(0, dtype=torch.bool)), \
+            tuple(shapes[name])
