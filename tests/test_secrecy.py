@@ -118,7 +118,10 @@ def test_chunked_scans_equal_whole_tensor_reference(monkeypatch):
     ref = [stats.trailing_zero_bits(whole[i:i + 1]).item() for i in range(0, 10_500, 97)]
     assert stats.trailing_zero_bits(whole)[::97].tolist() == ref
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(evaluate._bernoulli(10_500, 0.3, g1), torch.rand(10_500, generator=g2) < 0.3)
+    keep = evaluate._keep(10_500, 0.3, g1)
+    assert torch.equal(keep, (torch.rand(10_500, generator=g2) < 0.3).nonzero().squeeze(1))
+    bits = torch.rand(10_500) < 0.7
+    assert torch.equal(evaluate._labels(pack_bits(bits), 10_500, keep), bits[keep])
 
 
 def test_planted_bf16_init_is_caught_by_bits_and_audit(synthetic, capsys):
