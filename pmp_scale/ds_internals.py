@@ -312,8 +312,10 @@ def hide_build_notices() -> None:
     """Patch 4: DeepSpeed `print`s "DeepSpeed ... built successfully" (not through its logger)
     whenever it loads its CPU shared-memory collectives at `init_distributed`; the build runs
     with stdout muted. A build that fails still raises."""
+    import importlib
     import io
-    import deepspeed.comm.torch as ds_comm
+    # by module name: the attribute `deepspeed.comm.torch` is the torch package it imports
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
     build = ds_comm.build_shm_op
     if getattr(build, "pmp_quiet", False):
         return
