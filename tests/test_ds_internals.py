@@ -101,3 +101,31 @@ def test_private_names_stay_in_one_module():
         text = path.read_text()
         offenders += [f"{rel}: {n}" for n in spelled if re.search(rf"\b{re.escape(n)}", text)]
     assert not offenders, offenders
+
+
+def test_quiet_third_party_hides_notices_unless_verbose():
+    import logging
+    import warnings
+    from deepspeed.utils import logger as ds_logger
+    from pmp_scale.cli import quiet_third_party
+    levels = {n: logging.getLogger(n).level for n in ("torch.utils.cpp_extension", "streaming")}
+    ds_level = ds_logger.level
+    notice = "`torch.distributed.all_gather_into_tensor` is deprecated. Please use ..."
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet_third_party(verbose=False)
+            warnings.warn(notice, FutureWarning)
+            warnings.warn("ours", FutureWarning)  # anything else still shows
+        assert [str(w.message) for w in seen] == ["ours"]
+        assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR
+        assert importlib.import_module("deepspeed.comm.torch").build_shm_op.pmp_quiet
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet_third_party(verbose=True)
+            warnings.warn(notice, FutureWarning)
+        assert len(seen) == 1 and ds_logger.level == logging.INFO
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        ds_logger.setLevel(ds_level)
