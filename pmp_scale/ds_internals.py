@@ -11,8 +11,8 @@ The patches, each undone or idempotent: (1) `write_failures_recorded` wraps Deep
 checkpoint writes during a save; (2) `record_shard_failures` wraps streaming's `prepare_shard`;
 (3) `check_on_first_read` hooks a shard's first read; (4) `hide_build_notices` mutes a print.
 
-Imports of deepspeed/streaming stay inside the functions: the CLI, config and data preparation
-import this module without paying for them.
+Imports of deepspeed/streaming stay inside the functions: importing this module (the CLI, the
+data loader) imports neither library.
 """
 from __future__ import annotations
 
