@@ -48,7 +48,10 @@ def report_error(err: BaseException) -> None:
     else:
         return
     prefix = "error" if rank == 0 else f"error (rank {rank})"
-    print(f"{prefix}: {err}", file=sys.stderr, flush=True)
+    # One write, newline included: print() writes the text and its end separately, so lines of
+    # ranks sharing the launcher's stderr could interleave.
+    sys.stderr.write(f"{prefix}: {err}\n")
+    sys.stderr.flush()
 
 
 def fail_cleanly(main):
