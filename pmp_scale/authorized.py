@@ -37,6 +37,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.trainer_callback import TrainerCallback
 
+from . import ds_internals
 from .mask.artifact import MaskArtifactError, read_artifact
 from .mask.bits import unpack_bits
 from .release import INDEX_FILE, _digest_update, _int_view, release_tensors
@@ -89,7 +90,7 @@ def _refuse_unsupported(model) -> None:
         raise AuthorizationError(
             "LoRA/PEFT adapters cannot be authorized: a low-rank update BA is dense in the base "
             "weights, so merging it moves the complement; fine-tune the model itself with the mask")
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
+    if any(ds_internals.is_partitioned(p) for p in model.parameters()):
         raise AuthorizationError("ZeRO-3 partitioned parameters: use launchers/finetune.py "
                                  "--set mode=authorized for DeepSpeed ZeRO-3")
 

@@ -1,6 +1,6 @@
 """Save / resume: DeepSpeed's ZeRO-3 files plus every stateful component in the client state.
 
-Each rank's `zero_pp_rank_R_*_model_states.pt` carries that rank's client state, so per-rank
+Each rank's DeepSpeed model-states file carries that rank's client state, so per-rank
 things (RNG streams, data-loader position, mask slices) live with the rank that owns them.
 The train loop never pickles anything itself: it hands its components to `Checkpointer`.
 
@@ -11,7 +11,6 @@ crash while saving, or a corrupt file (a mask slice included), never resumes sil
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,17 +24,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .faults import fault_point
+from . import ds_internals
+from .errors import UserError
+from .faults import Faults, installed_faults
 
 log = logging.getLogger("pmp_scale")
 
 DESCRIPTOR = "pmp_scale.json"  # what the checkpoint is: checked before DeepSpeed loads it
 MARKER = "complete.json"       # written last: the tag is complete and these are its checksums
 _TAG = re.compile(r"^step(\d{8})$")
-_RANK_FILE = re.compile(r"(?:^|_)rank_(\d+)_")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from."""
 
 
@@ -80,8 +80,8 @@ def file_digest(path: Path, sync: bool = True) -> str:
 
 def _owner(relative: str, world_size: int) -> int:
     """Rank that hashes a file: its DeepSpeed rank for per-rank files, else rank 0."""
-    m = _RANK_FILE.search(Path(relative).name)
-    return int(m.group(1)) % world_size if m else 0
+    rank = ds_internals.file_rank(Path(relative).name)
+    return 0 if rank is None else rank % world_size
 
 
 INCOMPLETE = "incomplete (no completion marker: the save was interrupted)"
@@ -130,43 +130,16 @@ def _failure_reason(err: BaseException) -> str:
     return f"torch.save failed, is the disk full? ({first})"
 
 
-@contextlib.contextmanager
-def _write_failures_recorded(engine, failed: list[BaseException]):
-    """Inside DeepSpeed's save_checkpoint, record a failed write instead of raising it.
-
-    save_checkpoint ends with a barrier: a rank that raised out of it would leave the others
-    waiting there. torch.save reports a full disk as RuntimeError ("PytorchStreamWriter failed
-    writing file", "unexpected pos ..."), not OSError, so both count. Once a write failed, this
-    rank's remaining writes are skipped. Rank 0 also copies zero_to_fp32.py beside the tags."""
-    targets = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]
-    originals = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
-
-    def recording(write):
-        def wrapper(*args, **kwargs):
-            if not failed:
-                try:
-                    write(*args, **kwargs)
-                except (OSError, RuntimeError) as err:
-                    failed.append(err)
-        return wrapper
-
-    for obj, name, write in originals:
-        setattr(obj, name, recording(write))
-    try:
-        yield
-    finally:
-        for obj, name, write in originals:
-            setattr(obj, name, write)
-
-
 class Checkpointer:
     def __init__(self, engine, directory: str | Path, keep: int,
                  components: dict[str, Stateful], fingerprint: dict[str, Any],
-                 describe: Callable[[Path], None] | None = None):
+                 describe: Callable[[Path], None] | None = None, faults: Faults | None = None):
         """`fingerprint`: what a checkpoint must match on resume (model, world size…).
         `describe(dir)`: writes the model's HF config + tokenizer into `<tag>/hf` on rank 0, so
-        a tag is self-contained for the release tools."""
+        a tag is self-contained for the release tools. `faults`: the crash tests' injection
+        points inside a save (default: the process's installed one, a no-op in production)."""
         self.engine = engine
+        self.faults = faults if faults is not None else installed_faults()
         self.describe = describe
         self.directory = Path(directory)
         self.keep = keep
@@ -207,12 +180,12 @@ class Checkpointer:
         if rank == 0:
             attempt(self._fresh_tag_dir, where)
         dist.barrier()
-        client_state = {"pmp_step": step, "pmp_components":
+        client_state = {"pmp_step": step, ds_internals.CLIENT_STATE_KEY:
                         {k: c.state_dict() for k, c in self.components.items()}}
-        with _write_failures_recorded(self.engine, failed):
+        with ds_internals.write_failures_recorded(self.engine, failed):
             self.engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state,
                                         save_latest=False)
-        attempt(fault_point, f"save_files:{step}")
+        attempt(self.faults.point, f"save_files:{step}")
         if rank == 0:
             attempt(self._write_description, where, step)
         self._agree(failed)
@@ -223,8 +196,8 @@ class Checkpointer:
             digests = {k: v for part in gathered for k, v in part.items()}
             attempt(_atomic_write, where / MARKER, json.dumps(
                 {"step": step, "world_size": world, "files": digests}, indent=1))
-            attempt(fault_point, f"save_marker:{step}")
-            attempt(_atomic_write, self.directory / "latest", tag)
+            attempt(self.faults.point, f"save_marker:{step}")
+            attempt(_atomic_write, self.directory / ds_internals.LATEST, tag)
             attempt(self._prune)
         self._agree(failed)
         return tag
@@ -336,7 +309,7 @@ class Checkpointer:
             path, client = self.engine.load_checkpoint(str(self.directory), tag=tag)
             if path is None or client is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {where}")
-            states = client["pmp_components"]
+            states = client[ds_internals.CLIENT_STATE_KEY]
             self._check_components(where, states)
             for name, component in self.components.items():
                 component.load_state_dict(states[name])

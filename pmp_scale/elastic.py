@@ -8,11 +8,12 @@ old ranks' states and re-cuts what is per-rank itself (the PMP mask slices and Î
 from __future__ import annotations
 
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from . import ds_internals
 
 UNIVERSAL = "universal"
 
@@ -21,13 +22,9 @@ def ensure_universal(tag_dir: Path) -> None:
     """Rank 0 converts the tag once (into a temp dir, renamed when complete)."""
     target = tag_dir / UNIVERSAL
     if dist.get_rank() == 0 and not target.is_dir():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
         tmp = tag_dir / f".{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal(Namespace(input_folder=str(tag_dir), output_folder=str(tmp),
-                                  num_extract_workers=1, num_merge_workers=1,
-                                  keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False))
+        ds_internals.convert_to_universal(tag_dir, tmp)
         tmp.rename(target)
     dist.barrier()
 
@@ -46,34 +43,22 @@ def load_universal(engine, tag_dir: Path) -> None:
       used the wrong step from the first resumed step on (losses off by ~1e-2 nats within
       three steps). Each sub-group gets its own copy."""
     ensure_universal(tag_dir)
-    groups = engine.optimizer.optimizer.param_groups
+    groups = ds_internals.inner_param_groups(engine)
     own = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
-    config = engine._config
-    config.load_universal_checkpoint = True
-    try:
+    with ds_internals.loading_universal(engine):
         path, _ = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL)
-    finally:
-        config.load_universal_checkpoint = False
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint in {tag_dir}")
     for group, values in zip(groups, own):
         group.update(values)
-    _unshare_step_counts(engine.optimizer)
-
-
-def _unshare_step_counts(zero) -> None:
-    state = zero.optimizer.state
-    for flat in zero.fp32_partitioned_groups_flat:
-        step = state.get(flat, {}).get("step")
-        if torch.is_tensor(step):
-            state[flat]["step"] = step.clone()
+    ds_internals.unshare_step_counts(engine)
 
 
 def old_rank_states(tag_dir: Path, world_size: int) -> list[dict]:
     """Every old rank's component states (memory-mapped: Î¸(0) is model-sized)."""
     states = []
     for rank in range(world_size):
-        path = tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+        path = tag_dir / ds_internals.model_states_file(rank)
         states.append(torch.load(path, map_location="cpu", mmap=True,
-                                 weights_only=False)["pmp_components"])
+                                 weights_only=False)[ds_internals.CLIENT_STATE_KEY])
     return states

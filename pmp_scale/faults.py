@@ -1,11 +1,17 @@
-"""Fault injection for the crash tests: `PMP_FAULT=rank1:save_files:4` makes rank 1 SIGKILL
-itself at that point (here: step 4's checkpoint, after DeepSpeed's files, before the marker).
+"""Fault injection for the crash tests, as an object the code is handed: no-op by default.
+
+Production code calls `faults.point(where)` at the places a crash test may strike; the
+installed `Faults` does nothing. An entry point may install a `FaultPlan` instead, which kills
+or stops its own rank at one point: `FaultPlan.parse("rank1:save_files:4", rank=1)` SIGKILLs
+rank 1 at step 4's checkpoint, after DeepSpeed's files, before the marker.
 
 Points: `step:N` (after optimizer step N), `backward:N` (mid step N, before the optimizer),
 `save_files:N`, `save_marker:N` (marker written, `latest` not yet moved). An optional action
 suffix: `:TERM` sends itself a real SIGTERM instead, `:STOP` freezes it with SIGSTOP (a
 test then kills its whole node at a known point), `:ENOSPC` raises "no space left on device".
-Unset: a no-op.
+
+`from_env()` is the one reader of the crash tests' `PMP_FAULT` variable; only entry points
+call it (see `pmp_scale.cli.fail_cleanly`).
 """
 from __future__ import annotations
 
@@ -13,17 +19,56 @@ import errno
 import os
 import signal
 
+ENV_VAR = "PMP_FAULT"
+
+
+class Faults:
+    """No faults: every point is a no-op."""
+
+    def point(self, where: str) -> None:
+        pass
+
+
+class FaultPlan(Faults):
+    """One fault at one point of one rank: `<where>` or `<where>:TERM|STOP|ENOSPC`."""
+
+    def __init__(self, spec: str, rank: int):
+        self.spec = spec
+        self.rank = rank
+
+    def point(self, where: str) -> None:
+        prefix = f"rank{self.rank}:{where}"
+        if self.spec == prefix:
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.spec == f"{prefix}:TERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif self.spec == f"{prefix}:STOP":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif self.spec == f"{prefix}:ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+
+
+def from_env(environ=os.environ) -> Faults:
+    """The plan in `PMP_FAULT` for this process's `RANK` (a no-op `Faults` when unset)."""
+    spec = environ.get(ENV_VAR)
+    if not spec:
+        return Faults()
+    return FaultPlan(spec, int(environ.get("RANK", "0")))
+
+
+_installed: Faults = Faults()
+
+
+def install(faults: Faults) -> None:
+    """Make `faults` the process's fault points (entry points and tests only)."""
+    global _installed
+    _installed = faults
+
+
+def installed_faults() -> Faults:
+    return _installed
+
 
 def fault_point(where: str) -> None:
-    spec = os.environ.get("PMP_FAULT")
-    if not spec:
-        return
-    prefix = f"rank{os.environ.get('RANK', '0')}:{where}"
-    if spec == prefix:
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif spec == f"{prefix}:TERM":
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif spec == f"{prefix}:STOP":
-        os.kill(os.getpid(), signal.SIGSTOP)
-    elif spec == f"{prefix}:ENOSPC":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
+    """The installed faults' `point` (for callers that are not handed a `Faults` object)."""
+    _installed.point(where)

@@ -80,6 +80,26 @@ def _run_launcher(args, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
+def test_user_errors_share_one_base_and_end_in_one_line(monkeypatch, capsys):
+    from pmp_scale.checkpoint import CheckpointError
+    from pmp_scale.cli import fail_cleanly
+    from pmp_scale.data import DataError
+    from pmp_scale.errors import UserError
+    from pmp_scale.mask.sharded import MaskLayoutError
+    for error, builtin in [(ConfigError, ValueError), (DataError, ValueError),
+                           (CheckpointError, RuntimeError), (MaskLayoutError, ValueError)]:
+        assert issubclass(error, UserError) and issubclass(error, builtin)
+
+    class NewInputError(UserError):
+        pass
+
+    @fail_cleanly
+    def main():
+        raise NewInputError("input X is wrong; fix it")
+    monkeypatch.delenv("RANK", raising=False)
+    assert main() == 2 and capsys.readouterr().err == "error: input X is wrong; fix it\n"
+
+
 def test_launcher_bad_config_is_one_line(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw_config(train__global_batch_size=7)))

@@ -267,9 +267,20 @@ def test_train_and_val_loaders_coexist(prepared, tmp_path):
 
 
 def test_loader_takes_local_world_size_from_deepspeed_launcher(prepared, monkeypatch):
+    """Streaming sees the launcher's LOCAL_SIZE as LOCAL_WORLD_SIZE when it detects its world,
+    and the process environment is left as it was."""
+    from streaming.base.world import World
+    seen, detect = [], World.detect.__func__
+
+    def spying(cls):
+        seen.append(os.environ.get("LOCAL_WORLD_SIZE"))
+        return detect(cls)
+    monkeypatch.setattr(World, "detect", classmethod(spying))
     monkeypatch.setenv("LOCAL_SIZE", "1")
+    before = dict(os.environ)
     build_loader(prepared, "val", 2, shuffle=False, seed=0)
-    assert os.environ["LOCAL_WORLD_SIZE"] == "1"
+    assert seen[:1] == ["1"]
+    assert dict(os.environ) == before
 
 
 def test_missing_or_bad_data_dir(tmp_path, prepared):

@@ -173,6 +173,33 @@ def test_errors_print_on_every_rank_once_the_process_group_is_up(monkeypatch, ca
     assert main() == 2 and capsys.readouterr().err == "error: shard unreadable\n"
 
 
+def test_fault_points_are_no_ops_unless_an_entry_installs_a_plan(monkeypatch):
+    """Production code is handed a `Faults`; only an entry point turns PMP_FAULT into a plan."""
+    import errno
+    from pmp_scale import faults
+    from pmp_scale.cli import fail_cleanly
+    monkeypatch.setattr(faults, "_installed", faults.installed_faults())  # restored after
+    assert type(faults.from_env({})) is faults.Faults
+    spec = "rank1:save_files:4:ENOSPC"
+    faults.from_env({"PMP_FAULT": spec, "RANK": "0"}).point("save_files:4")  # another rank's
+    plan = faults.from_env({"PMP_FAULT": spec, "RANK": "1"})
+    plan.point("save_files:2")  # another point
+    with pytest.raises(OSError) as err:
+        plan.point("save_files:4")
+    assert err.value.errno == errno.ENOSPC
+
+    @fail_cleanly
+    def main():
+        faults.fault_point("save_files:4")
+        return 0
+    monkeypatch.delenv("PMP_FAULT", raising=False)
+    assert main() == 0
+    monkeypatch.setenv("PMP_FAULT", spec)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(OSError):
+        main()
+
+
 def _verify_each(rank, world, root):
     from pmp_scale.checkpoint import CheckpointError, Checkpointer
     checkpointer = Checkpointer(None, root, keep=2, components={}, fingerprint={})

@@ -3,8 +3,16 @@
 # then a dense and a PMP pre-training run of the same ~5M-parameter Llama with DeepSpeed ZeRO-3
 # (2 CPU ranks when there is no GPU), a comparison of the two, their mask-free releases and the
 # non-fine-tunability report (authorized vs unauthorized fine-tuning, runs/nft_report/).
+# --verbose: also show third-party notices (the DeepSpeed launcher's INFO lines, the ranks'
+# DeepSpeed/torch notices); by default every line is pmp_scale's own, or an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LAUNCHER_LOG=(--log_level error)  # the deepspeed launcher still reports failures
+RANK_FLAGS=()
+if [ "${1:-}" = "--verbose" ]; then
+    LAUNCHER_LOG=(--log_level info)
+    RANK_FLAGS=(--verbose)
+fi
 bash tools/setup_env.sh
 PY=.venv/bin/python
 export PATH="$PWD/.venv/bin:$PATH"
@@ -24,7 +32,8 @@ if [ ! -f data/demo/mds/meta.json ]; then
 fi
 
 for run in demo demo_pmp; do
-    deepspeed --num_gpus "$NPROC" launchers/pretrain.py --config "configs/$run.yaml" --resume auto
+    deepspeed "${LAUNCHER_LOG[@]}" --num_gpus "$NPROC" launchers/pretrain.py \
+        --config "configs/$run.yaml" --resume auto ${RANK_FLAGS[@]+"${RANK_FLAGS[@]}"}
 done
 $PY tools/compare_runs.py runs/demo runs/demo_pmp
 bash tools/demo_report.sh

@@ -1,6 +1,8 @@
-"""Data pipeline: tokenizers, text -> packed MDS shards, and resumable streaming loaders."""
+"""Data pipeline: text inputs, tokenizers, text -> packed MDS shards, and resumable streaming
+loaders."""
 from .loader import DataError, batches, build_loader, read_meta
-from .prepare import iter_texts, prepare_dataset
+from .prepare import prepare_dataset
+from .texts import iter_texts
 from .tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 mosaicml-streaming does the sharding across ranks, deterministic shuffling, and mid-epoch resume
 (its order depends on `num_canonical_nodes` and the seed, not on the number of ranks). It reads
-RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment.
+RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE from the environment; what it needs from
+its internals goes through `pmp_scale.ds_internals`.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import ds_internals
+from ..errors import UserError
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data is missing, malformed, or does not fit the run."""
 
 
@@ -112,13 +116,6 @@ def _collate(samples: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.from_numpy(tokens.astype(np.int64))}
 
 
-def _export_local_world_size() -> None:
-    # The deepspeed launcher exports LOCAL_SIZE; streaming reads torchrun's LOCAL_WORLD_SIZE and
-    # otherwise makes every rank on a machine a local leader (FileExistsError on '/000000_locals').
-    if "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
-        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
-
-
 _stale_shm_cleaned = False
 
 
@@ -132,9 +129,7 @@ def _clean_stale_shm_once() -> None:
     """
     global _stale_shm_cleaned
     if not _stale_shm_cleaned:
-        from streaming.base.util import clean_stale_shared_memory
-
-        clean_stale_shared_memory()
+        ds_internals.clean_stale_shared_memory()
         _stale_shm_cleaned = True
 
 
@@ -166,9 +161,20 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
         raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     data_uri = os.fspath(data_uri)
     meta = read_meta(data_uri)
-    _export_local_world_size()
-    _clean_stale_shm_once()
-    from streaming import StreamingDataLoader, StreamingDataset
+    with ds_internals.launcher_local_world_size():
+        _clean_stale_shm_once()
+        dataset = _dataset(data_uri, split, micro_batch_size, shuffle, seed, num_canonical_nodes,
+                           local_cache)
+    from streaming import StreamingDataLoader
+    return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
+                               drop_last=drop_last,
+                               collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
+
+
+def _dataset(data_uri: str, split: str, micro_batch_size: int, shuffle: bool, seed: int,
+             num_canonical_nodes: int | None, local_cache: str | None):
+    """The StreamingDataset of one split, with its shard checks installed."""
+    from streaming import StreamingDataset
 
     if local_cache is not None or _is_remote(data_uri):
         cache = os.fspath(local_cache) if local_cache is not None else default_cache_dir(data_uri)
@@ -181,57 +187,29 @@ def build_loader(data_uri: str, split: str, micro_batch_size: int, *, shuffle: b
                                shuffle=shuffle, shuffle_seed=seed,
                                num_canonical_nodes=num_canonical_nodes, validate_hash="xxh64")
     _record_background_failures(dataset)
-    _verify_shards_on_first_read(dataset)
-    return StreamingDataLoader(dataset, batch_size=micro_batch_size, num_workers=num_workers,
-                               drop_last=drop_last,
-                               collate_fn=functools.partial(_collate, seq_len=meta["seq_len"]))
+    ds_internals.check_on_first_read(dataset, _check_raw_shard)
+    return dataset
 
 
 def _record_background_failures(dataset) -> None:
-    """Make a shard that fails to load (e.g. its checksum) an error instead of a hang.
-
-    Streaming (0.13) prepares shards in a background thread whose exception it only logs; the
-    shard stays PREPARING, so a reader waiting for it spins forever, and otherwise the epoch
-    just ends early. Each stream's `prepare_shard` is wrapped: the failure is kept for
-    `batches`, and the shard goes back to REMOTE so a waiting reader retries and raises.
-    """
-    from streaming.base.dataset import _ShardState
-
-    for stream in dataset.streams:
-        prepare = stream.prepare_shard
-
-        def guarded(shard, prepare=prepare, stream=stream):
-            try:
-                return prepare(shard)
-            except Exception as err:
-                err.pmp_remote = stream.remote and _join(stream.remote, stream.split or "")
-                dataset.pmp_failure = err
-                dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
-                raise
-        stream.prepare_shard = guarded
+    """Make a shard that fails to load (e.g. its checksum) an error instead of a hang: the
+    failure is kept on the dataset for `batches`, which raises it as a DataError."""
+    def keep(err: BaseException, stream) -> None:
+        err.pmp_remote = stream.remote and _join(stream.remote, stream.split or "")
+        dataset.pmp_failure = err
+    ds_internals.record_shard_failures(dataset, keep)
 
 
-def _verify_shards_on_first_read(dataset) -> None:
+def _check_raw_shard(shard, stream) -> None:
     """Check a decompressed shard against its index.json checksum before its first sample.
 
     Streaming validates only what it downloads or decompresses itself; a decompressed
     `shard.NNNNN.mds` already on disk (from an earlier run, or a corrupt copy in a cache) is
     trusted as is, and corrupt bytes surface many steps later as a raw IndexError from deep
     inside streaming. Each shard is hashed once per process, on first use (xxh64: milliseconds
-    per 32 MB shard), then the check unhooks itself. A corrupt one is rebuilt from its
-    compressed twin (fetched again from the remote when the cache dropped it), whose own
-    checksum streaming verifies; without a good twin it is a DataError naming the file."""
-    for shard_id, shard in enumerate(dataset.shards):
-        stream = dataset.streams[dataset.stream_per_shard[shard_id]]
-
-        def first_read(idx, shard=shard, stream=stream):
-            _check_raw_shard(shard, stream)
-            del shard.get_sample_data  # back to the class's method: no cost from now on
-            return shard.get_sample_data(idx)
-        shard.get_sample_data = first_read
-
-
-def _check_raw_shard(shard, stream) -> None:
+    per 32 MB shard). A corrupt one is rebuilt from its compressed twin (fetched again from the
+    remote when the cache dropped it), whose own checksum streaming verifies; without a good
+    twin it is a DataError naming the file."""
     import logging
     from streaming.base.hashing import get_hash
 
@@ -250,9 +228,7 @@ def _check_raw_shard(shard, stream) -> None:
                             "it or re-run tools/prepare_data.py")
         packed = os.path.join(shard.dirname, shard.split, zip_info.basename)
         try:
-            if not os.path.isfile(packed) and stream.remote is not None:
-                stream._download_file(zip_info.basename)
-            stream._decompress_shard_part(zip_info, packed, raw, shard.compression)
+            ds_internals.rebuild_raw_shard(stream, shard, zip_info, packed, raw)
         except Exception as err:  # missing twin, its checksum, download: one line either way
             why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(f"{problem}, and it could not be restored from {packed} ({why}); "

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .loader import DataError
+from .texts import iter_texts
 
 # Files that define an HF tokenizer; only these enter the fingerprint, so a tokenizer that lives
 # in a model directory is not re-fingerprinted when the weights change.
@@ -159,8 +160,6 @@ def train_sentencepiece(inputs: list[str], model_prefix: str, vocab_size: int,
     Ids: unk=0, bos=1, eos=2, pad=3.
     """
     import sentencepiece as spm
-
-    from .prepare import iter_texts
 
     out = Path(model_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import ds_internals
 from ..checkpoint import CheckpointError
 from ..config import PMPConfig
 from .artifact import merge_rank_slices, write_artifact
@@ -87,7 +88,7 @@ class PMPController:
 
     def _snapshot_master(self) -> list[torch.Tensor]:
         """This rank's fp32 master partitions (host copies): θ(0) at construction."""
-        return [t.detach().cpu().clone() for t in self.engine.optimizer.fp32_partitioned_groups_flat]
+        return [t.detach().cpu().clone() for t in ds_internals.fp32_master(self.engine)]
 
     def _enter_stage2(self, mask: ShardedMask, step: int, rewind: bool) -> None:
         self.mask = mask
@@ -103,13 +104,12 @@ class PMPController:
 
     @torch.no_grad()
     def _rewind(self) -> None:
-        """All weights back to θ(0) and fresh optimizer moments and schedule (DESIGN: rewind)."""
-        from ..zero3 import master_to_params
-        zero = self.engine.optimizer
-        for g, flat in enumerate(zero.fp32_partitioned_groups_flat):
+        """All weights back to θ(0), fresh optimizer moments and schedule: Stage II starts
+        from the initialisation as a new run would (`rewind: init`)."""
+        for g, flat in enumerate(ds_internals.fp32_master(self.engine)):
             flat.copy_(self.theta0[g].to(flat.device))
-        master_to_params(self.engine)
-        zero.optimizer.state.clear()  # AdamW state is created lazily: this is a fresh start
+        ds_internals.master_to_params(self.engine)
+        ds_internals.reset_optimizer_state(self.engine)
         self.reset_schedule()
 
     # --- hooks (every rank, every optimizer step) -------------------------------------------------

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .. import ds_internals
 from .select import iou, random_scores, topk_mask
 from .sharded import PartitionLayout, ShardedMask
 
@@ -77,7 +78,7 @@ class MaskSelector:
 
 def local_grad_slices(engine, layout: PartitionLayout) -> list[torch.Tensor]:
     """Views of each entry's real local elements in ZeRO-3's partitioned gradient buffer."""
-    buf = engine.optimizer.grad_partitions_flat_buffer
+    buf = ds_internals.grad_buffer(engine)
     starts = [0]
     for n in layout.sub_group_sizes:
         starts.append(starts[-1] + n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import ds_internals
 from .sharded import ShardedMask
 
 
@@ -19,7 +20,7 @@ from .sharded import ShardedMask
 def complement_norm(engine, mask: ShardedMask, device) -> float:
     """Global L2 norm of the complement of the fp32 master (float64 sums, over all ranks)."""
     sq = torch.zeros(1, dtype=torch.float64, device=device)
-    for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
+    for g, flat in enumerate(ds_internals.fp32_master(engine)):
         comp = _complement(mask, g, flat.device)
         sq += flat[comp].double().square().sum().to(device)
     dist.all_reduce(sq)
@@ -37,9 +38,8 @@ def project_complement(engine, mask: ShardedMask, radius: float, device) -> dict
     norm = complement_norm(engine, mask, device)
     scale = radius / norm if norm > radius else 1.0
     if scale < 1.0:
-        for g, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
+        for g, flat in enumerate(ds_internals.fp32_master(engine)):
             comp = _complement(mask, g, flat.device)
             flat[comp] = flat[comp] * scale
-        from ..zero3 import master_to_params
-        master_to_params(engine)
+        ds_internals.master_to_params(engine)
     return {"norm": norm, "scale": scale}

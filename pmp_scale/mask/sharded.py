@@ -1,9 +1,9 @@
 """ShardedMask: this rank's mask bits, aligned with its ZeRO-3 partitions, 1 bit per element.
 
 ZeRO-3 lays each rank's partitions out as consecutive *sub-groups*; each sub-group is the
-concatenation of its parameters' padded partitions (`param.ds_tensor`, P = ceil(numel/W)
-elements, rank r owning flat elements [r·P, (r+1)·P) of the parameter). The fp32 master
-(`fp32_partitioned_groups_flat[i]`) and the gradient buffer use this layout, so one packed
+concatenation of its parameters' padded partitions (P = ceil(numel/W) elements, rank r owning
+flat elements [r·P, (r+1)·P) of the parameter). The fp32 master (one flat tensor per
+sub-group, `ds_internals.fp32_master`) and the gradient buffer use this layout, so one packed
 bit-vector per sub-group is the whole mask shard: it can be applied to a sub-group with one
 unpack and one elementwise op. Padding bits are always 0 (never selected, never counted).
 """
@@ -15,12 +15,14 @@ from typing import NamedTuple
 
 import torch
 
+from .. import ds_internals
+from ..errors import UserError
 from .artifact import merge_rank_slices
 from .bits import pack_bits, unpack_bits, popcount
 from .select import LocalSlice
 
 
-class MaskLayoutError(ValueError):
+class MaskLayoutError(UserError, ValueError):
     """A mask that does not fit this model / world size / partition layout."""
 
 
@@ -62,19 +64,18 @@ class PartitionLayout:
     @classmethod
     def from_engine(cls, engine) -> "PartitionLayout":
         import torch.distributed as dist
-        optimizer = engine.optimizer
         names = {id(p): n for n, p in engine.module.named_parameters()}
         order = {n: i for i, n in enumerate(names.values())}
         rank, world = dist.get_rank(), dist.get_world_size()
         entries, sizes = [], []
-        for group_id, params in enumerate(optimizer.fp16_groups):
+        for group_id, params in enumerate(ds_internals.sub_group_params(engine)):
             offset = 0
             for p in params:
-                P = p.partition_numel()
+                P = ds_internals.partition_numel(p)
                 name = names[id(p)]
                 entries.append(ParamEntry(
-                    name=name, shape=tuple(p.ds_shape),
-                    slice=LocalSlice.for_rank(order[name], p.ds_numel, rank, world),
+                    name=name, shape=ds_internals.full_shape(p),
+                    slice=LocalSlice.for_rank(order[name], ds_internals.full_numel(p), rank, world),
                     sub_group=group_id, offset=offset, partition=P))
                 offset += P
             sizes.append(offset)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ds_internals
 from .sharded import ShardedMask
 
 
@@ -44,12 +45,11 @@ class MaskedUpdate:
         if complement not in ("frozen", "decay", "project"):
             raise ValueError(f"pmp.complement must be 'frozen', 'decay' or 'project', "
                              f"got {complement!r}")
-        zero = engine.optimizer
         self.engine = engine
         self.mask = mask
         self.complement = complement
-        self.offload = bool(getattr(zero, "offload_optimizer", False))
-        self.fp32_flat = zero.fp32_partitioned_groups_flat
+        self.offload = ds_internals.offloads_optimizer(engine)
+        self.fp32_flat = ds_internals.fp32_master(engine)
         self._group_of = {t.data_ptr(): i for i, t in enumerate(self.fp32_flat)}
         self._snapshot: tuple[int, torch.Tensor] | None = None
         self._restored: list[int] = []  # sub-groups restored during the current step
@@ -58,10 +58,9 @@ class MaskedUpdate:
         if complement == "frozen":
             # Partial offload (`ratio` < 1) steps the sub-groups kept on the device with a
             # second optimizer: hook both.
-            for inner in (zero.optimizer, getattr(zero, "backup_optimizer", None)):
-                if inner is not None:
-                    self._handles += [inner.register_step_pre_hook(self._pre),
-                                      inner.register_step_post_hook(self._post)]
+            for inner in ds_internals.inner_optimizers(engine):
+                self._handles += [inner.register_step_pre_hook(self._pre),
+                                  inner.register_step_post_hook(self._post)]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -76,9 +75,8 @@ class MaskedUpdate:
     # H1 ------------------------------------------------------------------------------------
     @torch.no_grad()
     def before_step(self, engine, step: int) -> None:
-        zero = engine.optimizer
         self._restored, self._unmatched = [], 0
-        buf = zero.grad_partitions_flat_buffer
+        buf = ds_internals.grad_buffer(engine)
         offset = 0
         for g, n in enumerate(self.mask.layout.sub_group_sizes):
             # With optimizer offload the boundary backward has already copied the gradients
@@ -90,18 +88,8 @@ class MaskedUpdate:
                 if host is not None:
                     host[a:b].masked_fill_(drop.to(host.device), 0)
             offset += n
-            if host is not None:
-                self._renorm_offloaded(zero, g, host)
-
-    def _renorm_offloaded(self, zero, g: int, grad: torch.Tensor) -> None:
-        """Offload caches each parameter's gradient norm at the boundary backward (used for
-        the global norm and clipping): recompute them from the masked host gradients."""
-        for p in zero.fp16_groups[g]:
-            pid = zero.get_param_id(p)
-            if pid in zero.norm_for_param_grads:
-                _, start, numel = zero.grad_position[pid]
-                zero.norm_for_param_grads[pid] = zero._constant_buffered_norm2(
-                    grad.narrow(0, start, numel))
+            if host is not None:  # its cached per-parameter norms must see the masked copy
+                ds_internals.renorm_offloaded_grads(engine, g, host)
 
     # H2 ------------------------------------------------------------------------------------
     def _stepped_group(self, optimizer) -> int | None:
@@ -135,7 +123,7 @@ class MaskedUpdate:
         """H2's guard: every sub-group snapshotted and restored exactly once in this step."""
         if self.complement != "frozen":
             return
-        if getattr(engine.optimizer, "overflow", False) and not self._restored:
+        if ds_internals.step_skipped(engine) and not self._restored:
             return  # fp16 loss-scale overflow: DeepSpeed skipped the whole step
         n = len(self.fp32_flat)
         if sorted(self._restored) != list(range(n)) or self._unmatched:
@@ -153,7 +141,7 @@ def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> t
     """max |θ − θ(0)| over the complement of this rank's fp32 partitions (0 when frozen), as a
     0-dim tensor on the master's device: chunked, and no host sync until the caller reads it.
     Padding is never selected, and is 0 in both, so it does not count."""
-    fp32 = engine.optimizer.fp32_partitioned_groups_flat
+    fp32 = ds_internals.fp32_master(engine)
     drift = torch.zeros((), dtype=torch.float32, device=fp32[0].device)
     for g, flat in enumerate(fp32):
         for a, b in _chunks(flat.numel()):
