@@ -21,22 +21,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, launcher_parser, quiet_third_party  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML fine-tuning config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return launcher_parser(__doc__, "YAML fine-tuning config").parse_args(argv)
 
 
 @fail_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party(args.verbose)
     from pmp_scale.finetune.config import load_finetune_config
     cfg = load_finetune_config(args.config, args.overrides)  # before any process-group work
     from pmp_scale.finetune.train import finetune

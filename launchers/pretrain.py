@@ -12,24 +12,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, launcher_parser, quiet_third_party  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser = launcher_parser(__doc__, "YAML run config")
     parser.add_argument("--resume", default=None,
                         help="'auto' = newest checkpoint in run_dir if any, or a tag name")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 @fail_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_third_party(args.verbose)
     from pmp_scale.config import load_config
     cfg = load_config(args.config, args.overrides)  # fails before any process-group work
     from pmp_scale.engine import Trainer
@@ -41,5 +37,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("streaming").setLevel(logging.WARNING)  # its defaults notices, per loader
     sys.exit(main())

@@ -17,14 +17,7 @@ EXIT_DIVERGED = 3
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the input is wrong", as opposed to a bug."""
-    from .cluster import SharedFilesystemError
-    from .mask.artifact import MaskArtifactError
-    from .models import ModelConfigError
-    from .release import ReleaseError
-    from .secrecy import AttackError
-    # Listed by name until their modules derive them from UserError too.
-    return (UserError, MaskArtifactError, ModelConfigError, ReleaseError, AttackError,
-            SharedFilesystemError, FileNotFoundError, FileExistsError)
+    return (UserError, FileNotFoundError, FileExistsError)
 
 
 def _exit_code(err: Exception) -> int | None:
@@ -83,6 +76,20 @@ _NOTICE_LOGGERS = {
     "torch.utils.cpp_extension": logging.ERROR,  # "No CUDA runtime is found" on CPU machines
     "streaming": logging.WARNING,                 # its defaults, once per loader
 }
+
+
+def launcher_parser(description: str, config_help: str):
+    """The launchers' shared arguments: --config, repeatable --set, --verbose, and the
+    --local_rank that the deepspeed launcher passes to every rank."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_verbose_flag(parser)
+    return parser
 
 
 def add_verbose_flag(parser) -> None:

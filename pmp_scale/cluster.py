@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from .errors import UserError
+
 PROBE_DIR = ".shared_fs_probe"
 
 
-class SharedFilesystemError(RuntimeError):
+class SharedFilesystemError(UserError, RuntimeError):
     """run_dir is not one directory shared by every rank."""
 
 

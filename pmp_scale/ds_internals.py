@@ -62,6 +62,8 @@ CLIENT_STATE_KEY = "pmp_components"  # our per-rank components inside DeepSpeed'
 MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
 # DeepSpeed prefixes the optimizer files of bf16 runs with `bf16_` (engine._get_zero_ckpt_prefix)
 OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+RANK_FILES = ("zero_pp_rank_R_mp_rank_00_model_states.pt and "  # the two above, for messages
+              "[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt")
 RANK_FILE = re.compile(r"(?:^|_)rank_(\d+)_")  # any per-rank file of a tag (model or optimizer)
 
 
@@ -140,6 +142,12 @@ def offloads_optimizer(engine) -> bool:
 def step_skipped(engine) -> bool:
     """fp16 loss-scale overflow: DeepSpeed skipped the whole optimizer step."""
     return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def skip_step(engine, skip: bool) -> None:
+    """Raise (or clear) DeepSpeed's overflow flag: its own path that skips the optimizer step
+    and leaves the moments untouched, used for a non-finite loss or gradient."""
+    engine.optimizer.overflow = skip
 
 
 def reset_optimizer_state(engine) -> None:
@@ -233,6 +241,22 @@ def write_failures_recorded(engine, failed: list[BaseException]):
     finally:
         for obj, name, write in originals:
             setattr(obj, name, write)
+
+
+@contextlib.contextmanager
+def deepspeed_local_rank():
+    """DeepSpeed 0.19 reads LOCAL_RANK from the environment while it builds (`zero.Init`,
+    `deepspeed.initialize`) and during the first steps (its trace checks), and refuses to run
+    without it. A launcher sets it; a W=1 group started in-process has none, so "0" is lent
+    while the context is open (an engine's lifetime), then withdrawn."""
+    if "LOCAL_RANK" in os.environ:
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("LOCAL_RANK", None)
 
 
 # --- mosaicml-streaming -----------------------------------------------------------------------------

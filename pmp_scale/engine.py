@@ -20,7 +20,7 @@ from .checkpoint import Checkpointer, RNGState, tag_for
 from .cluster import check_shared_run_dir
 from .config import RunConfig
 from .data import DataError, batches, build_loader, load_tokenizer, read_meta
-from .faults import fault_point
+from .faults import Faults, installed_faults
 from .models import build_hf_config, build_model, count_params, flops_per_token
 from .policies import Divergence, NonFiniteError, SaveSchedule
 from .preemption import Preemption
@@ -64,9 +64,11 @@ class TrainState(SkippedSteps):
 class Trainer:
     """Owns every component of a run; `train()` is the only loop."""
 
-    def __init__(self, cfg: RunConfig, hooks: list[StepHook] | None = None):
+    def __init__(self, cfg: RunConfig, hooks: list[StepHook] | None = None,
+                 faults: Faults | None = None):
         # Everything that can be checked without a process group is checked first.
         self.cfg = cfg
+        self.faults = faults or installed_faults()  # the crash tests' injection points; no-op
         self.world_size = world_size_from_env()
         self.grad_accum = cfg.grad_accum_steps(self.world_size)
         self.meta = read_meta(cfg.data.path)
@@ -127,7 +129,7 @@ class Trainer:
             fingerprint={"preset": cfg.model.preset, "n_params": self.n_params,
                          "world_size": self.world_size, "seq_len": self.seq_len,
                          "pmp": cfg.pmp.enabled and cfg.pmp.model_dump(include=PMP_IDENTITY)},
-            describe=self._describe_model)
+            describe=self._describe_model, faults=self.faults)
 
     def _describe_model(self, out_dir: Path) -> None:
         """HF config (no training or PMP keys) + tokenizer files, as a release needs them."""
@@ -176,7 +178,7 @@ class Trainer:
         return optimizer_step(
             self.engine, losses, self.hooks, self.state.step, self.state,
             check_finite=self.precision != "fp16",  # fp16: its loss scaler skips overflows
-            after_backward=lambda: fault_point(f"backward:{self.state.step + 1}"))
+            after_backward=lambda: self.faults.point(f"backward:{self.state.step + 1}"))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -239,7 +241,7 @@ class Trainer:
         while not self._finished():
             loss = self.train_step(batches)
             step = self._advance(window)
-            fault_point(f"step:{step}")
+            self.faults.point(f"step:{step}")
             last_step = self._finished()
             metrics = self._step_metrics(loss)
             if step % c.train.log_every == 0 or last_step:

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from .ds_internals import full_shape
+from .errors import UserError
+
 # vocab_size None = taken from the tokenizer the data was prepared with.
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176,
@@ -50,7 +53,7 @@ _COMMON = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A preset / vocabulary combination that cannot be built."""
 
 
@@ -138,10 +141,6 @@ def _touched(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.
     return out
 
 
-def _full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", p.shape))
-
-
 @torch.no_grad()
 def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = "cpu",
                 only: set[str] | None = None):
@@ -169,7 +168,7 @@ def seeded_init(model: torch.nn.Module, seed: int, device: str | torch.device = 
                                and not any(names[id(p)] in only for _, _, p in touched)):
                 continue
             for owner, attr, p in touched:
-                standin = values.setdefault(id(p), torch.full(_full_shape(p), float("nan"),
+                standin = values.setdefault(id(p), torch.full(full_shape(p), float("nan"),
                                                               device=device))
                 owner._parameters[attr] = torch.nn.Parameter(standin, requires_grad=False)
             try:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..ds_internals import full_numel
 from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, deepspeed_local_rank,
                      ensure_process_group, hf_zero3, init_partitioned, no_hf_init,
                      optimizer_step, resolve_precision, warmup_decay)
@@ -181,14 +182,14 @@ class Finetuner:
     def _count_params(self) -> dict:
         total = trainable = 0
         for name, p in self.model.named_parameters():
-            n = getattr(p, "ds_numel", p.numel())
+            n = full_numel(p)
             total += n
             trainable += n if p.requires_grad else 0
         out = {"total": total, "trainable": trainable}
         if self.masks is not None and self.cfg.mode == "authorized":
             selected = sum(int(self.mask_meta["selected"][n]) for n in self.mask_meta["selected"]
                            if n in {backbone_name(m) for m, _ in self.model.named_parameters()})
-            new = sum(getattr(p, "ds_numel", p.numel()) for n, p in self.model.named_parameters()
+            new = sum(full_numel(p) for n, p in self.model.named_parameters()
                       if backbone_name(n) not in self.release.shapes)
             out["updatable"] = selected + new
         return out

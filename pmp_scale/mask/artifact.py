@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..errors import UserError
 from ..stream_safetensors import write_unplanned
 from .bits import pack_bits, popcount, unpack_bits
 from .select import LocalSlice
@@ -29,7 +30,7 @@ INIT_FILE = "init.safetensors"
 FORMAT_VERSION = 1
 
 
-class MaskArtifactError(ValueError):
+class MaskArtifactError(UserError, ValueError):
     """A mask artifact that is missing, malformed or inconsistent with its metadata."""
 
 

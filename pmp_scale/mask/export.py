@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import DESCRIPTOR
+from ..ds_internals import client_components
 from ..release.locate import ReleaseError, rank_files, refuse_non_empty
 from ..stream_safetensors import write_planned
 from .artifact import (INIT_FILE, MaskArtifactError, merge_rank_slices, read_artifact,
@@ -41,7 +42,7 @@ def _pmp_states(tag_dir: Path) -> tuple[list[dict], list[dict]]:
     """Each rank's model states (memory-mapped) and its PMP client state, checked for a mask."""
     files = rank_files(tag_dir)
     states = [torch.load(f, map_location="cpu", mmap=True, weights_only=False) for f in files]
-    pmp = [s.get("pmp_components", {}).get("pmp") for s in states]
+    pmp = [client_components(s).get("pmp") for s in states]
     if any(p is None or p.get("mask") is None for p in pmp):
         raise ReleaseError(f"{tag_dir} has no PMP mask: not a PMP run, or saved before Stage I ended")
     for r, p in enumerate(pmp):

@@ -9,15 +9,16 @@ import contextlib
 import ctypes
 import mmap
 import os
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..checkpoint import INCOMPLETE, tag_problem
+from ..ds_internals import MODEL_STATES, OPTIM_STATES, RANK_FILES
+from ..errors import UserError
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError, ValueError):
     """Input that cannot be released, exported or audited as asked; the message says why."""
 
 
@@ -27,22 +28,16 @@ def refuse_non_empty(path: Path, overwrite: bool) -> None:
         raise ReleaseError(f"{path} is not empty; pass --overwrite to replace it")
 
 
-_MODEL_STATES = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
-# DeepSpeed prefixes the optimizer files of bf16 runs with `bf16_` (engine._get_zero_ckpt_prefix)
-_OPTIM_STATES = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-
-
 def rank_files(tag_dir: Path) -> list[Path]:
     """The per-rank model-state files of a ZeRO-3 checkpoint tag, in rank order."""
     if not tag_dir.is_dir():
         raise ReleaseError(f"no checkpoint at {tag_dir}")
     names = [f.name for f in tag_dir.iterdir()]
-    ranks = {int(m.group(1)): tag_dir / m.group(0) for m in map(_MODEL_STATES.match, names) if m}
-    optim = sorted(int(m.group(1)) for m in map(_OPTIM_STATES.match, names) if m)
+    ranks = {int(m.group(1)): tag_dir / m.group(0) for m in map(MODEL_STATES.match, names) if m}
+    optim = sorted(int(m.group(1)) for m in map(OPTIM_STATES.match, names) if m)
     if not ranks or sorted(ranks) != list(range(len(ranks))) or optim != sorted(ranks):
         found = sorted(n for n in names if n.endswith(".pt")) or "no .pt files"
-        raise ReleaseError(f"{tag_dir} is not a ZeRO-3 checkpoint: expected zero_pp_rank_R_mp_rank_00_"
-                           f"model_states.pt and [bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt "
+        raise ReleaseError(f"{tag_dir} is not a ZeRO-3 checkpoint: expected {RANK_FILES} "
                            f"for R = 0..W-1, found {found}")
     return [ranks[r] for r in range(len(ranks))]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import DataError
+from ..errors import UserError
 from . import stats
 
 Scores = Iterator[tuple[str, torch.Tensor]]
@@ -23,7 +24,7 @@ Scores = Iterator[tuple[str, torch.Tensor]]
 COMMON_SEEDS = (*range(0, 11), 17, 42, 123, 1234, 1337, 2023, 2024, 2025, 3407, 12345, 31337)
 
 
-class AttackError(ValueError):
+class AttackError(UserError, ValueError):
     """Input the attack suite cannot use; the message says what and how to fix it."""
 
 

@@ -6,8 +6,8 @@
     partitions  seeded θ(0) into the fp32 master or the model's partitions; this rank's slices
     hf     Hugging Face models built or loaded straight into partitions
 """
-from .build import (DTYPES, build_ds_config, build_engine, deep_merge, deepspeed_local_rank,
-                    ensure_process_group, init_distributed, offloads_optimizer, on_cpu,
+from ..ds_internals import deepspeed_local_rank
+from .build import (DTYPES, build_ds_config, build_engine, deep_merge, ensure_process_group, init_distributed, offloads_optimizer, on_cpu,
                     param_groups, resolve_precision, restart_schedule, warmup_decay)
 from .hf import hf_zero3, no_hf_init
 from .partitions import (init_master, init_partitioned, local_elements, master_to_params,

@@ -5,7 +5,6 @@ Pre-training and fine-tuning call the same functions, so the two cannot drift ap
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -16,6 +15,7 @@ import torch.distributed as dist
 
 from ..launch import free_port
 from ..config import ConfigError
+from ..ds_internals import full_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,22 +55,6 @@ def ensure_process_group() -> None:
         return
     dist.init_process_group("gloo" if on_cpu() else "nccl", rank=0, world_size=1,
                             init_method=f"tcp://127.0.0.1:{free_port()}")
-
-
-@contextlib.contextmanager
-def deepspeed_local_rank():
-    """DeepSpeed 0.19 reads LOCAL_RANK from the environment while it builds (`zero.Init`,
-    `deepspeed.initialize`) and during the first steps (its trace checks), and refuses to run
-    without it. A launcher sets it; a W=1 group started in-process has none, so "0" is lent
-    while the context is open (an engine's lifetime), then withdrawn."""
-    if "LOCAL_RANK" in os.environ:
-        yield
-        return
-    os.environ["LOCAL_RANK"] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("LOCAL_RANK", None)
 
 
 # --- the DeepSpeed config -----------------------------------------------------------------------------
@@ -130,11 +114,11 @@ def warmup_decay(warmup: int, total: int, floor: float, decay: str = "cosine"):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on 1-D tensors (norms, biases); ZeRO-3 shapes live in `ds_shape`."""
+    """No weight decay on 1-D tensors (norms, biases); ZeRO-3 shapes, not the empty local ones."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)
+            shape = full_shape(p)
             (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]

@@ -2,7 +2,7 @@
 partitions before the optimizer exists (fine-tuning's fresh heads and from-scratch models).
 
 θ(0) is defined once, in fp32, and written straight into the optimizer's fp32 master partitions
-(`fp32_partitioned_groups_flat`); the bf16/fp16/fp32 training partitions are derived from it.
+(`ds_internals.fp32_master`); the bf16/fp16/fp32 training partitions are derived from it.
 Writing it into the low-precision model first (as DeepSpeed would, building the master from
 the model) rounds θ(0) to bf16 in a bf16 run: its frozen complement would then carry 16 zero
 mantissa bits in an fp32 release while every trained element does not — the whole mask.
@@ -14,29 +14,17 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from ..ds_internals import fp32_master, full_numel, local_partition, master_to_params
 from ..mask.select import LocalSlice
 from ..mask.sharded import PartitionLayout
 from ..models import is_constant, seeded_init
 
 
 @torch.no_grad()
-def master_to_params(engine) -> None:
-    """Copy every fp32 master sub-group into the training partitions (and gathered copies)."""
-    zero = engine.optimizer
-    for g in range(len(zero.fp32_partitioned_groups_flat)):
-        zero._reassign_or_swap_out_partitioned_parameters(g)  # fp32 master -> lp partition
-    # Persistent (small) parameters stay gathered between steps and all_gather skips
-    # gathered ones: release everything first, or they would keep their old values.
-    zero._partition_all_parameters()
-    if zero.persistent_parameters:
-        zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
-
-
-@torch.no_grad()
 def write_master(engine, layout: PartitionLayout, values: Iterable[tuple[str, torch.Tensor]]) -> None:
     """(name, full tensor) pairs -> this rank's slice of each in the fp32 master."""
     where = {e.name: e for e in layout.entries}
-    master = engine.optimizer.fp32_partitioned_groups_flat
+    master = fp32_master(engine)
     for name, full in values:
         e = where[name]
         piece = full.reshape(-1)[e.slice.start:e.slice.start + e.slice.length]
@@ -47,7 +35,7 @@ def init_master(engine, seed: int) -> list[str]:
     """θ(0) from `seed`, in fp32, into the master and the training partitions; returns the
     names of constant-initialised parameters (norm weights, biases)."""
     layout = PartitionLayout.from_engine(engine)
-    device = engine.optimizer.fp32_partitioned_groups_flat[0].device
+    device = fp32_master(engine)[0].device
     constant: list[str] = []
 
     def values():
@@ -67,9 +55,9 @@ def init_partitioned(model: torch.nn.Module, seed: int, only: set[str] | None = 
     afterwards from these values (fine-tuning)."""
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank()
-    device = next(iter(params.values())).ds_tensor.device
+    device = local_partition(next(iter(params.values()))).device
     for name, value in seeded_init(model, seed, device=device, only=only):
-        local = params[name].ds_tensor
+        local = local_partition(params[name])
         start = local.numel() * rank  # ZeRO-3: rank r owns [r·P, (r+1)·P), P = ds_tensor.numel()
         flat = value.reshape(-1)[start:start + local.numel()]
         local.data[:flat.numel()].copy_(flat.to(local.dtype))
@@ -77,8 +65,8 @@ def init_partitioned(model: torch.nn.Module, seed: int, only: set[str] | None = 
 
 def local_elements(p: torch.nn.Parameter) -> torch.Tensor:
     """This rank's real (unpadded) elements of a ZeRO-3 parameter, flat, on the host."""
-    s = LocalSlice.for_rank(0, p.ds_numel, dist.get_rank(), dist.get_world_size())
-    return p.ds_tensor.detach().reshape(-1)[:s.length].cpu()
+    s = LocalSlice.for_rank(0, full_numel(p), dist.get_rank(), dist.get_world_size())
+    return local_partition(p).detach().reshape(-1)[:s.length].cpu()
 
 
 def rank_slice(full: torch.Tensor) -> torch.Tensor:

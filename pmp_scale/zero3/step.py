@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from ..ds_internals import grad_buffer, skip_step
+
 
 class StepHook(Protocol):
     """Runs on every rank at each optimizer step, around `engine.step()`."""
@@ -50,14 +52,14 @@ def optimizer_step(engine, losses: Iterable[torch.Tensor], hooks: list[StepHook]
                 for hook in hooks:
                     hook.before_step(engine, step)
             else:  # DeepSpeed's own overflow path: no optimizer step, no moment update
-                engine.optimizer.overflow = True
+                skip_step(engine, True)
         engine.step()
     if finite:
         counts.bad_streak = 0
         for hook in hooks:
             hook.after_step(engine, step)
     else:
-        engine.optimizer.overflow = False
+        skip_step(engine, False)
         counts.skipped += 1
         counts.bad_streak += 1
     return mean_over_ranks(total / accum, engine.device)
@@ -65,7 +67,7 @@ def optimizer_step(engine, losses: Iterable[torch.Tensor], hooks: list[StepHook]
 
 def _all_finite(engine, loss: torch.Tensor) -> bool:
     """Loss and this rank's gradient partition finite, on every rank."""
-    grads = engine.optimizer.grad_partitions_flat_buffer
+    grads = grad_buffer(engine)
     ok = torch.isfinite(loss).to(grads.device) & torch.isfinite(grads).all()
     flag = ok.to(device=engine.device, dtype=torch.int32).reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
