@@ -112,7 +112,7 @@ class LoraConfig(_Strict):
 
 class ExportConfig(_Strict):
     """The fine-tuned model as a standard HF directory, written by the release path
-    (pmp_scale/release.py), like a pre-trained release. Causal-LM fine-tunes only."""
+    (pmp_scale/release/), like a pre-trained release. Causal-LM fine-tunes only."""
     dir: str | None = None
     overwrite: bool = False  # replace a non-empty `dir` (otherwise refused before training)
 
