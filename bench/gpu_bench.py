@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,21 +40,6 @@ def prepare(work: Path, seq_len: int) -> tuple[str, str]:
     return str(data), str(tok) + ".model"
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed_steps(trainer, batches, n: int) -> float:
-    sync()
-    start = time.perf_counter()
-    for _ in range(n):
-        trainer.train_step(batches)
-        trainer.state.step += 1
-    sync()
-    return (time.perf_counter() - start) / n
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +60,8 @@ def main(argv=None) -> dict:
 
     from pmp_scale.config import parse_config
     from pmp_scale.engine import Trainer, init_distributed
-    from pmp_scale.mask.update import MaskedUpdate
+    sys.path.insert(0, str(REPO / "bench"))
+    from pmp_step_bench import dense_vs_masked, timed_steps
     from pmp_scale.telemetry import peak_tflops
 
     init_distributed()
@@ -111,14 +96,7 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    dense, masked = [], []
-    for _ in range(args.blocks):
-        t.hooks = []
-        pmp.update.remove()
-        dense.append(timed_steps(t, batches, args.steps))
-        pmp.update = MaskedUpdate(t.engine, pmp.mask, "frozen")
-        t.hooks = [pmp]
-        masked.append(timed_steps(t, batches, args.steps))
+    dense, masked = dense_vs_masked(t, batches, args.blocks, args.steps)
 
     d, m = statistics.median(dense), statistics.median(masked)
     tokens = cfg.train.global_batch_size * t.seq_len

@@ -45,6 +45,21 @@ def timed_steps(trainer, batches, n) -> float:
     return (time.perf_counter() - start) / n
 
 
+def dense_vs_masked(t: Trainer, batches, blocks: int, steps: int) -> tuple[list, list]:
+    """Seconds per step, dense and with the masked update, in interleaved blocks on the same
+    engine (so drift in the machine's speed hits both alike)."""
+    pmp = t.pmp
+    dense, masked = [], []
+    for _ in range(blocks):
+        t.hooks = []
+        pmp.update.remove()
+        dense.append(timed_steps(t, batches, steps))
+        pmp.update = MaskedUpdate(t.engine, pmp.mask, "frozen")
+        t.hooks = [pmp]
+        masked.append(timed_steps(t, batches, steps))
+    return dense, masked
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,14 +97,7 @@ def main() -> None:
     batches = t._batches()
     timed_steps(t, batches, 2)  # warm-up (allocations, first optimizer state)
 
-    dense, masked = [], []
-    for _ in range(args.blocks):
-        t.hooks = []
-        pmp.update.remove()
-        dense.append(timed_steps(t, batches, args.steps))
-        pmp.update = MaskedUpdate(t.engine, pmp.mask, "frozen")
-        t.hooks = [pmp]
-        masked.append(timed_steps(t, batches, args.steps))
+    dense, masked = dense_vs_masked(t, batches, args.blocks, args.steps)
 
     # A discovery check = top-k selection + IoU on this step's partitioned gradients.
     eb = EarlyBird(pmp.selector, score="step", check_every=1, iou_threshold=0.99,

@@ -78,12 +78,29 @@ _NOTICE_LOGGERS = {
 }
 
 
+def tool_parser(doc: str, progress: bool = False):
+    """An entry point's parser whose --help is its module docstring, usage examples kept;
+    `progress`: the tool draws a progress bar, which --quiet turns off."""
+    import argparse
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if progress:
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def add_checkpoint_arguments(parser) -> None:
+    """CKPT_DIR and --tag, for the tools that read a training checkpoint."""
+    from pathlib import Path
+    parser.add_argument("ckpt_dir", type=Path, help="a run_dir, its checkpoints/, or one tag")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step00001000 (default: latest)")
+
+
 def launcher_parser(description: str, config_help: str):
     """The launchers' shared arguments: --config, repeatable --set, --verbose, and the
     --local_rank that the deepspeed launcher passes to every rank."""
     import argparse
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(description)
     parser.add_argument("--config", required=True, help=config_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config value (repeatable)")

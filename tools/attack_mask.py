@@ -15,13 +15,12 @@ Writes attack.md, attack.json, roc.png.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:
@@ -31,8 +30,7 @@ def _csv(text: str) -> list[str]:
 @fail_cleanly
 def main(argv=None) -> int:
     from pmp_scale.secrecy import AttackError, run_attacks
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = tool_parser(__doc__)
     p.add_argument("release", type=Path)
     p.add_argument("--out", type=Path, required=True, help="report directory (replaced atomically)")
     p.add_argument("--private", type=Path, help="the true mask artifact: score every attack")

@@ -11,20 +11,18 @@ leakage (norm weights still exactly 1, biases exactly 0) is reported, not failed
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
 from pmp_scale.release import audit_release  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("release_dir", type=Path)
     parser.add_argument("--private", type=Path, metavar="PRIVATE_DIR",
                         help="the private mask artifact this release was made with")

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pmp_scale.cli import tool_parser  # noqa: E402
 from pmp_scale.telemetry import read_metrics  # noqa: E402
 
 
@@ -28,8 +28,7 @@ def summarize(run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("dense", type=Path)
     parser.add_argument("pmp", type=Path)
     parser.add_argument("--min-drop", type=float, default=1.0,

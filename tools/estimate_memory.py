@@ -8,11 +8,12 @@ transient is one fp32 sub-group snapshot (deepspeed.zero_optimization.sub_group_
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pmp_scale.cli import tool_parser  # noqa: E402
 
 
 def largest_layer(cfg) -> int:
@@ -28,8 +29,7 @@ def main(argv=None) -> int:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from pmp_scale.models import PRESETS, build_hf_config, count_params
 
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--nodes", type=int, default=1)

@@ -7,24 +7,21 @@ Works at any world size; one parameter's mask is unpacked at a time. --init also
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import add_checkpoint_arguments, fail_cleanly, tool_parser  # noqa: E402
 from pmp_scale.mask.export import export_mask  # noqa: E402
 from pmp_scale.release import resolve_checkpoint  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt_dir", type=Path)
+    parser = tool_parser(__doc__)
+    add_checkpoint_arguments(parser)
     parser.add_argument("private_dir", type=Path)
-    parser.add_argument("--tag", help="checkpoint tag (default: latest)")
     parser.add_argument("--init", action="store_true", help="also write θ(0) as init.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty PRIVATE_DIR")
     args = parser.parse_args(argv)

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,8 +58,7 @@ def _single_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ratio-sweep", help="fine-tuning vs mask ratio")
     p.add_argument("--input", nargs=3, action="append", required=True,

@@ -10,21 +10,15 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import pmp_scale  # noqa: F401
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from pmp_scale.cli import fail_cleanly
-from pmp_scale.data import prepare_dataset
+from pmp_scale.cli import fail_cleanly, tool_parser
+from pmp_scale.data import SOURCES_HELP, prepare_dataset
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True,
-                   help=".txt/.jsonl files or globs (optionally .gz), "
-                        "or hf:<dataset>[:<config>]:<split>")
+    p = tool_parser(__doc__, progress=True)
+    p.add_argument("--input", nargs="+", required=True, help=SOURCES_HELP)
     p.add_argument("--tokenizer", required=True,
                    help="SentencePiece .model file or Hugging Face tokenizer directory")
     p.add_argument("--out", required=True, help="output directory (gets train/, val/, meta.json)")
@@ -35,7 +29,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MDS shard compression ('none' to disable)")
     p.add_argument("--size-limit", default="32mb", help="MDS shard size limit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

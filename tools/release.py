@@ -9,23 +9,20 @@ weights, config, generation config and tokenizer are written; then run tools/aud
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import add_checkpoint_arguments, fail_cleanly, tool_parser  # noqa: E402
 from pmp_scale.release import DTYPES, release_checkpoint, resolve_checkpoint  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt_dir", type=Path)
+    parser = tool_parser(__doc__)
+    add_checkpoint_arguments(parser)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step00001000 (default: latest)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--max-shard-size", default="2GB", help="per safetensors file (HF naming)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -8,20 +8,18 @@ layout.json (shapes, per-rank start and length), atomically; refuses a non-empty
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
 from pmp_scale.mask.export import write_resharded_mask  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("private_dir", type=Path)
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)

@@ -9,7 +9,6 @@ resumes: finished runs, releases, grid cells and attacks are reused, never redon
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -18,17 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__, progress=True)
     parser.add_argument("--config", required=True, help="study YAML (see configs/study/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimated time")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -11,28 +11,21 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import pmp_scale  # noqa: F401
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 from tqdm import tqdm
 
-from pmp_scale.cli import fail_cleanly
-from pmp_scale.data import iter_texts, load_tokenizer, train_sentencepiece
+from pmp_scale.cli import fail_cleanly, tool_parser
+from pmp_scale.data import SOURCES_HELP, iter_texts, load_tokenizer, train_sentencepiece
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True,
-                   help=".txt/.jsonl files or globs (optionally .gz), "
-                        "or hf:<dataset>[:<config>]:<split>")
+    p = tool_parser(__doc__, progress=True)
+    p.add_argument("--input", nargs="+", required=True, help=SOURCES_HELP)
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True,
                    help="output prefix: writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

@@ -2,10 +2,11 @@
 loaders."""
 from .loader import DataError, batches, build_loader, read_meta
 from .prepare import prepare_dataset
-from .texts import iter_texts
+from .texts import SOURCES_HELP, iter_texts
 from .tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [
-    "DataError", "Tokenizer", "batches", "build_loader", "iter_texts", "load_tokenizer", "prepare_dataset",
+    "DataError", "SOURCES_HELP", "Tokenizer", "batches", "build_loader", "iter_texts", "load_tokenizer",
+    "prepare_dataset",
     "read_meta", "train_sentencepiece",
 ]

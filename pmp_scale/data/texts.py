@@ -14,6 +14,10 @@ from typing import Iterator
 from .loader import DataError
 
 
+# What `iter_texts` reads, for the tools' --input help.
+SOURCES_HELP = ".txt/.jsonl files or globs (optionally .gz), or hf:<dataset>[:<config>]:<split>"
+
+
 def _open_text(path: str):
     # utf-8-sig: some Gutenberg files start with a BOM that must not become a token.
     opener = gzip.open if path.endswith(".gz") else open
