@@ -1,7 +1,6 @@
 """Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches.
 
-Shared helpers live in tests/helpers.py; the names below are re-exported for test files that
-still import them from here.
+Shared helpers live in tests/helpers.py: test files import them from there, not from here.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 
 pytest.register_assert_rewrite("dist.scenarios")  # its checks run as tests
 
-from helpers import CORPUS, REPO, SCENARIOS, launch, run_scenarios  # noqa: E402,F401
+from helpers import CORPUS, REPO, launch, run_scenarios  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -11,17 +11,17 @@ import os
 import re
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, free_port, full_masks
+
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pmp_scale.authorized import AuthorizationError, with_private_mask  # noqa: E402
-from pmp_scale.mask import pack_bits, read_artifact, unpack_bits, write_artifact  # noqa: E402
+from pmp_scale.mask import pack_bits, write_artifact  # noqa: E402
 from pmp_scale.release import record_release, release_sha256  # noqa: E402
 
 
@@ -50,9 +50,7 @@ def rel(save_tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("kit")
     model = save_tiny_llama(root / "release")
     _write_mask(model, root / "mask", release=root / "release")
-    tensors, meta = read_artifact(root / "mask")
-    masks = {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s)
-             for n, s in meta["shapes"].items()}
+    masks = full_masks(root / "mask")
     task = build_task(TaskConfig(name="review_lm", max_length=32, max_train_examples=64,
                                  max_eval_examples=16), load_hf_tokenizer(root / "release"))
     return {"release": root / "release", "mask": root / "mask", "masks": masks, "task": task,
@@ -222,11 +220,8 @@ def _ddp_worker(rank: int, world: int, release: str, mask_dir: str, out: str, po
 
 
 def test_ddp_two_processes_keep_the_complement(rel, tmp_path):
-    import socket
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_ddp_worker, args=(2, str(rel["release"]), str(rel["mask"]), str(tmp_path), port),
              nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

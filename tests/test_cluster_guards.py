@@ -89,7 +89,7 @@ def test_gpu_bench_runs_at_tiny_size_on_cpu(tiny_data, tmp_path):
     import os
     import subprocess
     import sys
-    from conftest import REPO
+    from helpers import REPO
     venv = Path(sys.executable).parents[1]
     out = tmp_path / "bench.json"
     proc = subprocess.run(

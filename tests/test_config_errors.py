@@ -1,14 +1,11 @@
 """Bad input fails early with one clear line naming the problem (no process group needed)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from helpers import REPO
 from pmp_scale.config import ConfigError, apply_overrides, load_config, parse_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def raw_config(**over):

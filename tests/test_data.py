@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import pmp_scale.data.loader as loader_mod
+from helpers import REPO
 from pmp_scale.data import (DataError, build_loader, iter_texts, load_tokenizer, prepare_dataset,
                             read_meta, train_sentencepiece)
 from pmp_scale.data.prepare import _is_val
 
-REPO = Path(__file__).resolve().parents[1]
 BOOK = REPO / "data" / "corpus" / "persuasion.txt.gz"
 GPT2 = REPO / "data" / "tokenizers" / "gpt2-bpe"
 SEQ_LEN = 64

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import SCENARIOS, launch
+from helpers import REPO, full_masks, launch_scenarios, run_distributed
 
 # (PMP_FAULT, where it strikes) — the chain's run is killed at each point in turn, resumed each time.
 KILLS = [
@@ -22,11 +22,6 @@ KILLS = [
 RESUMED_FROM = [0, 2, 2, 4, 8, 8]
 
 
-def _launch(out, data, names, env=None):
-    return launch(SCENARIOS, ["--out", str(out), "--data", data["data"], "--tokenizer",
-                              data["tokenizer"], "--scenarios", ",".join(names)], 2, env=env)
-
-
 def _corrupt(path):
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
@@ -36,8 +31,8 @@ def _corrupt(path):
 @pytest.fixture(scope="module")
 def fault_results(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("faults")
-    first = _launch(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup",
-                                     "elastic_setup"])
+    first = launch_scenarios(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup",
+                                              "elastic_setup"], 2)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     outcomes, chain_log = [], out / "fault_chain" / "metrics.jsonl"
 
@@ -46,25 +41,25 @@ def fault_results(tmp_path_factory, tiny_data):
     starts = []
     for spec, _ in KILLS:
         starts.append(logged())
-        proc = _launch(out, tiny_data, ["fault_chain"], env={"PMP_FAULT": spec})
+        proc = launch_scenarios(out, tiny_data, ["fault_chain"], 2, env={"PMP_FAULT": spec})
         outcomes.append(proc.returncode)
-    sigterm = _launch(out, tiny_data, ["sigterm_run"], env={"PMP_FAULT": "rank1:step:5:TERM"})
+    sigterm = launch_scenarios(out, tiny_data, ["sigterm_run"], 2,
+                               env={"PMP_FAULT": "rank1:step:5:TERM"})
     ckpts = out / "sigterm" / "checkpoints"
     marker = ckpts / "step00000005" / "complete.json"
     sigterm_ckpt = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").exists() else None,
                     "marker": json.loads(marker.read_text()) if marker.exists() else None}
-    enospc = _launch(out, tiny_data, ["enospc_in_torch_save"])
+    enospc = launch_scenarios(out, tiny_data, ["enospc_in_torch_save"], 2)
     # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
     _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
     _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
     starts.append(logged())
-    final = _launch(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"])
+    final = launch_scenarios(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"], 2)
     assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
     records = chain_log.read_text().splitlines()
     first_steps = [json.loads(records[i])["step"] for i in starts]
     for world in (1, 4):
-        proc = launch(SCENARIOS, ["--out", str(out), "--data", tiny_data["data"], "--tokenizer",
-                                  tiny_data["tokenizer"], "--scenarios", "elastic_resume"], world)
+        proc = launch_scenarios(out, tiny_data, ["elastic_resume"], world)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"out": out, "kills": outcomes, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
             "enospc": enospc, "chain_first_steps": first_steps}
@@ -215,7 +210,6 @@ def _verify_each(rank, world, root):
 def test_an_explicitly_named_tag_is_verified(tmp_path):
     """`--resume TAG` gets the checks `auto` makes: every rank hashes its own files and all
     refuse together, naming the problem (here rank 1's file is the corrupt one)."""
-    from dist_util import run_distributed
     from pmp_scale.checkpoint import MARKER, file_digest
     for step in (2, 4, 6):
         tag = tmp_path / f"step{step:08d}"
@@ -256,7 +250,6 @@ def test_preemption_ignores_repeated_signals_and_close_cancels_the_watchdog():
     import os
     import subprocess
     import sys
-    from conftest import REPO
     proc = subprocess.run([sys.executable, "-c", _PREEMPTION], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout == "survived True\n", proc.stdout + proc.stderr
@@ -267,7 +260,6 @@ def test_preemption_ignores_repeated_signals_and_close_cancels_the_watchdog():
 def test_elastic_resume_from_2_ranks(fault_results, world):
     """2 -> 1 and 2 -> 4: training continues within noise; the complement is still θ(0)."""
     from pmp_scale.mask.artifact import read_artifact
-    from pmp_scale.mask.bits import unpack_bits
     ref = _load(fault_results, "fault_ref_final.pt")
     run = _load(fault_results, f"elastic_w{world}_final.pt")
     assert sorted(run["losses"]) == list(range(1, 13))
@@ -281,12 +273,13 @@ def test_elastic_resume_from_2_ranks(fault_results, world):
     for step in range(9, 13):
         assert abs(run["losses"][step] - ref["losses"][step]) < 1e-5, step
     mask_dir = fault_results["out"] / f"elastic_w{world}" / "private" / "mask"
-    packed, meta = read_artifact(mask_dir)
+    packed, _ = read_artifact(mask_dir)
+    masks = full_masks(mask_dir)
     ref_packed, _ = read_artifact(fault_results["out"] / "fault_ref" / "private" / "mask")
     # No save_init: the Stage II checkpoint holds no θ(0); the complement is θ(0), so it must
     # equal the uninterrupted run's complement, and the drift against the rebuilt θ(0) is 0.
     assert _load(fault_results, f"elastic_w{world}_drift.pt") == 0.0
     for name, value in run["params"].items():
         assert torch.equal(packed[name], ref_packed[name]), name  # the same mask
-        frozen = ~unpack_bits(packed[name], meta["numel"][name]).reshape(value.shape)
+        frozen = ~masks[name]
         assert torch.equal(value[frozen], ref["params"][name][frozen]), name

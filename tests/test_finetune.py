@@ -10,13 +10,13 @@ import math
 import os
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, full_masks, gathered, launch
+
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,25 +67,9 @@ def ft_config(tiny_release, task: str, mode: str, **over) -> dict:
     return raw
 
 
-def gathered(model) -> dict[str, torch.Tensor]:
-    import deepspeed
-    out = {}
-    for name, p in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([p]):
-            out[name] = p.detach().cpu().clone()
-    return out
-
-
 def release_weights(tiny_release) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     return load_file(str(tiny_release["release"] / "model.safetensors"))
-
-
-def masks_of(tiny_release) -> dict[str, torch.Tensor]:
-    from pmp_scale.mask import read_artifact
-    tensors, meta = read_artifact(tiny_release["mask"])
-    return {n: unpack_bits(tensors[n], torch.Size(s).numel()).view(s)
-            for n, s in meta["shapes"].items()}
 
 
 def run_and_gather(raw: dict):
@@ -104,7 +88,7 @@ def run_and_gather(raw: dict):
 # --- the three modes ------------------------------------------------------------------------------
 def test_authorized_lm_keeps_the_complement_bit_exact(tiny_release):
     result, before, after = run_and_gather(ft_config(tiny_release, "review_lm", "authorized"))
-    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    release, masks = release_weights(tiny_release), full_masks(tiny_release["mask"])
     assert before.keys() == release.keys()
     for name, ref in release.items():
         assert torch.equal(before[name], ref), f"{name}: loaded weights differ from the release"
@@ -178,7 +162,7 @@ def test_export_writes_the_fine_tuned_model_through_the_release_path(tiny_releas
     assert loaded.keys() == tuned.keys()
     for name, value in tuned.items():
         assert torch.equal(loaded[name].detach(), value), f"{name}: exported != fine-tuned"
-    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    release, masks = release_weights(tiny_release), full_masks(tiny_release["mask"])
     assert any(not torch.equal(tuned[n], release[n]) for n in release)
     for name, ref in release.items():
         assert torch.equal(tuned[name][~masks[name]], ref[~masks[name]])
@@ -218,7 +202,7 @@ def test_export_is_refused_where_it_cannot_work(tiny_release, tmp_path):
 
 def test_authorized_classification_trains_the_new_head(tiny_release):
     result, before, after = run_and_gather(ft_config(tiny_release, "movie_reviews", "authorized"))
-    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    release, masks = release_weights(tiny_release), full_masks(tiny_release["mask"])
     assert "score.weight" in after and "score.weight" not in release
     assert before["score.weight"].abs().max() > 0  # initialised, not left empty
     assert (after["score.weight"] != before["score.weight"]).float().mean() > 0.9
@@ -271,7 +255,6 @@ def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, ca
 def test_authorized_under_the_deepspeed_launcher_at_three_ranks(tiny_release, tmp_path):
     """W=3 (most parameters split with padding): the mask is sliced per rank like ZeRO-3, the
     complement stays the release's bit for bit, and the export gathers every rank's partition."""
-    from conftest import launch
     from safetensors.torch import load_file
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(yaml.safe_dump(ft_config(
@@ -283,7 +266,7 @@ def test_authorized_under_the_deepspeed_launcher_at_three_ranks(tiny_release, tm
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["backbone"]["complement_changed"] == 0 and result["steps_done"] == 3
     tuned = load_file(str(tmp_path / "export" / "model.safetensors"))
-    release, masks = release_weights(tiny_release), masks_of(tiny_release)
+    release, masks = release_weights(tiny_release), full_masks(tiny_release["mask"])
     assert any(masks[n].numel() % 3 for n in masks)  # padding is exercised
     assert tuned.keys() == release.keys()
     moved = 0
@@ -318,7 +301,7 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "| pmp | authorized |" in text
     # backbone integrity rows: | release mode | runs | changed of elements | complement changed of N |
-    masks = masks_of(tiny_release)
+    masks = full_masks(tiny_release["mask"])
     frozen = sum(int((~m).sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
@@ -389,13 +372,13 @@ def test_grad_hist_and_landscape(tiny_release, tmp_path):
                                  grad_batches=1, batch_size=4)
     assert 0.0 <= numbers["overlap_coefficient"] <= 1.0
     assert numbers["n_masked"] + numbers["n_unmasked"] == sum(
-        m.numel() for m in masks_of(tiny_release).values())
+        m.numel() for m in full_masks(tiny_release["mask"]).values())
     assert (tmp_path / "grad_hist.png").is_file() and (tmp_path / "grad_hist.json").is_file()
     # classification: the new head (score.weight) is not in the release, so in neither histogram
     cls = parse_finetune_config(ft_config(tiny_release, "movie_reviews", "authorized"))
     numbers = analyses.grad_hist(tiny_release["release"], tiny_release["mask"], cls,
                                  tmp_path / "cls", grad_batches=1, batch_size=4)
-    masks = masks_of(tiny_release)
+    masks = full_masks(tiny_release["mask"])
     assert numbers["n_masked"] == sum(int(m.sum()) for n, m in masks.items() if n != "lm_head.weight")
     assert numbers["n_unmasked"] == sum(int((~m).sum()) for n, m in masks.items()
                                         if n != "lm_head.weight")

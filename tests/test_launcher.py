@@ -40,7 +40,7 @@ def test_estimate_memory_prints_per_rank_table(capsys):
 
 @pytest.mark.slow
 def test_big_presets_build_partitioned(tmp_path, tiny_data):
-    from conftest import run_scenarios
+    from helpers import run_scenarios
     out = run_scenarios(tmp_path, tiny_data, ["big_presets"], 2)
     ranks = [json.loads((out / f"big_presets_rank{r}.json").read_text()) for r in (0, 1)]
     expected_total = {"llama-1.1b": 1_100_048_384, "llama-7b": 6_738_415_616}

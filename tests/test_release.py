@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import full_masks
 from pmp_scale.checkpoint import file_digest
-from pmp_scale.mask import read_artifact, unpack_bits, write_artifact
+from pmp_scale.mask import read_artifact, write_artifact
 from pmp_scale.mask.export import merge_mask_slices
 from pmp_scale.mask.sharded import read_signature
 from pmp_scale.release import (audit_files, audit_release, record_release, release_checkpoint,
@@ -87,10 +88,9 @@ def test_audit_detects_a_moved_complement_element(released, tmp_path):
     release, private = tmp_path / "release", tmp_path / "private"
     shutil.copytree(released["fp32"], release)
     shutil.copytree(released["private"], private)
-    masks, _ = read_artifact(private)
     weights = load_file(release / "model.safetensors")
     name = "transformer.h.0.mlp.c_fc.weight"
-    frozen = (~unpack_bits(masks[name], weights[name].numel())).nonzero()[0].item()
+    frozen = (~full_masks(private)[name].flatten()).nonzero()[0].item()
     weights[name].view(-1)[frozen] += 1e-3
     save_file(weights, str(release / "model.safetensors"), metadata={"format": "pt"})
     record_release(private, release_sha256(release), "fp32")
@@ -149,10 +149,11 @@ def test_mask_export_and_reshard_round_trip(source, released, tmp_path):
     init, trained_init = load_file(exported / "init.safetensors"), load_file(trained / "init.safetensors")
     assert init.keys() == trained_init.keys()
     assert all(torch.equal(init[k], trained_init[k]) for k in init)
-    masks, meta = read_artifact(exported)
+    _, meta = read_artifact(exported)
     assert meta["world_size"] == 2 and meta["init_seed"] == _secret_seed(source)
+    masks = full_masks(exported)
     for name, param in source["params"].items():
-        frozen = ~unpack_bits(masks[name], param.numel()).view(param.shape)
+        frozen = ~masks[name]
         assert torch.equal(param[frozen], init[name][frozen]), name
     for world in (1, 3, 4):
         out = tmp_path / f"w{world}"

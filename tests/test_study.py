@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 sys.path.insert(0, str(REPO))
 
 PRETRAIN = {"run_dir": "unused", "seed": 3, "model": {"preset": "llama-tiny"},
