@@ -54,6 +54,17 @@ def tiny_run_config(run_dir, dataset: dict, /, **sections) -> dict:
     return raw
 
 
+def with_overrides(raw: dict, over: dict) -> dict:
+    """`section__key=value` sets one key of a config section; `section=value` replaces it."""
+    for key, value in over.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            raw.setdefault(section, {})[leaf] = value
+        else:
+            raw[section] = value
+    return raw
+
+
 def gathered(model) -> dict:
     """A ZeRO-3 model's full parameters on CPU (tiny test models only)."""
     import deepspeed

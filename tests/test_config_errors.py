@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helpers import REPO
+from helpers import REPO, with_overrides
 from pmp_scale.config import ConfigError, apply_overrides, load_config, parse_config
 
 
@@ -13,13 +13,7 @@ def raw_config(**over):
            "data": {"path": "data/x", "tokenizer": "tok.model"},
            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 10},
            "optim": {"lr": 1e-3}}
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            raw.setdefault(section, {})[leaf] = value
-        else:
-            raw[section] = value
-    return raw
+    return with_overrides(raw, over)
 
 
 @pytest.mark.parametrize("over, message", [

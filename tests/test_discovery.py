@@ -85,13 +85,19 @@ def test_changing_scores_stop_at_the_step_limit_with_the_last_checks_topk():
     assert bird.trace[-1]["iou_final"] == 1.0 and bird.trace[0]["iou_final"] < 1.0
 
 
+def _feed(bird, steps: int, seed: int) -> list[torch.Tensor]:
+    """`steps` random gradients observed in order; returned for the reference computation."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(N, generator=gen) for _ in range(steps)]
+    for grad in grads:
+        bird.observe(_engine(grad))
+    return grads
+
+
 def test_ema_score_is_the_running_mean_of_abs_grad():
     selector = MaskSelector(_layout(), 0.6, "global", [])
     bird = _bird(selector, score="ema", check_every=3, ema_beta=0.5, max_steps=3)
-    g = torch.Generator().manual_seed(2)
-    grads = [torch.randn(N, generator=g) for _ in range(3)]
-    for grad in grads:
-        bird.observe(_engine(grad))
+    grads = _feed(bird, 3, seed=2)
     ema = grads[0].abs()
     for grad in grads[1:]:
         ema = 0.5 * ema + 0.5 * grad.abs()
@@ -143,10 +149,7 @@ def test_accum_score_sums_abs_grad_over_the_window_before_each_check():
     steps (earlier steps of the period do not count), and the sum restarts after the check."""
     selector = MaskSelector(_layout(), 0.5, "global", [])
     bird = _bird(selector, score="accum", check_every=4, score_window=2, patience=5)
-    gen = torch.Generator().manual_seed(3)
-    grads = [torch.randn(N, generator=gen) for _ in range(8)]
-    for g in grads:
-        bird.observe(_engine(g))
+    grads = _feed(bird, 8, seed=3)
     k = round(0.5 * N)
     assert torch.equal(_flat(bird.candidate), _reference_topk(grads[6].abs() + grads[7].abs(), k))
     assert bird.acc is None and [t["step"] for t in bird.trace] == [4, 8]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, full_masks, gathered, launch
+from helpers import REPO, full_masks, gathered, launch, with_overrides
 
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,13 +58,7 @@ def ft_config(tiny_release, task: str, mode: str, **over) -> dict:
            "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 3,
                      "eval_batch_size": 16},
            "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.1}}
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            raw.setdefault(section, {})[leaf] = value
-        else:
-            raw[section] = value
-    return raw
+    return with_overrides(raw, over)
 
 
 def release_weights(tiny_release) -> dict[str, torch.Tensor]:
