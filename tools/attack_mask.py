@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
+from pmp_scale.cli import add_verbose_flag, fail_cleanly, quiet_third_party, tool_parser  # noqa: E402
 
 
 def _csv(text: str) -> list[str]:
@@ -31,6 +31,7 @@ def _csv(text: str) -> list[str]:
 def main(argv=None) -> int:
     from pmp_scale.secrecy import AttackError, run_attacks
     p = tool_parser(__doc__)
+    add_verbose_flag(p)
     p.add_argument("release", type=Path)
     p.add_argument("--out", type=Path, required=True, help="report directory (replaced atomically)")
     p.add_argument("--private", type=Path, help="the true mask artifact: score every attack")
@@ -53,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--payoff", type=Path, help="a fine-tuning config (e.g. configs/finetune/"
                    "review_lm.yaml): fine-tune with the best recovered mask (needs --private)")
     args = p.parse_args(argv)
+    quiet_third_party(args.verbose)
     if args.public is None and args.attacks and any(
             a.split("@")[0] in ("grad_abs", "fisher", "displacement", "structural")
             for a in args.attacks):

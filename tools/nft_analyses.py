@@ -23,13 +23,12 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
+from pmp_scale.cli import add_verbose_flag, fail_cleanly, quiet_third_party, tool_parser  # noqa: E402
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,6 +58,7 @@ def _single_args(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv=None):
     parser = tool_parser(__doc__)
+    add_verbose_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ratio-sweep", help="fine-tuning vs mask ratio")
     p.add_argument("--input", nargs=3, action="append", required=True,
@@ -93,7 +93,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_third_party(args.verbose)
     from pmp_scale.config import ConfigError
     from pmp_scale.nft import analyses
     from pmp_scale.finetune.config import load_finetune_config

@@ -13,16 +13,16 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
+from pmp_scale.cli import add_verbose_flag, fail_cleanly, quiet_third_party, tool_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = tool_parser(__doc__, progress=True)
+    add_verbose_flag(parser)
     parser.add_argument("--config", required=True,
                         help="report YAML (see configs/finetune/demo_report.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_third_party(args.verbose)
     from pmp_scale.nft.report import load_report_config, run_report
     cfg, base_dir = load_report_config(args.config, args.overrides)
     doc = run_report(cfg, base_dir, fresh=args.fresh, progress=not args.quiet)

@@ -12,24 +12,24 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
+from pmp_scale.cli import add_verbose_flag, fail_cleanly, quiet_third_party, tool_parser  # noqa: E402
 
 
 @fail_cleanly
 def main(argv=None) -> int:
     parser = tool_parser(__doc__, progress=True)
+    add_verbose_flag(parser)
     parser.add_argument("--config", required=True, help="study YAML (see configs/study/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimated time")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_third_party(args.verbose)
     from pmp_scale.study import prepare, run_study
     from pmp_scale.study.plan import describe, estimate
     cfg, base_dir, plan = prepare(args.config, args.overrides)
