@@ -36,4 +36,4 @@ for run in demo demo_pmp; do
         --config "configs/$run.yaml" --resume auto ${RANK_FLAGS[@]+"${RANK_FLAGS[@]}"}
 done
 $PY tools/compare_runs.py runs/demo runs/demo_pmp
-bash tools/demo_report.sh
+bash tools/demo_report.sh ${RANK_FLAGS[@]+"${RANK_FLAGS[@]}"}

@@ -29,6 +29,8 @@ if [ ! -f runs/demo_pmp/private/mask/mask.json ]; then
     exit 2
 fi
 
+VERBOSE=()  # --verbose (among the report's arguments) also reaches the attack step
+for arg in "$@"; do [ "$arg" = --verbose ] && VERBOSE=(--verbose); done
 $PY tools/release.py runs/demo runs/release/demo --overwrite
 $PY tools/release.py runs/demo_pmp runs/release/demo_pmp --overwrite \
     --private runs/demo_pmp/private/mask
@@ -38,4 +40,4 @@ $PY tools/nft_report.py --config configs/finetune/demo_report.yaml "$@"
 $PY tools/attack_mask.py runs/release/demo_pmp --out runs/attack/demo_pmp \
     --private runs/demo_pmp/private/mask --public data/demo/mds \
     --shadow-config configs/attack/demo_shadow.yaml --shadow-dir runs/attack/shadow \
-    --payoff configs/finetune/review_lm.yaml
+    --payoff configs/finetune/review_lm.yaml ${VERBOSE[@]+"${VERBOSE[@]}"}
