@@ -40,7 +40,7 @@ from transformers.trainer_callback import TrainerCallback
 from . import ds_internals
 from .mask.artifact import MaskArtifactError, read_artifact
 from .mask.bits import unpack_bits
-from .release import INDEX_FILE, _digest_update, _int_view, release_tensors
+from .release import INDEX_FILE, digest_update, int_view, release_tensors
 
 
 class AuthorizationError(ValueError):
@@ -157,7 +157,7 @@ class PrivateMask:
             if e.param.dtype != e.frozen.dtype:
                 return self.complement_numel
             for flat, keep, frozen in e.chunks():
-                moved += int((_int_view(flat.masked_select(~keep)) != _int_view(frozen)).sum())
+                moved += int((int_view(flat.masked_select(~keep)) != int_view(frozen)).sum())
         return moved
 
     def assert_complement_intact(self) -> int:
@@ -256,7 +256,7 @@ def with_private_mask(model, mask_dir, release_dir=None,
     # One pass over the release: its sha256, its shapes, and the complement compared with it.
     digest, release_shapes, entries, moved = hashlib.sha256(), {}, [], 0
     for name, t in release_tensors(release_dir):
-        _digest_update(digest, name, t)
+        digest_update(digest, name, t)
         release_shapes[name] = tuple(t.shape)
         p = params.get(name)
         if p is None or mask_shapes.get(name) != tuple(t.shape) or p.shape != t.shape:
@@ -266,7 +266,7 @@ def with_private_mask(model, mask_dir, release_dir=None,
         for lo, hi in _spans(p.numel()):
             frozen = ~_keep(bits, lo, hi)
             now, was = flat[lo:hi].masked_select(frozen), ref[lo:hi].masked_select(frozen)
-            moved += int((_int_view(now) != _int_view(was)).sum())
+            moved += int((int_view(now) != int_view(was)).sum())
             values.append(was)
             starts.append(starts[-1] + was.numel())
         entries.append(_Entry(name, p, bits, torch.cat(values), starts))

@@ -20,10 +20,6 @@ from .audit import (INDEX_FILE, Audit, audit_files, audit_release, int_view, rel
 from .locate import ReleaseError, lazy_state_dict, rank_files, resolve_checkpoint
 from .publish import DTYPES, record_release, release_checkpoint
 
-# The names these had when this package was one module; authorized.py and bench/attack_bench.py
-# still import them from here.
-_digest_update, _int_view, _stream_safetensors = digest_update, int_view, write_planned
-
 __all__ = [
     "DTYPES", "INDEX_FILE", "Audit", "ReleaseError", "audit_files", "audit_release",
     "digest_update", "int_view", "lazy_state_dict", "rank_files", "record_release",
