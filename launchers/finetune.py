@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 @fail_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # without a launcher: one in-process rank (DeepSpeed reads it from the environment only)
+    os.environ.setdefault("LOCAL_RANK", "0")
     quiet_third_party(args.verbose)
     from pmp_scale.finetune.config import load_finetune_config
     cfg = load_finetune_config(args.config, args.overrides)  # before any process-group work

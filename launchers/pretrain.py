@@ -23,13 +23,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @fail_cleanly
-def main(argv=None) -> int:
+def main(argv=None, faults=None) -> int:
+    """`faults`: the crash tests' injection points (pmp_scale.faults), none by default."""
     args = parse_args(argv)
     quiet_third_party(args.verbose)
     from pmp_scale.config import load_config
     cfg = load_config(args.config, args.overrides)  # fails before any process-group work
     from pmp_scale.engine import Trainer
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, faults=faults)
     trainer.resume(args.resume)
     trainer.train()
     return 0

@@ -8,7 +8,6 @@ import os
 import sys
 import warnings
 
-from . import faults
 from .errors import UserError
 
 EXIT_BAD_INPUT = 2
@@ -49,14 +48,9 @@ def report_error(err: BaseException) -> None:
 
 def fail_cleanly(main):
     """Wrap an entry point's `main`: a UserError (and the like, `user_errors`) is one line on
-    stderr and exit status 2, a diverged run exit status 3, anything else its traceback.
-
-    Entry points are also where the crash tests' fault plan (`faults.from_env`) is installed,
-    so that production code is only ever handed a `Faults` object, a no-op unless a test set
-    one."""
+    stderr and exit status 2, a diverged run exit status 3, anything else its traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        faults.install(faults.from_env())
         try:
             return main(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised unless it is an expected failure

@@ -9,7 +9,8 @@ library's private names.
 
 The patches, each undone or idempotent: (1) `write_failures_recorded` wraps DeepSpeed's
 checkpoint writes during a save; (2) `record_shard_failures` wraps streaming's `prepare_shard`;
-(3) `check_on_first_read` hooks a shard's first read; (4) `hide_build_notices` mutes a print.
+(3) `check_on_first_read` hooks a shard's first read; (4) `hide_build_notices` mutes a print;
+(5) `launcher_local_world_size` answers streaming's local world size while a dataset is built.
 
 Imports of deepspeed/streaming stay inside the functions: importing this module (the CLI, the
 data loader) imports neither library.
@@ -54,6 +55,7 @@ RELIED_ON = {
     "streaming.base.format.base.reader:Reader": [
         "get_sample_data", "file_pairs", "dirname", "split", "compression"],
     "streaming.base.util": ["clean_stale_shared_memory"],
+    "streaming.base.distributed": ["get_local_world_size"],
 }
 
 # --- checkpoint layout: DeepSpeed's file names, our client-state key ------------------------------
@@ -243,38 +245,24 @@ def write_failures_recorded(engine, failed: list[BaseException]):
             setattr(obj, name, write)
 
 
-@contextlib.contextmanager
-def deepspeed_local_rank():
-    """DeepSpeed 0.19 reads LOCAL_RANK from the environment while it builds (`zero.Init`,
-    `deepspeed.initialize`) and during the first steps (its trace checks), and refuses to run
-    without it. A launcher sets it; a W=1 group started in-process has none, so "0" is lent
-    while the context is open (an engine's lifetime), then withdrawn."""
-    if "LOCAL_RANK" in os.environ:
-        yield
-        return
-    os.environ["LOCAL_RANK"] = "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("LOCAL_RANK", None)
-
-
 # --- mosaicml-streaming -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def launcher_local_world_size():
-    """Streaming reads torchrun's LOCAL_WORLD_SIZE (when a dataset is built); the deepspeed
-    launcher exports LOCAL_SIZE. Without it every rank on a machine is a local leader
-    (FileExistsError on '/000000_locals'). Streaming takes the value from the environment
-    only, so it is set while a dataset is built and restored right after: the process's
-    environment is left as it was."""
+    """Streaming takes ranks-per-machine from torchrun's LOCAL_WORLD_SIZE; the deepspeed
+    launcher exports LOCAL_SIZE instead. Without it every rank on a machine is a local leader
+    (FileExistsError on '/000000_locals'). Streaming asks `distributed.get_local_world_size`
+    (looked up at call time), so while a dataset is built that answers LOCAL_SIZE; it is
+    restored right after, and the process's environment is never written."""
     if "LOCAL_SIZE" not in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         yield
         return
-    os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    from streaming.base import distributed
+    original, local_size = distributed.get_local_world_size, int(os.environ["LOCAL_SIZE"])
+    distributed.get_local_world_size = lambda: local_size
     try:
         yield
     finally:
-        del os.environ["LOCAL_WORLD_SIZE"]
+        distributed.get_local_world_size = original
 
 
 def clean_stale_shared_memory() -> None:

@@ -1,25 +1,21 @@
 """Fault injection for the crash tests, as an object the code is handed: no-op by default.
 
-Production code calls `faults.point(where)` at the places a crash test may strike; the
-installed `Faults` does nothing. An entry point may install a `FaultPlan` instead, which kills
-or stops its own rank at one point: `FaultPlan.parse("rank1:save_files:4", rank=1)` SIGKILLs
-rank 1 at step 4's checkpoint, after DeepSpeed's files, before the marker.
+`Trainer(cfg, faults=...)` and `Checkpointer(..., faults=...)` call `faults.point(where)` at
+the places a crash test may strike; the default `Faults` does nothing, and nothing in the
+package builds anything else. A test hands in a `FaultPlan` instead, which kills or stops its
+own rank at one point: `FaultPlan("rank1:save_files:4", rank=1)` SIGKILLs rank 1 at step 4's
+checkpoint, after DeepSpeed's files, before the marker.
 
 Points: `step:N` (after optimizer step N), `backward:N` (mid step N, before the optimizer),
 `save_files:N`, `save_marker:N` (marker written, `latest` not yet moved). An optional action
 suffix: `:TERM` sends itself a real SIGTERM instead, `:STOP` freezes it with SIGSTOP (a
 test then kills its whole node at a known point), `:ENOSPC` raises "no space left on device".
-
-`from_env()` is the one reader of the crash tests' `PMP_FAULT` variable; only entry points
-call it (see `pmp_scale.cli.fail_cleanly`).
 """
 from __future__ import annotations
 
 import errno
 import os
 import signal
-
-ENV_VAR = "PMP_FAULT"
 
 
 class Faults:
@@ -46,29 +42,3 @@ class FaultPlan(Faults):
             os.kill(os.getpid(), signal.SIGSTOP)
         elif self.spec == f"{prefix}:ENOSPC":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), where)
-
-
-def from_env(environ=os.environ) -> Faults:
-    """The plan in `PMP_FAULT` for this process's `RANK` (a no-op `Faults` when unset)."""
-    spec = environ.get(ENV_VAR)
-    if not spec:
-        return Faults()
-    return FaultPlan(spec, int(environ.get("RANK", "0")))
-
-
-_installed: Faults = Faults()
-
-
-def install(faults: Faults) -> None:
-    """Make `faults` the process's fault points (entry points and tests only)."""
-    global _installed
-    _installed = faults
-
-
-def installed_faults() -> Faults:
-    return _installed
-
-
-def fault_point(where: str) -> None:
-    """The installed faults' `point` (for callers that are not handed a `Faults` object)."""
-    _installed.point(where)

@@ -69,13 +69,14 @@ def save_tiny_llama(tiny_data):
 
 @pytest.fixture(scope="module")
 def single_process_group():
-    """One in-process W=1 process group for a module (the fine-tuner's engine); the env it
-    needs is removed after. One thread: tiny models gain nothing from more, and lose a lot on
-    a shared machine."""
+    """One in-process W=1 process group for a module (the fine-tuner's engine). Its
+    LOCAL_RANK=0 is set here, as an entry point sets it, and removed after. One thread: tiny
+    models gain nothing from more, and lose a lot on a shared machine."""
     import torch
     import torch.distributed as dist
     saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
                                             "MASTER_ADDR", "MASTER_PORT")}
+    os.environ["LOCAL_RANK"] = "0"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

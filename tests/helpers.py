@@ -130,12 +130,13 @@ def launch(script: Path | str, args: list[str], world_size: int, cwd=None,
 
 
 def launch_scenarios(out: Path, data: dict, names: list[str], world_size: int,
-                     env: dict | None = None) -> subprocess.CompletedProcess:
-    """One launch running `names` (tests/dist/scenarios.py) in order; it may fail (fault tests)."""
+                     fault: str | None = None) -> subprocess.CompletedProcess:
+    """One launch running `names` (tests/dist/scenarios.py) in order; it may fail (fault tests).
+    `fault`: a FaultPlan spec handed to the fault scenarios' trainers."""
     Path(out).mkdir(parents=True, exist_ok=True)
     return launch(SCENARIOS, ["--out", str(out), "--data", data["data"],
-                              "--tokenizer", data["tokenizer"], "--scenarios", ",".join(names)],
-                  world_size, env=env)
+                              "--tokenizer", data["tokenizer"], "--scenarios", ",".join(names),
+                              *(["--fault", fault] if fault else [])], world_size)
 
 
 def run_scenarios(out: Path, data: dict, names: list[str], world_size: int) -> Path:

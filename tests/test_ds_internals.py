@@ -57,7 +57,8 @@ def test_relied_on_names_exist(target):
 
 def test_streaming_takes_the_local_world_size_only_while_a_dataset_is_built(monkeypatch):
     """Streaming reads LOCAL_WORLD_SIZE from the environment; the deepspeed launcher exports
-    LOCAL_SIZE. Inside the scope streaming sees it; afterwards the environment is as it was."""
+    LOCAL_SIZE. Inside the scope streaming sees it; the environment is never written, and
+    after the scope streaming is as it was."""
     from streaming.base.world import World
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "8")
@@ -65,7 +66,9 @@ def test_streaming_takes_the_local_world_size_only_while_a_dataset_is_built(monk
     before = dict(os.environ)
     with ds_internals.launcher_local_world_size():
         world = World.detect()
+        assert dict(os.environ) == before
     assert (world.ranks_per_node, world.num_nodes) == (4, 2)
+    assert World.detect().ranks_per_node == 1  # streaming's own answer again
     assert dict(os.environ) == before
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's own value wins
     with ds_internals.launcher_local_world_size():
@@ -101,6 +104,28 @@ def test_private_names_stay_in_one_module():
         text = path.read_text()
         offenders += [f"{rel}: {n}" for n in spelled if re.search(rf"\b{re.escape(n)}", text)]
     assert not offenders, offenders
+
+
+ENV_WRITE = re.compile(r"os\.environ\s*\[[^\]]+\]\s*=(?!=)|os\.environ\.(?:setdefault|pop|update|"
+                       r"clear|popitem)\(|del\s+os\.environ|os\.(?:putenv|unsetenv)\(")
+
+
+def test_the_package_never_writes_the_environment_nor_reads_a_fault_variable(tmp_path):
+    """The process environment is the entry points' (launchers/, tools/) to set; the package
+    only reads it, and fault injection is an object handed in, never an environment variable.
+    The checker catches a planted write."""
+    from pathlib import Path
+    root = Path(ds_internals.__file__).parent
+
+    def offenders(paths):
+        return [f"{p.name}:{i}" for p in paths for i, line in
+                enumerate(p.read_text().splitlines(), 1)
+                if ENV_WRITE.search(line) or "PMP_FAULT" in line]
+    assert offenders(sorted(root.rglob("*.py"))) == []
+    planted = tmp_path / "leaky.py"
+    planted.write_text('import os\nos.environ["LOCAL_RANK"] = "0"\nos.environ.setdefault("A", "1")\n'
+                       'x = os.environ.get("PMP_FAULT")\nif os.environ["A"] == "1": pass\n')
+    assert offenders([planted]) == ["leaky.py:2", "leaky.py:3", "leaky.py:4"]
 
 
 def test_quiet_third_party_hides_notices_unless_verbose():

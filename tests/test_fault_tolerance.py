@@ -8,7 +8,7 @@ import torch
 
 from helpers import REPO, full_masks, launch_scenarios, run_distributed
 
-# (PMP_FAULT, where it strikes) — the chain's run is killed at each point in turn, resumed each time.
+# (the FaultPlan spec, where it strikes) — the chain's run is killed at each point in turn, resumed each time.
 KILLS = [
     ("rank1:step:3", "after step 3, before its checkpoint"),
     ("rank0:save_files:4", "inside checkpoint writing: DeepSpeed files on disk, no marker"),
@@ -41,10 +41,9 @@ def fault_results(tmp_path_factory, tiny_data):
     starts = []
     for spec, _ in KILLS:
         starts.append(logged())
-        proc = launch_scenarios(out, tiny_data, ["fault_chain"], 2, env={"PMP_FAULT": spec})
+        proc = launch_scenarios(out, tiny_data, ["fault_chain"], 2, fault=spec)
         outcomes.append(proc.returncode)
-    sigterm = launch_scenarios(out, tiny_data, ["sigterm_run"], 2,
-                               env={"PMP_FAULT": "rank1:step:5:TERM"})
+    sigterm = launch_scenarios(out, tiny_data, ["sigterm_run"], 2, fault="rank1:step:5:TERM")
     ckpts = out / "sigterm" / "checkpoints"
     marker = ckpts / "step00000005" / "complete.json"
     sigterm_ckpt = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").exists() else None,
@@ -168,31 +167,21 @@ def test_errors_print_on_every_rank_once_the_process_group_is_up(monkeypatch, ca
     assert main() == 2 and capsys.readouterr().err == "error: shard unreadable\n"
 
 
-def test_fault_points_are_no_ops_unless_an_entry_installs_a_plan(monkeypatch):
-    """Production code is handed a `Faults`; only an entry point turns PMP_FAULT into a plan."""
+def test_fault_points_are_no_ops_unless_a_plan_is_handed_in(tmp_path):
+    """Production code is handed a `Faults` (a no-op by default); a `FaultPlan` strikes only
+    its own rank at its own point."""
     import errno
-    from pmp_scale import faults
-    from pmp_scale.cli import fail_cleanly
-    monkeypatch.setattr(faults, "_installed", faults.installed_faults())  # restored after
-    assert type(faults.from_env({})) is faults.Faults
+    from pmp_scale.checkpoint import Checkpointer
+    from pmp_scale.faults import FaultPlan, Faults
+    assert type(Checkpointer(None, tmp_path, keep=1, components={}, fingerprint={}).faults) \
+        is Faults
     spec = "rank1:save_files:4:ENOSPC"
-    faults.from_env({"PMP_FAULT": spec, "RANK": "0"}).point("save_files:4")  # another rank's
-    plan = faults.from_env({"PMP_FAULT": spec, "RANK": "1"})
+    FaultPlan(spec, rank=0).point("save_files:4")  # another rank's
+    plan = FaultPlan(spec, rank=1)
     plan.point("save_files:2")  # another point
     with pytest.raises(OSError) as err:
         plan.point("save_files:4")
     assert err.value.errno == errno.ENOSPC
-
-    @fail_cleanly
-    def main():
-        faults.fault_point("save_files:4")
-        return 0
-    monkeypatch.delenv("PMP_FAULT", raising=False)
-    assert main() == 0
-    monkeypatch.setenv("PMP_FAULT", spec)
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(OSError):
-        main()
 
 
 def _verify_each(rank, world, root):

@@ -34,6 +34,7 @@ from helpers import (REPO, full_masks, launch, launcher_command, launcher_env,
                      run_distributed, tiny_run_config)
 
 PRETRAIN = REPO / "launchers" / "pretrain.py"
+PRETRAIN_WITH_FAULT = REPO / "tests" / "dist" / "pretrain_with_fault.py"
 KILL_AFTER = 10  # node 1 dies after this optimizer step (Stage II: discovery ends at step 6)
 
 
@@ -124,13 +125,13 @@ class Cluster:
         path.mkdir(exist_ok=True)
         return path
 
-    def start(self, node: Node, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    def start(self, node: Node, args: list[str], script: Path = PRETRAIN) -> subprocess.Popen:
         tmp = self.scratch / "tmp"
         node_env = launcher_env({"GLOO_SOCKET_IFNAME": node.ifname, "TMPDIR": str(tmp),
                                  "S3_ENDPOINT_URL": f"http://{self.nodes[0].addr}:{S3_PORT}",
                                  "AWS_ACCESS_KEY_ID": "node", "AWS_SECRET_ACCESS_KEY": "node",
-                                 "AWS_DEFAULT_REGION": "us-east-1", **(env or {})})
-        launcher = launcher_command(PRETRAIN, args, "--hostfile", str(self.hostfile), "--no_ssh",
+                                 "AWS_DEFAULT_REGION": "us-east-1"})
+        launcher = launcher_command(script, args, "--hostfile", str(self.hostfile), "--no_ssh",
                                     "--node_rank", str(node.rank), "--master_addr",
                                     self.nodes[0].addr, "--master_port", "29500")
         # A node's own /dev/shm and scratch: mounts made here stay inside its namespace.
@@ -144,8 +145,8 @@ class Cluster:
         proc.log_path = log.name
         return proc
 
-    def run(self, args: list[str], env: dict | None = None, timeout: int = 600) -> list:
-        procs = [self.start(n, args, env) for n in self.nodes]
+    def run(self, args: list[str], timeout: int = 600) -> list:
+        procs = [self.start(n, args) for n in self.nodes]
         return [_finish(p, timeout) for p in procs]
 
 
@@ -223,8 +224,8 @@ def multinode(nodes, tiny_data, tmp_path_factory):
     out["unshared"] = cluster.run(["--config", str(unshared)], timeout=300)
 
     cfg = _config(root, tiny_data, root / "run", cluster.scratch / "cache", remote)
-    procs = [cluster.start(n, ["--config", str(cfg), "--resume", "auto"],
-                           env={"PMP_FAULT": f"rank1:step:{KILL_AFTER}:STOP"}) for n in nodes]
+    procs = [cluster.start(n, ["--fault", f"rank1:step:{KILL_AFTER}:STOP", "--config", str(cfg),
+                               "--resume", "auto"], script=PRETRAIN_WITH_FAULT) for n in nodes]
     deadline = time.monotonic() + 600
     while not _stopped(nodes[1].netns) and procs[1].poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -15,6 +15,7 @@ Writes attack.md, attack.json, roc.png.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--payoff", type=Path, help="a fine-tuning config (e.g. configs/finetune/"
                    "review_lm.yaml): fine-tune with the best recovered mask (needs --private)")
     args = p.parse_args(argv)
+    # the one in-process rank (DeepSpeed reads LOCAL_RANK from the environment only)
+    os.environ.setdefault("LOCAL_RANK", "0")
     quiet_third_party(args.verbose)
     if args.public is None and args.attacks and any(
             a.split("@")[0] in ("grad_abs", "fisher", "displacement", "structural")

@@ -93,6 +93,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the one in-process rank (DeepSpeed reads LOCAL_RANK from the environment only)
+    os.environ.setdefault("LOCAL_RANK", "0")
     quiet_third_party(args.verbose)
     from pmp_scale.config import ConfigError
     from pmp_scale.nft import analyses

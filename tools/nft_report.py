@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # the one in-process rank (DeepSpeed reads LOCAL_RANK from the environment only)
+    os.environ.setdefault("LOCAL_RANK", "0")
     quiet_third_party(args.verbose)
     from pmp_scale.nft.report import load_report_config, run_report
     cfg, base_dir = load_report_config(args.config, args.overrides)

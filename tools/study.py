@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # the one in-process rank (DeepSpeed reads LOCAL_RANK from the environment only)
+    os.environ.setdefault("LOCAL_RANK", "0")
     quiet_third_party(args.verbose)
     from pmp_scale.study import prepare, run_study
     from pmp_scale.study.plan import describe, estimate

@@ -14,7 +14,6 @@ partition (`release_check.py`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import json
@@ -29,9 +28,9 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..ds_internals import full_numel
-from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, deepspeed_local_rank,
-                     ensure_process_group, hf_zero3, init_partitioned, no_hf_init,
-                     optimizer_step, resolve_precision, warmup_decay)
+from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, ensure_process_group,
+                     hf_zero3, init_partitioned, no_hf_init, optimizer_step,
+                     require_local_rank, resolve_precision, warmup_decay)
 from .config import FinetuneConfig, OptimConfig
 from .release_check import (MaskMismatchError, Release, ReleaseLoadError, backbone_name,
                             check_mask, compare_with_release, sharded_mask, verify_loaded)
@@ -157,21 +156,19 @@ class Finetuner:
                                                     cfg.allow_unbound_mask)
         self.task = task or build_task(cfg.task, load_hf_tokenizer(self.release.path))
         ensure_process_group()
+        require_local_rank()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.grad_accum = cfg.grad_accum_steps(self.world)
         self.precision = resolve_precision(cfg.train.precision)
         self.ds_config = build_ds_config(cfg, self.world, self.precision)
-        with contextlib.ExitStack() as lease:  # held until close(), released on failure
-            lease.enter_context(deepspeed_local_rank())
-            self.model = load_release_model(cfg, self.task, self.release, self.ds_config,
-                                            DTYPES[self.precision])
-            if cfg.verify_load and not cfg.reinit:
-                verify_loaded(self.model, self.release)
-            if cfg.mode == "unauthorized-lora":
-                self.model = apply_lora(self.model, cfg, self.release)
-            self.schedule = lr_factor(cfg.optim, cfg.train.max_steps)
-            self.engine = build_engine(self.model, cfg.optim, self.ds_config, self.schedule)
-            self._release_lease = lease.pop_all().close
+        self.model = load_release_model(cfg, self.task, self.release, self.ds_config,
+                                        DTYPES[self.precision])
+        if cfg.verify_load and not cfg.reinit:
+            verify_loaded(self.model, self.release)
+        if cfg.mode == "unauthorized-lora":
+            self.model = apply_lora(self.model, cfg, self.release)
+        self.schedule = lr_factor(cfg.optim, cfg.train.max_steps)
+        self.engine = build_engine(self.model, cfg.optim, self.ds_config, self.schedule)
         self.hooks = []
         self.skips = SkippedSteps()
         if cfg.mode == "authorized":
@@ -355,7 +352,6 @@ class Finetuner:
         self.engine.destroy()
         self.engine = self.model = None
         gc.collect()
-        self._release_lease()
 
 
 def _info(*args) -> None:

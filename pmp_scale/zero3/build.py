@@ -57,6 +57,17 @@ def ensure_process_group() -> None:
                             init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
+def require_local_rank() -> None:
+    """DeepSpeed 0.19 reads LOCAL_RANK from the environment only (`zero.Init`,
+    `deepspeed.initialize`, its first steps) and asserts without it. A launcher sets it; for one
+    in-process rank the entry point does (launchers/finetune.py, the tools): the package itself
+    never writes the process's environment."""
+    if "LOCAL_RANK" not in os.environ:
+        raise ConfigError("LOCAL_RANK is not set, and DeepSpeed reads it from the environment: "
+                          "start under a launcher (deepspeed, torchrun), or set LOCAL_RANK=0 "
+                          "for one in-process rank")
+
+
 # --- the DeepSpeed config -----------------------------------------------------------------------------
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)

@@ -31,6 +31,7 @@ import torch.distributed as dist  # noqa: E402
 
 from helpers import full_masks, gathered, load_result, tiny_run_config  # noqa: E402
 from pmp_scale.cli import fail_cleanly  # noqa: E402
+from pmp_scale.faults import FaultPlan, Faults  # noqa: E402
 from pmp_scale.config import parse_config  # noqa: E402
 from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
 from pmp_scale.mask.artifact import read_artifact  # noqa: E402
@@ -763,7 +764,7 @@ def _fault_cfg(args, name, **over):
 
 def _run_to_end(args, name, **over):
     """Resume if possible, train; once the run is complete, record its final state."""
-    t = Trainer(_fault_cfg(args, name, **over))
+    t = Trainer(_fault_cfg(args, name, **over), faults=args.faults)
     t.resume("auto")
     t.train()
     if t._finished():
@@ -780,13 +781,13 @@ def fault_reference(args):
 
 @scenario(checked_in="tests/test_fault_tolerance.py")
 def fault_chain(args):
-    """Run under PMP_FAULT (a rank SIGKILLs itself somewhere); relaunched until complete."""
+    """Run with --fault (a rank SIGKILLs itself somewhere); relaunched until complete."""
     _run_to_end(args, "fault_chain")
 
 
 @scenario(checked_in="tests/test_fault_tolerance.py")
 def sigterm_run(args):
-    """Under PMP_FAULT=rank1:step:5:TERM every rank checkpoints step 5 and returns."""
+    """Under --fault rank1:step:5:TERM every rank checkpoints step 5 and returns."""
     t = _run_to_end(args, "sigterm")
     save0(t.state.step, Path(args.out) / f"sigterm_stopped_at_{t.state.step}")
 
@@ -896,10 +897,13 @@ def main() -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--scenarios", required=True)
+    parser.add_argument("--fault", help="a FaultPlan spec for the fault scenarios, e.g. "
+                        "rank1:save_files:4 (pmp_scale/faults.py)")
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     init_distributed()
+    args.faults = FaultPlan(args.fault, dist.get_rank()) if args.fault else Faults()
     for name in args.scenarios.split(","):
         TABLE[name].run(args)
         Path(args.out, f"done_{name}_rank{dist.get_rank()}").touch()
