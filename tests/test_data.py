@@ -267,19 +267,22 @@ def test_train_and_val_loaders_coexist(prepared, tmp_path):
 
 
 def test_loader_takes_local_world_size_from_deepspeed_launcher(prepared, monkeypatch):
-    """Streaming sees the launcher's LOCAL_SIZE as LOCAL_WORLD_SIZE when it detects its world,
-    and the process environment is left as it was."""
+    """Streaming sees the launcher's LOCAL_SIZE as its local world size when it detects its
+    world; the process environment is never written, and streaming is as it was after."""
+    from streaming.base import distributed
     from streaming.base.world import World
-    seen, detect = [], World.detect.__func__
+    seen = []
 
-    def spying(cls):
-        seen.append(os.environ.get("LOCAL_WORLD_SIZE"))
-        return detect(cls)
+    def spying(cls):  # what streaming is told, then the single-process world this test has
+        seen.append((distributed.get_local_world_size(), dict(os.environ)))
+        return cls(num_nodes=1, ranks_per_node=1, workers_per_rank=1, worker=0)
     monkeypatch.setattr(World, "detect", classmethod(spying))
-    monkeypatch.setenv("LOCAL_SIZE", "1")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     before = dict(os.environ)
     build_loader(prepared, "val", 2, shuffle=False, seed=0)
-    assert seen[:1] == ["1"]
+    assert seen[:1] == [(2, before)]
+    assert distributed.get_local_world_size() == 1
     assert dict(os.environ) == before
 
 
