@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .config import StudyConfig, StudyError, load_study, task_label, validate
-from .plan import Plan, describe, estimate, make_plan
+from .plan import Plan, estimate, make_plan
 
 log = logging.getLogger("pmp_scale.study")
 
