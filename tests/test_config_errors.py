@@ -91,6 +91,17 @@ def test_user_errors_share_one_base_and_end_in_one_line(monkeypatch, capsys):
     assert main() == 2 and capsys.readouterr().err == "error: input X is wrong; fix it\n"
 
 
+def test_an_in_process_engine_without_local_rank_is_one_clear_error(monkeypatch):
+    """The package does not invent LOCAL_RANK (DeepSpeed reads it from the environment only):
+    without a launcher or an entry point setting it, the fine-tuner says what to set."""
+    from pmp_scale.zero3 import require_local_rank
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ConfigError, match="LOCAL_RANK is not set.*set LOCAL_RANK=0"):
+        require_local_rank()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    require_local_rank()
+
+
 def test_launcher_bad_config_is_one_line(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw_config(train__global_batch_size=7)))

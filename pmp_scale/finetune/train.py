@@ -155,8 +155,8 @@ class Finetuner:
             self.masks, self.mask_meta = check_mask(cfg.mask, self.release,
                                                     cfg.allow_unbound_mask)
         self.task = task or build_task(cfg.task, load_hf_tokenizer(self.release.path))
+        require_local_rank()  # before any process-group work
         ensure_process_group()
-        require_local_rank()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.grad_accum = cfg.grad_accum_steps(self.world)
         self.precision = resolve_precision(cfg.train.precision)
