@@ -20,7 +20,7 @@ from pmp_scale.mask import pack_bits, read_artifact, write_artifact
 from pmp_scale.release import (ReleaseError, audit_release, record_release, release_checkpoint,
                                release_sha256, resolve_checkpoint)
 from pmp_scale.secrecy import run_attacks
-from pmp_scale.secrecy.stats import trailing_zero_bits
+from pmp_scale.secrecy.stats import MIN_CHANNEL_ELEMENTS, release_channels, trailing_zero_bits
 from tools import attack_mask as attack_cli
 from tools import audit_release as audit_cli
 
@@ -137,6 +137,27 @@ def test_planted_bf16_init_is_caught_by_bits_and_audit(synthetic, capsys):
     assert "bits channel" in out and "audit FAILED" in out
     problems = audit_release(release, mask, load=False).problems
     assert any("bit patterns (bits)" in p and "fp32" in p for p in problems), problems
+
+
+def test_chance_round_values_are_no_channel_but_a_narrow_population_is():
+    """A 64-element bias after four Adam steps held 0.0034942626953125 (16 zero low bits) by
+    chance and the audit once refused the release for it. One or a few such values are chance;
+    MIN_CHANNEL_ELEMENTS bf16-drawn ones (or a constant spike above that many) are a channel."""
+    torch.manual_seed(0)
+    bias = torch.randn(64) * 1e-2
+    bias[5] = 0.0034942626953125
+    assert trailing_zero_bits(bias[5:6]).item() >= 16
+    assert release_channels("ln.bias", bias) == []
+    k = MIN_CHANNEL_ELEMENTS
+    few = bias.clone()
+    few[:k - 1] = few[:k - 1].bfloat16().float()
+    assert release_channels("ln.bias", few) == []
+    planted = bias.clone()
+    planted[:k] = planted[:k].bfloat16().float()
+    assert "bits channel" in release_channels("ln.bias", planted)[0]
+    pinned = bias.clone()
+    pinned[:k + 1] = 1.0
+    assert "constant channel" in release_channels("ln.bias", pinned)[0]
 
 
 def test_planted_leaks_through_the_real_path(dist_results, tmp_path, capsys):

@@ -12,6 +12,10 @@ import torch
 
 CHUNK = 1 << 22  # elements per step of the element-wise scans
 _CANDIDATES = 4  # most frequent values per chunk that `spike` counts over the whole tensor
+# The fewest elements a channel must show before the audit calls it one. Chance alone puts a
+# trained fp32 value at ≥ 16 zero low bits about once in 2^14-2^16 (Adam's early steps are sums
+# of a few round numbers), so a 64-element bias shows one now and then; eight never by chance.
+MIN_CHANNEL_ELEMENTS = 8
 # Mantissa bits of the dtypes a release can hold.
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -75,12 +79,12 @@ def spike(t: torch.Tensor) -> tuple[float, int, int] | None:
     counts = count_values(flat, candidates)
     i = int(counts.argmax())  # ties: the smallest value, as a global torch.unique would give
     count, value = int(counts[i]), candidates[i]
-    if count < 8:
+    if count < MIN_CHANNEL_ELEMENTS:
         return None
     up = torch.nextafter(value, torch.tensor(float("inf"), dtype=t.dtype))
     down = torch.nextafter(value, torch.tensor(float("-inf"), dtype=t.dtype))
     around = int(count_values(flat, torch.stack([down, up]).unique()).max())
-    if count <= 4 * around + 8:
+    if count <= 4 * around + MIN_CHANNEL_ELEMENTS:  # stands out even with no neighbours
         return None
     return float(value), count, around
 
@@ -142,7 +146,9 @@ def release_channels(name: str, t: torch.Tensor) -> list[str]:
     """Exact channels visible from the release alone, without the mask (the public audit).
 
     bits: a tensor mixing elements with ≥ 16 zero mantissa bits and elements without them is
-    two populations, one of them drawn in a narrower dtype: the frozen θ(0).
+    two populations, one of them drawn in a narrower dtype: the frozen θ(0). Both channels need
+    MIN_CHANNEL_ELEMENTS elements, so fewer frozen elements than that per tensor pass unseen;
+    the attack suite, which has the mask, measures every element.
     constant: a spike (see `spike`) — elements pinned at their init constant."""
     if not t.is_floating_point():
         return []
@@ -152,8 +158,9 @@ def release_channels(name: str, t: torch.Tensor) -> list[str]:
                 f"{s[0]:g} (neighbouring values: {s[2]:,}); they are frozen at their init "
                 "constant and reveal their mask bit"]
     if t.dtype == torch.float32 and t.numel() >= 64:
-        narrow = int((trailing_zero_bits(t) >= 16).sum()) / t.numel()
-        if 0.01 <= narrow <= 0.99:
+        count = int((trailing_zero_bits(t) >= 16).sum())
+        narrow = count / t.numel()
+        if count >= MIN_CHANNEL_ELEMENTS and 0.01 <= narrow <= 0.99:
             return [f"{name}: bits channel — {narrow:.1%} of its elements have ≥ 16 zero low "
                     "mantissa bits (a bf16/fp16-drawn θ(0) released in fp32) and the rest do "
                     "not; the frozen complement is readable from the bits"]
