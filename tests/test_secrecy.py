@@ -124,6 +124,29 @@ def test_chunked_scans_equal_whole_tensor_reference(monkeypatch):
     assert torch.equal(evaluate._labels(pack_bits(bits), 10_500, keep), bits[keep])
 
 
+def test_constant_attack_finds_each_spike_once_over_both_passes(synthetic, monkeypatch):
+    """The attack streams its scores twice (scoring, then the predicted mask); the spike's exact
+    counts run once per tensor and both passes equal the uncached score."""
+    from pmp_scale.secrecy import Target, attacks, stats
+    planted = dict(synthetic["weights"])
+    norm = next(n for n in planted if "norm" in n)
+    planted[norm] = planted[norm].clone().reshape(-1)
+    planted[norm][: planted[norm].numel() // 2] = 1.0
+    planted[norm] = planted[norm].reshape(synthetic["weights"][norm].shape)
+    release, _ = make_release(synthetic, "constant_once", planted)
+    target = Target(release)
+    calls = []
+    spike = stats.spike
+    monkeypatch.setattr(stats, "spike", lambda t: calls.append(1) or spike(t))
+    constant = next(a for a in attacks.data_free(target) if a.name == "constant")
+    first, second = dict(constant.scores()), dict(constant.scores())
+    assert len(calls) == len(target.names)
+    for name in target.names:
+        reference = stats.constant_score(target.get(name))
+        assert torch.equal(first[name], reference) and torch.equal(second[name], reference)
+    assert first[norm].eq(-1).sum() == planted[norm].numel() // 2
+
+
 def test_planted_bf16_init_is_caught_by_bits_and_audit(synthetic, capsys):
     """θ(0) drawn in bf16, released in fp32: the complement's low 16 bits are zero."""
     planted = {n: torch.where(synthetic["masks"][n].reshape(t.shape), t,

@@ -139,8 +139,16 @@ def data_free(target: Target) -> list[Attack]:
                 "magnitude": "global |w|", "magnitude_tensor": "|w| standardised per tensor",
                 "magnitude_row": "|w| standardised per row", "magnitude_col":
                 "|w| standardised per column"}
-    out = [Attack(name, "release", channels[name], _per_tensor(target, lambda _, t, f=fn: f(t)))
-           for name, fn in stats.DATA_FREE.items()]
+    spikes: dict[str, float | None] = {}  # per tensor, found on the first of the two passes
+
+    def constant(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in spikes:
+            spikes[name] = stats.spike_value(t)
+        return stats.constant_score(t, spikes[name], known=True)
+    score = {name: (lambda _, t, f=fn: f(t)) for name, fn in stats.DATA_FREE.items()}
+    score["constant"] = constant
+    out = [Attack(name, "release", channels[name], _per_tensor(target, fn))
+           for name, fn in score.items()]
     init = {name: (float(v.mean()), float(v.std()) if v.numel() > 1 else 0.0)
             for name, v in target.init_replay(seed=0)}  # any seed: only the distribution is used
     out.append(Attack("init_likelihood", "release", "likelihood under the init distribution",

@@ -89,13 +89,21 @@ def spike(t: torch.Tensor) -> tuple[float, int, int] | None:
     return float(value), count, around
 
 
-def constant_score(t: torch.Tensor) -> torch.Tensor:
-    """-1 on elements sitting at a spiking value (see `spike`), 0 elsewhere."""
+def spike_value(t: torch.Tensor) -> float | None:
     s = spike(t)
+    return None if s is None else s[0]
+
+
+def constant_score(t: torch.Tensor, value: float | None = None, known: bool = False) -> torch.Tensor:
+    """-1 on elements sitting at a spiking value (see `spike`), 0 elsewhere. With `known`,
+    `value` is that tensor's `spike_value`, already found: the spike's exact counts are most
+    of the cost, and an attack streams its scores twice (scoring, then the predicted mask)."""
+    if not known:
+        value = spike_value(t)
     out = torch.zeros(t.numel())
-    if s is not None:
+    if value is not None:
         for start, c in chunks(t.reshape(-1)):
-            out[start:start + c.numel()][c == s[0]] = -1.0
+            out[start:start + c.numel()][c == value] = -1.0
     return out
 
 
