@@ -144,7 +144,7 @@ def data_free(target: Target) -> list[Attack]:
     def constant(name: str, t: torch.Tensor) -> torch.Tensor:
         if name not in spikes:
             spikes[name] = stats.spike_value(t)
-        return stats.constant_score(t, spikes[name], known=True)
+        return stats.at_value_score(t, spikes[name])
     score = {name: (lambda _, t, f=fn: f(t)) for name, fn in stats.DATA_FREE.items()}
     score["constant"] = constant
     out = [Attack(name, "release", channels[name], _per_tensor(target, fn))

@@ -94,12 +94,15 @@ def spike_value(t: torch.Tensor) -> float | None:
     return None if s is None else s[0]
 
 
-def constant_score(t: torch.Tensor, value: float | None = None, known: bool = False) -> torch.Tensor:
-    """-1 on elements sitting at a spiking value (see `spike`), 0 elsewhere. With `known`,
-    `value` is that tensor's `spike_value`, already found: the spike's exact counts are most
-    of the cost, and an attack streams its scores twice (scoring, then the predicted mask)."""
-    if not known:
-        value = spike_value(t)
+def constant_score(t: torch.Tensor) -> torch.Tensor:
+    """-1 on elements sitting at a spiking value (see `spike`), 0 elsewhere."""
+    return at_value_score(t, spike_value(t))
+
+
+def at_value_score(t: torch.Tensor, value: float | None) -> torch.Tensor:
+    """-1 on elements equal to `value` (none when None), 0 elsewhere. Apart from
+    `constant_score` so that a caller holding the spike's value skips its exact counts, most of
+    the cost: an attack streams its scores twice (scoring, then the predicted mask)."""
     out = torch.zeros(t.numel())
     if value is not None:
         for start, c in chunks(t.reshape(-1)):
