@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmp_scale.cli import add_checkpoint_arguments, fail_cleanly, tool_parser  # noqa: E402
-from pmp_scale.mask.export import export_mask  # noqa: E402
+from pmp_scale.release.export import export_mask  # noqa: E402
 from pmp_scale.release import resolve_checkpoint  # noqa: E402
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
-from pmp_scale.mask.export import write_resharded_mask  # noqa: E402
+from pmp_scale.release.export import write_resharded_mask  # noqa: E402
 
 
 @fail_cleanly

@@ -10,9 +10,9 @@ bounded by the largest tensor, at any model size and any world size.
     locate   which tag a path means, whether it is whole, its weights read lazily
     publish  the release directory, and its binding (sha256) to the private mask artifact
     audit    what a publisher checks before uploading: names, headers, channels, θ(0), attacks
+    export   the private side: the mask exported from a checkpoint, re-sliced for any world size
 
-The private side (the mask exported from a checkpoint, re-sliced for any world size) lives beside
-the artifact, in pmp_scale/mask/export.py; the safetensors writer in pmp_scale/stream_safetensors.py.
+The safetensors writer is pmp_scale/stream_safetensors.py.
 """
 from ..stream_safetensors import digest_update, write_planned
 from .audit import (INDEX_FILE, Audit, audit_files, audit_release, int_view, release_sha256,

@@ -17,13 +17,13 @@ from safetensors.torch import save_file
 
 from ..checkpoint import DESCRIPTOR
 from ..ds_internals import client_components
-from ..release.locate import ReleaseError, rank_files, refuse_non_empty
+from ..mask.artifact import (INIT_FILE, MaskArtifactError, merge_rank_slices, read_artifact,
+                             slice_for_rank, staged_directory, write_artifact)
+from ..mask.bits import pack_bits
+from ..mask.select import LocalSlice
+from ..mask.sharded import SavedShards
 from ..stream_safetensors import write_planned
-from .artifact import (INIT_FILE, MaskArtifactError, merge_rank_slices, read_artifact,
-                       slice_for_rank, staged_directory, write_artifact)
-from .bits import pack_bits
-from .select import LocalSlice
-from .sharded import SavedShards
+from .locate import ReleaseError, rank_files, refuse_non_empty
 
 
 def merge_mask_slices(rank_bits: list[Mapping[str, torch.Tensor]],
