@@ -1,4 +1,5 @@
-"""Text -> tokenized, packed, train/val-split MDS shards that `build_loader` streams.
+"""Text -> tokenized, packed, train/val-split MDS shards that `build_loader` streams, and their
+first samples read back without a loader (`read_prepared_tokens`).
 
 Layout of a prepared directory:
     meta.json          what the data is (seq_len, tokenizer fingerprint, counts, ...)
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loader import FORMAT_VERSION, SPLITS, DataError
+from .loader import FORMAT_VERSION, SPLITS, DataError, read_meta
 from .texts import expand_inputs, iter_texts
 from .tokenizer import load_tokenizer
 
@@ -150,3 +151,35 @@ def prepare_dataset(inputs, tokenizer_path, out_dir, seq_len: int, val_fraction:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def read_prepared_tokens(data_dir, split: str = "val", limit: int | None = None):
+    """LongTensor[N, seq_len]: the first samples of prepared MDS shards, read shard by shard with
+    streaming's reader. Not `data.build_loader` on purpose: its shared memory (and the stale-
+    memory cleanup it runs) would disturb training jobs beside this one, and it unpacks
+    compressed shards in place, where this unpacks into a temporary directory."""
+    import itertools
+    import tempfile
+
+    import torch
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+    read_meta(str(data_dir))
+    split_dir = Path(data_dir) / split
+    index = json.loads((split_dir / "index.json").read_text())
+
+    def samples(tmp: Path):
+        for shard in index["shards"]:
+            root, raw = Path(data_dir), shard["raw_data"]["basename"]
+            if not (split_dir / raw).is_file():  # only the compressed shard is there
+                (tmp / split).mkdir(exist_ok=True)
+                zipped = (split_dir / shard["zip_data"]["basename"]).read_bytes()
+                (tmp / split / raw).write_bytes(decompress(shard["compression"], zipped))
+                root = tmp
+            reader = reader_from_json(str(root), split, shard)
+            yield from (reader.get_item(i)["tokens"] for i in range(reader.samples))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [np.asarray(t, dtype=np.int64) for t in itertools.islice(samples(Path(tmp)), limit)]
+    if not rows:
+        raise DataError(f"{split_dir}: no samples")
+    return torch.from_numpy(np.stack(rows))

@@ -20,7 +20,8 @@ import torch
 
 from ..mask import iou, read_artifact, unpack_bits
 from ..finetune.config import FinetuneConfig
-from .report import base_quality, parse_report_config, read_prepared_tokens, run_grid
+from ..data.prepare import read_prepared_tokens
+from .report import base_quality, parse_report_config, run_grid
 from .summary import save, style, subplots, summarise
 from ..finetune.tasks import TaskData, build_task, load_hf_tokenizer
 

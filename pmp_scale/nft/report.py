@@ -31,6 +31,7 @@ from ..finetune.config import FinetuneConfig, _Strict, parse_finetune_config, re
 from .baselines import cell_failure, drop_failed, majority_baseline
 from .summary import write_report
 from ..finetune.tasks import build_task, load_hf_tokenizer, task_fingerprint
+from ..data.prepare import read_prepared_tokens
 
 log = logging.getLogger("pmp_scale.finetune")
 Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
@@ -175,40 +176,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # --- base quality on the pre-training data --------------------------------------------------------
-def read_prepared_tokens(data_dir, split: str = "val", limit: int | None = None):
-    """LongTensor[N, seq_len]: the first samples of prepared MDS shards, read shard by shard with
-    streaming's reader. Not `data.build_loader` on purpose: its shared memory (and the stale-
-    memory cleanup it runs) would disturb training jobs beside this one, and it unpacks
-    compressed shards in place, where this unpacks into a temporary directory."""
-    import itertools
-    import tempfile
-
-    import numpy as np
-    import torch
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-    from ..data import DataError, read_meta
-    read_meta(str(data_dir))
-    split_dir = Path(data_dir) / split
-    index = json.loads((split_dir / "index.json").read_text())
-
-    def samples(tmp: Path):
-        for shard in index["shards"]:
-            root, raw = Path(data_dir), shard["raw_data"]["basename"]
-            if not (split_dir / raw).is_file():  # only the compressed shard is there
-                (tmp / split).mkdir(exist_ok=True)
-                zipped = (split_dir / shard["zip_data"]["basename"]).read_bytes()
-                (tmp / split / raw).write_bytes(decompress(shard["compression"], zipped))
-                root = tmp
-            reader = reader_from_json(str(root), split, shard)
-            yield from (reader.get_item(i)["tokens"] for i in range(reader.samples))
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [np.asarray(t, dtype=np.int64) for t in itertools.islice(samples(Path(tmp)), limit)]
-    if not rows:
-        raise DataError(f"{split_dir}: no samples")
-    return torch.from_numpy(np.stack(rows))
-
-
 def base_quality(release_path, tokens, batch_size: int = 8) -> dict:
     """Validation loss / perplexity of a release (or a fresh init) on pre-training tokens."""
     import torch

@@ -185,7 +185,7 @@ def public_batches(source, target: Target, seq_len: int = 128, batch_size: int =
     """Token batches from public text: a prepared MDS dir, or .txt/.jsonl[.gz] files (glob
     patterns) tokenized with the release's own tokenizer."""
     from ..data import iter_texts, load_tokenizer
-    from ..nft.report import read_prepared_tokens
+    from ..data.prepare import read_prepared_tokens
     need = batch_size * n_batches
     path = Path(str(source))
     if (path / "meta.json").is_file():
