@@ -20,7 +20,7 @@ from pmp_scale.mask import pack_bits, read_artifact, write_artifact
 from pmp_scale.release import (ReleaseError, audit_release, record_release, release_checkpoint,
                                release_sha256, resolve_checkpoint)
 from pmp_scale.secrecy import run_attacks
-from pmp_scale.secrecy.stats import MIN_CHANNEL_ELEMENTS, release_channels, trailing_zero_bits
+from pmp_scale.release.channels import MIN_CHANNEL_ELEMENTS, release_channels, trailing_zero_bits
 from tools import attack_mask as attack_cli
 from tools import audit_release as audit_cli
 
@@ -101,8 +101,9 @@ def test_scores_equal_hand_computation(synthetic):
 def test_chunked_scans_equal_whole_tensor_reference(monkeypatch):
     """The memory-bounded scans (chunks of CHUNK elements) give what one whole-tensor pass gives:
     the spike (a global torch.unique), the zero-bit counts and the sampling stream."""
+    from pmp_scale.release import channels
     from pmp_scale.secrecy import evaluate, stats
-    monkeypatch.setattr(stats, "CHUNK", 1000)
+    monkeypatch.setattr(channels, "CHUNK", 1000)
     torch.manual_seed(0)
     pinned = torch.randn(10_500)
     pinned[torch.rand(pinned.numel()) < 0.2] = 1.0

@@ -20,8 +20,8 @@ import torch
 
 from ..mask.artifact import INIT_FILE, META_FILE, MaskArtifactError, read_artifact
 from ..mask.bits import unpack_bits
-from ..secrecy.stats import release_channels
 from ..stream_safetensors import digest_update, read_header
+from .channels import release_channels
 from .locate import ReleaseError
 
 INDEX_FILE = "model.safetensors.index.json"

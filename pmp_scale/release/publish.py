@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from ..mask.artifact import MaskArtifactError, read_artifact, staged_directory, update_metadata
-from ..secrecy.stats import release_channels
 from ..stream_safetensors import digest_update, write_planned
 from .audit import INDEX_FILE, audit_files
+from .channels import release_channels
 from .locate import ReleaseError, lazy_state_dict, page_out, refuse_non_empty
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

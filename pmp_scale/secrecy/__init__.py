@@ -4,7 +4,6 @@
 """
 from .attacks import COMMON_SEEDS, Attack, AttackError, Target
 from .report import DATA_FREE, leaks, run_attacks
-from .stats import release_channels
 
 __all__ = ["Attack", "AttackError", "COMMON_SEEDS", "DATA_FREE", "Target", "leaks",
-           "release_channels", "run_attacks"]
+           "run_attacks"]
