@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 from pathlib import Path
 from typing import Literal, Union
 
@@ -164,7 +165,6 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
 def check_grid(cfg: StudyConfig, base_dir: Path, plan, task) -> None:
     """Every fine-tuning cell's config parses (the releases need not exist yet)."""
     from ..nft.report import base_finetune_config, parse_report_config, plan_cells
-    from .run import report_config
     try:
         rc = parse_report_config(report_config(cfg, base_dir, plan, plan.presets[0], task))
         plan_cells(rc, base_finetune_config(rc, base_dir))
@@ -180,6 +180,29 @@ def task_config(cfg: StudyConfig, base_dir: Path, task: TaskSpec) -> dict:
     keep = {k: v for k, v in raw.get("task", {}).items()
             if k in ("max_length", "max_train_examples", "max_eval_examples")}
     return {**keep, **spec}
+
+
+def report_config(cfg: StudyConfig, base_dir: Path, plan, preset: str, task) -> dict:
+    """The report grid for one (preset, task): dense, from scratch and every PMP variant."""
+    f = cfg.finetune
+    rel = plan.out / "releases"
+    dense = plan.dense(preset)
+    releases = [{"name": "dense", "release": str(rel / dense.name), "modes": ["unauthorized"]}]
+    if f.scratch:
+        releases.append({"name": "scratch", "release": str(rel / dense.name), "reinit": True,
+                         "modes": ["unauthorized"]})
+    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else [])
+    for run in plan.variants(preset):
+        releases.append({"name": run.name.split("__", 1)[1], "release": str(rel / run.name),
+                         "mask": str(run.run_dir / "private" / "mask"), "modes": modes})
+    task_cfg = task_config(cfg, base_dir, task)
+    return {"title": f"{cfg.title}: {preset}, task {task_label(task)}",
+            "out_dir": str(plan.grid_dir(preset, task)),
+            "finetune": str(resolve(base_dir, f.config).resolve()),
+            "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
+            "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
+            "min_seeds": f.min_seeds, "dense": "dense", "pmp": releases[-1]["name"],
+            "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
 
 
 def task_label(task: TaskSpec) -> str:

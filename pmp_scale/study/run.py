@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import StudyConfig, StudyError, resolve, task_config, task_label
+from .config import StudyConfig, StudyError, report_config, resolve, task_config, task_label
 from ..launch import child_env, pretrain_command
 from .plan import Plan, Run
 
@@ -118,29 +118,6 @@ def release(plan: Plan, run: Run, ledger: Ledger) -> Path:
 
 
 # --- fine-tuning grids --------------------------------------------------------------------------
-def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task) -> dict:
-    """The report grid for one (preset, task): dense, from scratch and every PMP variant."""
-    f = cfg.finetune
-    rel = plan.out / "releases"
-    dense = plan.dense(preset)
-    releases = [{"name": "dense", "release": str(rel / dense.name), "modes": ["unauthorized"]}]
-    if f.scratch:
-        releases.append({"name": "scratch", "release": str(rel / dense.name), "reinit": True,
-                         "modes": ["unauthorized"]})
-    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else [])
-    for run in plan.variants(preset):
-        releases.append({"name": run.name.split("__", 1)[1], "release": str(rel / run.name),
-                         "mask": str(run.run_dir / "private" / "mask"), "modes": modes})
-    task_cfg = task_config(cfg, base_dir, task)
-    return {"title": f"{cfg.title}: {preset}, task {task_label(task)}",
-            "out_dir": str(plan.grid_dir(preset, task)),
-            "finetune": str(resolve(base_dir, f.config).resolve()),
-            "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
-            "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
-            "min_seeds": f.min_seeds, "dense": "dense", "pmp": releases[-1]["name"],
-            "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
-
-
 def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, ledger: Ledger,
              progress: bool) -> dict:
     from ..nft.report import parse_report_config, run_report
