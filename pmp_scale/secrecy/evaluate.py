@@ -20,6 +20,10 @@ from ..release import channels
 from .attacks import Attack, AttackError
 from . import stats
 
+# The audit's rule: an attack fails the release when it reaches this on a group of at least
+# GROUP_SHARE of the elements, or TENSOR_AUC on any one tensor (AUC oriented either way).
+GROUP_AUC, GROUP_SHARE, TENSOR_AUC = 0.75, 0.01, 0.9
+
 MIN_CLASS = 100  # elements of each class a tensor needs for its own AUC to mean anything
 
 

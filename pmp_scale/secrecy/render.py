@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .report import GROUP_AUC, GROUP_SHARE, TENSOR_AUC
+from .evaluate import GROUP_AUC, GROUP_SHARE, TENSOR_AUC
 
 
 def _f(x, digits: int = 3) -> str:

@@ -14,14 +14,11 @@ from pathlib import Path
 
 from ..mask.artifact import MaskArtifactError, move_into_place, read_artifact, write_artifact
 from . import attacks as A
-from .evaluate import Sample, predicted_mask
+from .evaluate import GROUP_AUC, GROUP_SHARE, TENSOR_AUC, Sample, predicted_mask
 from .shadow import release_shadow, shadow_attack, train_shadow_run
 
 DATA_FREE = ("bits", "constant", "magnitude", "magnitude_tensor", "magnitude_row",
              "magnitude_col", "init_likelihood", "seed_guess")
-# The audit's rule: an attack fails the release when it reaches this on a group of at least
-# GROUP_SHARE of the elements, or TENSOR_AUC on any one tensor (AUC oriented either way).
-GROUP_AUC, GROUP_SHARE, TENSOR_AUC = 0.75, 0.01, 0.9
 FIXES = {
     "bits": "draw θ(0) in fp32 (pmp_scale does, at any training precision) or release in the "
             "dtype θ(0) was drawn in",
