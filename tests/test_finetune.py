@@ -167,7 +167,7 @@ def test_classifier_export_loads_as_its_own_architecture(tiny_release, tmp_path)
     sequence-classification architecture, the audit loads and runs it, the weights are the
     fine-tuned ones (new head included)."""
     from transformers import AutoModelForSequenceClassification
-    from pmp_scale.release import audit_release
+    from pmp_scale.secrecy import audit_release
     export = tmp_path / "export"
     tuned, _ = finetune_and_export(tiny_release, "movie_reviews", export)
     audit = audit_release(export)

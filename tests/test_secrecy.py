@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import save_file
 
 from pmp_scale.mask import pack_bits, read_artifact, write_artifact
-from pmp_scale.release import (ReleaseError, audit_release, record_release, release_checkpoint,
-                               release_sha256, resolve_checkpoint)
-from pmp_scale.secrecy import run_attacks
+from pmp_scale.release import (ReleaseError, record_release, release_checkpoint, release_sha256,
+                               resolve_checkpoint)
+from pmp_scale.secrecy import audit_release, run_attacks
 from pmp_scale.release.channels import MIN_CHANNEL_ELEMENTS, release_channels, trailing_zero_bits
 from tools import attack_mask as attack_cli
 from tools import audit_release as audit_cli

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pmp_scale.cli import fail_cleanly, tool_parser  # noqa: E402
-from pmp_scale.release import audit_release  # noqa: E402
+from pmp_scale.secrecy import audit_release  # noqa: E402
 
 
 @fail_cleanly

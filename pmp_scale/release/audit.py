@@ -1,9 +1,10 @@
 """What a publisher checks before uploading a release: nothing private in it, and it loads.
 
 Static checks (file names and types, safetensors headers, configs) run on every release before
-it is renamed into place; the full audit also loads and runs it the way its users will, finds
-exact mask channels in the weights' own statistics, checks a private artifact's binding (sha256)
-and the frozen complement against θ(0), and scores the data-free mask-recovery attacks.
+it is renamed into place; `check_release` also loads and runs it the way its users will, finds
+exact mask channels in the weights' own statistics, and checks a private artifact's binding
+(sha256) and the frozen complement against θ(0). The full audit adds the data-free
+mask-recovery attacks on top: `secrecy.audit_release` (the attacks sit above release/).
 """
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def int_view(t: torch.Tensor) -> torch.Tensor:
 class Audit:
     problems: list[str] = field(default_factory=list)  # each one fails the audit
     report: list[str] = field(default_factory=list)    # informational lines
+    bound: bool = False  # the private artifact belongs to this release: attacks can be scored
 
 
 def _load_and_generate(release_dir: Path, audit: Audit) -> None:
@@ -226,8 +228,8 @@ def _scan_tensors(release_dir: Path, private_dir: Path | None, audit: Audit) -> 
     return not missing and recorded == sha
 
 
-def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
-    """Everything a publisher should check before uploading (see tools/audit_release.py)."""
+def check_release(release_dir, private_dir=None, load: bool = True) -> Audit:
+    """Every check of the audit but the attacks (`secrecy.audit_release` runs them after)."""
     root = Path(release_dir)
     if not root.is_dir():
         raise ReleaseError(f"no release at {root}")
@@ -246,21 +248,6 @@ def audit_release(release_dir, private_dir=None, load: bool = True) -> Audit:
         _load_and_generate(root, audit)
     if not any(_WEIGHTS.match(p.name) for p in root.iterdir()):
         return audit
-    if _scan_tensors(root, Path(private_dir) if private_dir is not None else None, audit):
-        _attack(root, Path(private_dir), audit)
+    audit.bound = _scan_tensors(root, Path(private_dir) if private_dir is not None else None, audit)
     return audit
-
-
-def _attack(release_dir: Path, private_dir: Path, audit: Audit) -> None:
-    """The data-free mask-recovery attacks, scored against the true mask (the owner's view)."""
-    from ..secrecy import DATA_FREE, AttackError, leaks, run_attacks
-    try:
-        result = run_attacks(release_dir, private_dir=private_dir, attacks=DATA_FREE)
-    except AttackError as e:
-        audit.problems.append(str(e))
-        return
-    for name, r in result["attacks"].items():
-        audit.report.append(f"attack {name} ({r['channel']}): AUC {r['auc']:.3f}"
-                            if r["auc"] is not None else f"attack {name}: no AUC (one class)")
-    audit.problems += leaks(result)
 

@@ -696,7 +696,8 @@ def release_audit_does_not_check_a_projected_complement(out, tmp_path):
     not reported as moved, and the audit says why the complement was not compared (the mask
     attacks may still report leaks: that is their job)."""
     import shutil
-    from pmp_scale.release import audit_release, release_checkpoint, resolve_checkpoint
+    from pmp_scale.release import release_checkpoint, resolve_checkpoint
+    from pmp_scale.secrecy import audit_release
     r = load_result(out, "pmp_project_w2")
     private = tmp_path / "mask"
     shutil.copytree(r["mask_dir"], private)
