@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from pmp_scale.mask.discovery import EarlyBird, MaskSelector
-from pmp_scale.mask.select import LocalSlice
-from pmp_scale.mask.sharded import ParamEntry, PartitionLayout
+from pmp_scale.zero3.layout import LocalSlice, ParamEntry, PartitionLayout
 
 SHAPES = {"model.embed_tokens.weight": (40, 8), "model.layers.0.mlp.up_proj.weight": (16, 8),
           "model.norm.weight": (8,), "lm_head.weight": (40, 8)}

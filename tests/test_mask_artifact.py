@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pmp_scale.mask import (LocalSlice, MaskArtifactError, merge_rank_slices, pack_bits, read_artifact,
+from pmp_scale.mask import (MaskArtifactError, merge_rank_slices, pack_bits, read_artifact,
                             reslice_artifact, slice_for_rank, write_artifact)
-from pmp_scale.mask.sharded import ParamEntry, PartitionLayout, SavedShards, ShardedMask
+from pmp_scale.mask.sharded import SavedShards, ShardedMask
+from pmp_scale.zero3.layout import LocalSlice, ParamEntry, PartitionLayout
 from pmp_scale.stream_safetensors import read_header, write_planned, write_unplanned
 
 SHAPES = {"embed.weight": (37, 11), "norm.weight": (3,), "bias": (1,), "layers.0.w": (2, 4), "lm_head": (1001,)}

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import run_distributed
-from pmp_scale.mask import (LocalSlice, iou, mask_counts, pack_bits, popcount, random_scores,
-                            topk_mask, unpack_bits)
+from pmp_scale.mask import (iou, mask_counts, pack_bits, popcount, random_scores, topk_mask,
+                            unpack_bits)
+from pmp_scale.zero3.layout import LocalSlice
 
 SIZES = [1, 2, 3, 1000, 4099, 5, 2048]  # 1, 2, 3 are smaller than the world size
 N = sum(SIZES)

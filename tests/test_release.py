@@ -14,7 +14,7 @@ from helpers import full_masks
 from pmp_scale.checkpoint import file_digest
 from pmp_scale.mask import read_artifact, write_artifact
 from pmp_scale.release.export import merge_mask_slices
-from pmp_scale.mask.sharded import read_signature
+from pmp_scale.zero3.layout import read_signature
 from pmp_scale.release import (audit_files, record_release, release_checkpoint, release_sha256,
                                release_tensors, resolve_checkpoint)
 from pmp_scale.secrecy import audit_release

@@ -160,7 +160,8 @@ def verify_loaded(model, release: Release) -> None:
 def sharded_mask(engine, masks: dict):
     """ShardedMask for the engine's partitions: the artifact's bits for released parameters,
     all ones (fully trainable) for parameters the release does not have (new heads)."""
-    from ..mask.sharded import PartitionLayout, ShardedMask
+    from ..mask.sharded import ShardedMask
+    from ..zero3.layout import PartitionLayout
     layout = PartitionLayout.from_engine(engine)
     rank, world = layout.rank, layout.world_size
     local = []

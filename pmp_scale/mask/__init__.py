@@ -2,10 +2,10 @@
 from .artifact import (MaskArtifactError, merge_rank_slices, read_artifact, reslice_artifact,
                        slice_for_rank, write_artifact)
 from .bits import pack_bits, popcount, unpack_bits
-from .select import LocalSlice, iou, mask_counts, random_scores, topk_mask
+from .select import iou, mask_counts, random_scores, topk_mask
 
 __all__ = [
-    "LocalSlice", "MaskArtifactError", "iou", "mask_counts", "merge_rank_slices", "pack_bits",
+    "MaskArtifactError", "iou", "mask_counts", "merge_rank_slices", "pack_bits",
     "popcount", "random_scores", "read_artifact", "reslice_artifact", "slice_for_rank",
     "topk_mask", "unpack_bits", "write_artifact",
 ]

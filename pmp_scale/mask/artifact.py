@@ -22,7 +22,7 @@ from safetensors import safe_open
 from ..errors import UserError
 from ..stream_safetensors import write_unplanned
 from .bits import pack_bits, popcount, unpack_bits
-from .select import LocalSlice
+from ..zero3.layout import LocalSlice
 
 MASK_FILE = "mask.safetensors"
 META_FILE = "mask.json"

@@ -18,7 +18,8 @@ from .artifact import merge_rank_slices, write_artifact
 from .bits import pack_bits, unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .kinds import layer_kind
-from .sharded import PartitionLayout, SavedShards, ShardedMask
+from ..zero3.layout import PartitionLayout
+from .sharded import SavedShards, ShardedMask
 from .project import project_complement
 from .update import MaskedUpdate, complement_drift
 

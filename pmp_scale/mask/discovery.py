@@ -16,7 +16,8 @@ import torch
 
 from .. import ds_internals
 from .select import iou, random_scores, topk_mask
-from .sharded import PartitionLayout, ShardedMask
+from ..zero3.layout import PartitionLayout
+from .sharded import ShardedMask
 
 
 def target_counts(layout: PartitionLayout, ratio: float, scope: str,

@@ -1,12 +1,10 @@
 """Exact distributed top-k over ZeRO-3 partitions, random scores, mask statistics.
 
-Every rank holds a slice of every parameter (LocalSlice). The selection never gathers scores:
+Every rank holds a slice of every parameter (zero3.layout.LocalSlice). The selection never gathers scores:
 a radix select over the IEEE-754 bit patterns finds each group's threshold with one small
 all-reduce per pass, and ties at the threshold are broken by global element index with one more
 all-reduce of per-(rank, parameter) tie counts. The result is identical at any world size.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -16,22 +14,6 @@ from .bits import popcount_tensor
 # Non-negative float32 bit patterns read as int32 are ordered like the floats.
 _PASSES = ((20, 11), (10, 10), (0, 10))  # (shift, width) of each radix digit, high to low
 _SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # upcast to float32 is exact
-
-
-@dataclass(frozen=True)
-class LocalSlice:
-    """This rank's piece of one parameter (canonical parameter order is identical on all ranks)."""
-    index: int    # parameter's position in the canonical order
-    numel: int    # full parameter numel
-    start: int    # first flat element of the parameter this rank holds (r*P)
-    length: int   # real (non-padding) elements held by this rank: max(0, min(P, numel - r*P))
-
-    @staticmethod
-    def for_rank(index: int, numel: int, rank: int, world_size: int) -> "LocalSlice":
-        """ZeRO-3 rule: flatten, pad to W*P with P = ceil(numel/W), rank r owns [r*P, (r+1)*P)."""
-        per_rank = -(-numel // world_size)
-        start = rank * per_rank
-        return LocalSlice(index, numel, start, max(0, min(per_rank, numel - start)))
 
 
 def _rank_world(process_group) -> tuple[int, int]:

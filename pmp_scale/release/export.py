@@ -20,9 +20,9 @@ from ..ds_internals import client_components
 from ..mask.artifact import (INIT_FILE, MaskArtifactError, merge_rank_slices, read_artifact,
                              slice_for_rank, staged_directory, write_artifact)
 from ..mask.bits import pack_bits
-from ..mask.select import LocalSlice
 from ..mask.sharded import SavedShards
 from ..stream_safetensors import write_planned
+from ..zero3.layout import LocalSlice
 from .locate import ReleaseError, rank_files, refuse_non_empty
 
 

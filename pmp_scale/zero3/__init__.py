@@ -4,6 +4,7 @@
     build  process group, precision, DeepSpeed config, decay groups, LR schedule, engine
     step   one optimizer step: step hooks (the masked update) and non-finite skipping
     partitions  seeded θ(0) into the fp32 master or the model's partitions; this rank's slices
+    layout      where this rank's slice of each parameter lives in its partitions (the mask's base)
     hf     Hugging Face models built or loaded straight into partitions
 """
 from .build import (DTYPES, build_ds_config, build_engine, deep_merge, ensure_process_group, init_distributed, offloads_optimizer, on_cpu,

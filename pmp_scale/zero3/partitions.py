@@ -15,9 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..ds_internals import fp32_master, full_numel, local_partition, master_to_params
-from ..mask.select import LocalSlice
-from ..mask.sharded import PartitionLayout
-from ..models import is_constant, seeded_init
+from .layout import LocalSlice, PartitionLayout
 
 
 @torch.no_grad()
@@ -34,6 +32,7 @@ def write_master(engine, layout: PartitionLayout, values: Iterable[tuple[str, to
 def init_master(engine, seed: int) -> list[str]:
     """θ(0) from `seed`, in fp32, into the master and the training partitions; returns the
     names of constant-initialised parameters (norm weights, biases)."""
+    from ..models import is_constant, seeded_init  # transformers: only where a model is built
     layout = PartitionLayout.from_engine(engine)
     device = fp32_master(engine)[0].device
     constant: list[str] = []
@@ -53,6 +52,7 @@ def init_partitioned(model: torch.nn.Module, seed: int, only: set[str] | None = 
     """θ(0) from `seed` into each rank's ZeRO-3 partitions (`ds_tensor`, in the model dtype), for
     every parameter or those named in `only`: for models whose optimizer state is built
     afterwards from these values (fine-tuning)."""
+    from ..models import seeded_init
     params = dict(model.named_parameters())
     rank = torch.distributed.get_rank()
     device = local_partition(next(iter(params.values()))).device
