@@ -45,6 +45,9 @@ RELIED_ON = {
         "load_checkpoint"],
     "deepspeed.runtime.config:DeepSpeedConfig": ["load_universal_checkpoint"],
     "deepspeed.checkpoint.ds_to_universal": ["main"],
+    "deepspeed.utils.zero_to_fp32": ["get_fp32_state_dict_from_zero_checkpoint",
+                                     "GatheredTensor"],
+    "deepspeed.utils.zero_to_fp32:GatheredTensor": ["flat_groups"],
     "deepspeed.comm.torch": ["build_shm_op"],
     "deepspeed.utils": ["logger"],
     "streaming.base.dataset:StreamingDataset": [
@@ -56,6 +59,15 @@ RELIED_ON = {
         "get_sample_data", "file_pairs", "dirname", "split", "compression"],
     "streaming.base.util": ["clean_stale_shared_memory"],
     "streaming.base.distributed": ["get_local_world_size"],
+    # Imported by the modules that use them (tests/test_ds_internals.py checks every import of
+    # either library against this table): public entry points and a few deeper helpers.
+    "deepspeed.accelerator": ["get_accelerator"],
+    "deepspeed.ops.adam": ["DeepSpeedCPUAdam"],
+    "streaming": ["StreamingDataset", "StreamingDataLoader", "MDSWriter"],
+    "streaming.base.storage": ["CloudDownloader"],
+    "streaming.base.hashing": ["get_hash"],
+    "streaming.base.compression": ["decompress"],
+    "streaming.base.format": ["reader_from_json"],
 }
 
 # --- checkpoint layout: DeepSpeed's file names, our client-state key ------------------------------
@@ -191,6 +203,14 @@ def unshare_step_counts(engine) -> None:
         step = state.get(flat, {}).get("step")
         if torch.is_tensor(step):
             state[flat]["step"] = step.clone()
+
+
+# --- offline reads of a ZeRO-3 checkpoint (releases) -------------------------------------------------
+def lazy_flat_groups(lazy) -> list[list[torch.Tensor]]:
+    """The per-rank fp32 flat partitions (memory-mapped) behind DeepSpeed's lazy ZeRO-3 state
+    dict: every `GatheredTensor` of it holds the same `flat_groups`; [] when it holds none."""
+    from deepspeed.utils.zero_to_fp32 import GatheredTensor
+    return next((t.flat_groups for t in lazy.values() if isinstance(t, GatheredTensor)), [])
 
 
 # --- universal checkpoints (elastic resume) ----------------------------------------------------------

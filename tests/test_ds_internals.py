@@ -85,25 +85,83 @@ def test_checkpoint_file_names():
     assert ds_internals.file_rank("pmp_scale.json") is None
 
 
-def test_private_names_stay_in_one_module():
-    """No other production module reaches into DeepSpeed's or streaming's private names, nor
+LIBRARIES = ("deepspeed", "streaming")
+PRIVATE = sorted({n.rpartition(".")[2] for v in ds_internals.RELIED_ON.values() for n in v
+                  if n.rpartition(".")[2].startswith("_")} |
+                 {"fp32_partitioned_groups_flat", "grad_partitions_flat_buffer", "fp16_groups",
+                  "flat_groups"})
+SPELLED = ("zero_pp_rank_", ds_internals.CLIENT_STATE_KEY, "prepare_shard")  # file names, our key
+
+
+def library_offenders(path) -> list[str]:
+    """What a module does with DeepSpeed / streaming that only ds_internals may do, read from its
+    syntax tree (comments and docstrings do not count): an import of a library module or name
+    that RELIED_ON does not list (a top-level `import deepspeed` is the public API), an
+    attribute with a private name, or a string spelling DeepSpeed's file names, the `latest`
+    pointer or our client-state key."""
+    import ast
+    from pathlib import Path
+    path = Path(path)
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef,
+                                       ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    out = []
+
+    def listed(module: str, name: str) -> bool:
+        return (name in ds_internals.RELIED_ON.get(module, ())
+                or f"{module}:{name}" in ds_internals.RELIED_ON)
+    for node in ast.walk(tree):
+        where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            out += [f"{where}: import {a.name} (not in RELIED_ON)" for a in node.names
+                    if a.name.split(".")[0] in LIBRARIES and "." in a.name
+                    and a.name not in ds_internals.RELIED_ON]
+        elif isinstance(node, ast.ImportFrom) and not node.level and \
+                (node.module or "").split(".")[0] in LIBRARIES:
+            out += [f"{where}: from {node.module} import {a.name} (not in RELIED_ON)"
+                    for a in node.names if not listed(node.module, a.name)]
+        elif isinstance(node, ast.Attribute) and node.attr in PRIVATE:
+            out.append(f"{where}: .{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings:
+            out += [f"{where}: {node.value!r}" for n in SPELLED if n in node.value]
+            if node.value == ds_internals.LATEST:
+                out.append(f"{where}: {node.value!r} (ds_internals.LATEST)")
+    return out
+
+
+def test_library_internals_stay_in_one_module():
+    """No other production module imports a DeepSpeed / streaming name RELIED_ON does not list
+    (so the version check above covers every one), reaches into their private attributes, or
     spells their file names or our client-state key."""
     from pathlib import Path
     root = Path(ds_internals.__file__).parent
-    names = {n.rpartition(".")[2] for v in ds_internals.RELIED_ON.values() for n in v}
-    private = sorted(n for n in names if n.startswith("_") or n in (
-        "fp32_partitioned_groups_flat", "grad_partitions_flat_buffer", "fp16_groups"))
-    spelled = private + ["zero_pp_rank_", "pmp_components", "prepare_shard"]
-    # Not switched over yet (their owners do that next); remove each once it uses ds_internals.
-    pending = ()
-    offenders = []
-    for path in sorted(root.rglob("*.py")):
-        rel = str(path.relative_to(root))
-        if rel == "ds_internals.py" or rel.startswith(pending):
-            continue
-        text = path.read_text()
-        offenders += [f"{rel}: {n}" for n in spelled if re.search(rf"\b{re.escape(n)}", text)]
+    offenders = [f"{path.relative_to(root)}: {o}" for path in sorted(root.rglob("*.py"))
+                 if path.name != "ds_internals.py" or path.parent != root
+                 for o in library_offenders(path)]
     assert not offenders, offenders
+
+
+def test_guard_catches_planted_internals(tmp_path):
+    """The checker reads syntax, not text: each planted use is caught, the same words in a
+    comment or docstring are not."""
+    planted = tmp_path / "leaky.py"
+    planted.write_text(
+        '"""Docstrings may name latest, zero_pp_rank_ files and ._shard_states."""\n'
+        "import deepspeed\n"                                   # public: fine
+        "from deepspeed.accelerator import get_accelerator\n"  # listed: fine
+        "from streaming.base.util import get_list_arg\n"       # 4: not listed
+        "import deepspeed.runtime.zero.stage3\n"               # 5: not listed
+        "def f(engine, dataset, path):\n"
+        "    # dataset._shard_states in a comment is fine\n"
+        "    engine.optimizer.fp32_partitioned_groups_flat\n"  # 8
+        "    dataset._shard_states\n"                          # 9
+        "    return path / 'latest', 'zero_pp_rank_0'\n")     # 10: two
+    assert [o.split(":")[1] for o in library_offenders(planted)] == \
+        ["4", "5", "8", "9", "10", "10"], library_offenders(planted)
 
 
 ENV_WRITE = re.compile(r"os\.environ\s*\[[^\]]+\]\s*=(?!=)|os\.environ\.(?:setdefault|pop|update|"

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..checkpoint import INCOMPLETE, tag_problem
-from ..ds_internals import MODEL_STATES, OPTIM_STATES, RANK_FILES
+from ..ds_internals import LATEST, MODEL_STATES, OPTIM_STATES, RANK_FILES, lazy_flat_groups
 from ..errors import UserError
 
 
@@ -54,8 +54,8 @@ def resolve_checkpoint(path, tag: str | None = None, verify: bool = True) -> Pat
         path = path / "checkpoints"
     if tag is not None and path.name != tag:
         path = path / tag
-    elif tag is None and (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
+    elif tag is None and (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
     rank_files(path)
     problem = tag_problem(path) if verify else None
     if problem is not None:
@@ -113,8 +113,7 @@ def page_out(lazy: Mapping) -> None:
         return
     madvise = ctypes.CDLL(None).madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    groups = next((t.flat_groups for t in lazy.values() if hasattr(t, "flat_groups")), [])
-    for rank_groups in groups:
+    for rank_groups in lazy_flat_groups(lazy):
         for flat in rank_groups:
             start = flat.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
             madvise(start, flat.data_ptr() + flat.numel() * flat.element_size() - start, _MADV_PAGEOUT)
