@@ -41,10 +41,16 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
 
 
-class TrainConfig(_Strict):
+class StepsConfig(_Strict):
+    """The `train:` fields the shared ZeRO-3 core reads (zero3.build_ds_config, grad_accum_steps,
+    check_batch_and_schedule): one definition, which pre-training (TrainConfig) and fine-tuning
+    (finetune.config.FinetuneTrainConfig) extend with their own evaluation and logging fields."""
     micro_batch_size: int = Field(ge=1)
     global_batch_size: int = Field(ge=1)
     max_steps: int = Field(ge=1)
+
+
+class TrainConfig(StepsConfig):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(10, ge=1)
@@ -55,9 +61,13 @@ class TrainConfig(_Strict):
 
 
 class OptimConfig(_Strict):
+    """AdamW and its LR schedule, one definition for pre-training and fine-tuning; the defaults
+    are pre-training's (fine-tuning's own: finetune.config.FinetuneOptimConfig)."""
     lr: float = Field(gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    # Linear warm-up, then constant, cosine or linear decay to min_lr_ratio·lr at max_steps.
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)

@@ -147,7 +147,8 @@ class Trainer:
     def _build_engine(self, seed: int):
         self.model = build_model(self.hf_config, self.ds_config, DTYPES[self.precision])
         o = self.cfg.optim
-        self.schedule = warmup_decay(o.warmup_steps, self.cfg.train.max_steps, o.min_lr_ratio)
+        self.schedule = warmup_decay(o.warmup_steps, self.cfg.train.max_steps, o.min_lr_ratio,
+                                     o.schedule)
         engine = build_engine(self.model, o, self.ds_config, self.schedule)
         self.constant_init = init_master(engine, seed)
         return engine

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from ..config import (ConfigError, _Strict, apply_overrides, check_batch_and_schedule,
-                      check_pmp_deepspeed, format_validation_error, grad_accum_steps, read_yaml)
+from ..config import (ConfigError, OptimConfig, StepsConfig, _Strict, apply_overrides,
+                      check_batch_and_schedule, check_pmp_deepspeed, format_validation_error,
+                      grad_accum_steps, read_yaml)
 
 MODES = ("unauthorized", "unauthorized-lora", "authorized")
 # Built-in offline tasks (data/classification/), then GLUE through `datasets`, then local files.
@@ -70,10 +71,9 @@ class TaskConfig(_Strict):
         return "classification"
 
 
-class TrainConfig(_Strict):
+class FinetuneTrainConfig(StepsConfig):
     micro_batch_size: int = Field(8, ge=1)
     global_batch_size: int = Field(8, ge=1)
-    max_steps: int = Field(ge=1)
     # Validation at step 0, every `eval_every` steps, at each of `eval_steps` and at the end.
     eval_every: int | None = Field(None, ge=1)
     eval_steps: list[int] = Field(default_factory=list)
@@ -88,18 +88,15 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
-class OptimConfig(_Strict):
-    lr: float = Field(gt=0)
+class FinetuneOptimConfig(OptimConfig):
+    """Fine-tuning's defaults: no decay floor, no weight decay, Adam's own betas."""
     # constant: linear warm-up then flat, so the state after k steps of a long run IS the k-step
     # run (same data prefix): one run serves every duration of a sweep. cosine / linear decay to
     # min_lr_ratio·lr at max_steps.
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0)
 
 
 class LoraConfig(_Strict):
@@ -130,8 +127,8 @@ class FinetuneConfig(_Strict):
     reinit: bool = False
     verify_load: bool = True  # check that the loaded partitions equal the release bit for bit
     task: TaskConfig = Field(default_factory=TaskConfig)
-    train: TrainConfig
-    optim: OptimConfig
+    train: FinetuneTrainConfig
+    optim: FinetuneOptimConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     deepspeed: dict[str, Any] = Field(default_factory=dict)

@@ -80,8 +80,9 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def build_ds_config(cfg, world_size: int, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config derived from a run or fine-tuning config (`train`, `optim.grad_clip`,
-    `grad_accum_steps`); the config's `deepspeed:` section overrides it."""
+    """The DeepSpeed config derived from a run or fine-tuning config (`train`: config.StepsConfig,
+    `optim.grad_clip`: config.OptimConfig, `grad_accum_steps`); its `deepspeed:` section
+    overrides it."""
     derived = {
         "train_batch_size": cfg.train.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
