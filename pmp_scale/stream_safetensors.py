@@ -22,8 +22,11 @@ from pathlib import Path
 
 import torch
 
+# torch dtype <-> safetensors header code, both ways (one table)
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-               torch.uint8: "U8"}
+               torch.uint8: "U8", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+               torch.bool: "BOOL"}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 PT_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes, and nothing else
 
 # (name, dtype, shape): one planned tensor

@@ -21,7 +21,8 @@ import torch
 
 from ..mask.artifact import INIT_FILE, META_FILE, MaskArtifactError, read_artifact
 from ..mask.bits import unpack_bits
-from ..stream_safetensors import digest_update, read_header
+from ..stream_safetensors import DTYPE_CODES, digest_update, read_header
+from ..zero3.build import DTYPES
 from .channels import release_channels
 from .locate import ReleaseError
 
@@ -34,7 +35,7 @@ _KNOWN_FILES = {*_CONFIGS, INDEX_FILE, "tokenizer.json", "tokenizer.model", "voc
                 "merges.txt", "added_tokens.json", "chat_template.jinja", "README.md", "LICENSE"}
 _WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _PICKLES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib"}
-_FLOAT_CODES = {"F32", "BF16", "F16"}
+_FLOAT_CODES = {DTYPE_CODES[d] for d in DTYPES.values()}  # what a release may hold
 _INDEX_METADATA = {"total_size", "total_parameters"}
 
 

@@ -18,11 +18,10 @@ import torch
 
 from ..mask.artifact import MaskArtifactError, read_artifact, staged_directory, update_metadata
 from ..stream_safetensors import digest_update, write_planned
+from ..zero3.build import DTYPES
 from .audit import INDEX_FILE, audit_files
 from .channels import release_channels
 from .locate import ReleaseError, lazy_state_dict, page_out, refuse_non_empty
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _write_weights(out: Path, lazy: dict, dtype: torch.dtype, max_shard_size,

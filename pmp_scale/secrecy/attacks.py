@@ -16,6 +16,7 @@ import torch
 
 from ..data import DataError
 from ..errors import UserError
+from ..stream_safetensors import CODE_DTYPES
 from . import stats
 
 Scores = Iterator[tuple[str, torch.Tensor]]
@@ -72,7 +73,7 @@ class Target:
         with open(path, "rb") as f:
             f.seek(start + lo)
             f.readinto(buf)
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = CODE_DTYPES[entry["dtype"]]
         return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"]) if buf else \
             torch.empty(entry["shape"], dtype=dtype)
 
@@ -100,11 +101,6 @@ class Target:
                                                     dtype=torch.float32)
 
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-           "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
 def _header(path: Path) -> tuple[dict, str | None]:
     """A safetensors file's tensor entries (+ "__len__", the header size), or why it cannot
     hold what its header promises (damaged, truncated, not safetensors)."""
@@ -114,7 +110,7 @@ def _header(path: Path) -> tuple[dict, str | None]:
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        unknown = sorted({v["dtype"] for v in header.values()} - set(_DTYPES))
+        unknown = sorted({v["dtype"] for v in header.values()} - set(CODE_DTYPES))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         return {}, f"not a readable safetensors file ({type(e).__name__}: {e})"
     if unknown:
