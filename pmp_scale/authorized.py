@@ -19,7 +19,7 @@ ordinary, unpartitioned parameters (one GPU, DDP, accelerate, HF Trainer):
    own inside `train()`) without the user handing them over.
 
 Memory: the mask stays packed (1 bit per element) on the parameter's device and is unpacked per
-tensor (per CHUNK for the restore), with torch ops, when a hook runs: no host sync, no `.item()`
+tensor (per chunk for the restore), with torch ops, when a hook runs: no host sync, no `.item()`
 in the hooks (CUDA's masked_scatter checks its sizes asynchronously). The complement's release
 values are kept compacted, in the parameter's dtype, on its device (1 - rho of the model, 0.3x
 at rho = 0.7): restoring from them needs no per-step snapshot of the model (1x at every step)
@@ -38,6 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.trainer_callback import TrainerCallback
 
 from . import ds_internals
+from .chunking import spans
 from .mask.artifact import MaskArtifactError, read_artifact
 from .mask.bits import unpack_bits
 from .release import INDEX_FILE, digest_update, int_view, release_tensors
@@ -47,13 +48,10 @@ class AuthorizationError(ValueError):
     """Fine-tuning that could not stay inside the private mask; the message says why."""
 
 
-# Elements restored or compared at a time: bounds the int64 prefix sum that masked_scatter and
-# masked_select build (8 bytes per element) to 128 MiB, whatever the size of the embedding.
-CHUNK = 1 << 24
-
-
 def _spans(numel: int) -> list[tuple[int, int]]:
-    return [(lo, min(numel, lo + CHUNK)) for lo in range(0, numel, CHUNK)]
+    """Elements restored or compared at a time (chunking.CHUNK): bounds the int64 prefix sum that
+    masked_scatter and masked_select build (8 bytes per element), whatever the embedding's size."""
+    return list(spans(numel))
 
 
 def _keep(packed: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -67,7 +65,7 @@ class _Entry:
     param: torch.nn.Parameter
     packed: torch.Tensor  # uint8[ceil(numel / 8)], numpy.packbits order, on the param's device
     frozen: torch.Tensor  # the complement's release values, compacted, in the param's dtype
-    starts: list[int]     # where each CHUNK of the parameter starts in `frozen`
+    starts: list[int]     # where each chunk of the parameter starts in `frozen`
 
     def follow(self) -> None:
         """The model moved (Trainer moves it to the GPU after the mask is attached): follow it."""
@@ -76,7 +74,7 @@ class _Entry:
             self.packed, self.frozen = self.packed.to(device), self.frozen.to(device)
 
     def chunks(self):
-        """(flat parameter slice, its keep bits, its complement's release values) per CHUNK."""
+        """(flat parameter slice, its keep bits, its complement's release values) per chunk."""
         self.follow()
         flat, s = self.param.detach().view(-1), self.starts
         for i, (lo, hi) in enumerate(_spans(flat.numel())):

@@ -158,9 +158,9 @@ OPTIMIZERS = {
 def test_any_torch_optimizer_keeps_the_complement(rel, name, monkeypatch):
     """Gradient accumulation (2 micro-batches) and clipping; the complement of every gradient
     is zero when clipping sees it, and bit-exact after every step. Restored in chunks of 40
-    elements here (16M by default), so chunk boundaries inside tensors are exercised."""
-    import pmp_scale.authorized
-    monkeypatch.setattr(pmp_scale.authorized, "CHUNK", 40)
+    elements here (4M by default), so chunk boundaries inside tensors are exercised."""
+    import pmp_scale.chunking
+    monkeypatch.setattr(pmp_scale.chunking, "CHUNK", 40)
     model, task = load(rel), rel["task"]
     mask = with_private_mask(model, rel["mask"])
     try:

@@ -101,9 +101,9 @@ def test_scores_equal_hand_computation(synthetic):
 def test_chunked_scans_equal_whole_tensor_reference(monkeypatch):
     """The memory-bounded scans (chunks of CHUNK elements) give what one whole-tensor pass gives:
     the spike (a global torch.unique), the zero-bit counts and the sampling stream."""
-    from pmp_scale.release import channels
+    from pmp_scale import chunking
     from pmp_scale.secrecy import evaluate, stats
-    monkeypatch.setattr(channels, "CHUNK", 1000)
+    monkeypatch.setattr(chunking, "CHUNK", 1000)
     torch.manual_seed(0)
     pinned = torch.randn(10_500)
     pinned[torch.rand(pinned.numel()) < 0.2] = 1.0

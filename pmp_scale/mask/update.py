@@ -21,19 +21,14 @@ from __future__ import annotations
 import torch
 
 from .. import ds_internals
+from ..chunking import spans
 from .sharded import ShardedMask
 
 
-# Elements per chunk of the hooks' work: ≤ 32 MB unpacked mask + 128 MB fp32 temporary, so the
-# work transient stays under 256 MB per rank whatever `sub_group_size` is. Not chunked: H2's
-# snapshot, one sub-group of fp32 master (4 B x sub_group_size; 400 MB at the derived 1e8),
-# alive only during that sub-group's inner step.
-CHUNK = 1 << 25
-
-
-def _chunks(n: int):
-    for start in range(0, n, CHUNK):
-        yield start, min(n, start + CHUNK)
+# The hooks work a chunk at a time (chunking.CHUNK elements: unpacked mask + fp32 temporary,
+# 20 MiB), whatever `sub_group_size` is. Not chunked: H2's snapshot, one sub-group of fp32
+# master (4 B x sub_group_size; 400 MB at the derived 1e8), alive only during that sub-group's
+# inner step.
 
 
 class MaskedUpdateError(RuntimeError):
@@ -82,7 +77,7 @@ class MaskedUpdate:
             # With optimizer offload the boundary backward has already copied the gradients
             # to the host fp32 partition: mask that copy too.
             host = self.fp32_flat[g].grad if self.offload else None
-            for a, b in _chunks(n):
+            for a, b in spans(n):
                 drop = ~self._keep(g, a, b, buf.device)
                 buf[offset + a:offset + b].masked_fill_(drop, 0)
                 if host is not None:
@@ -114,7 +109,7 @@ class MaskedUpdate:
         g, before = self._snapshot
         self._snapshot = None
         flat = self.fp32_flat[g]
-        for a, b in _chunks(flat.numel()):
+        for a, b in spans(flat.numel()):
             part = flat[a:b]
             part.copy_(torch.where(self._keep(g, a, b, flat.device), part, before[a:b]))
         self._restored.append(g)
@@ -144,7 +139,7 @@ def complement_drift(engine, mask: ShardedMask, theta0: list[torch.Tensor]) -> t
     fp32 = ds_internals.fp32_master(engine)
     drift = torch.zeros((), dtype=torch.float32, device=fp32[0].device)
     for g, flat in enumerate(fp32):
-        for a, b in _chunks(flat.numel()):
+        for a, b in spans(flat.numel()):
             part = flat[a:b]
             ref = theta0[g][a:b].to(part.device, non_blocking=True)
             diff = (part - ref).abs().masked_fill_(mask.sub_group_slice(g, a, b).to(part.device), 0)

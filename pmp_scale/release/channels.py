@@ -7,11 +7,10 @@ with one tensor in memory. The statistical scores built on them are secrecy/stat
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-CHUNK = 1 << 22  # elements per step of the element-wise scans
+from ..chunking import chunks
+
 _CANDIDATES = 4  # most frequent values per chunk that `spike` counts over the whole tensor
 # The fewest elements a channel must show before the audit calls it one. Chance alone puts a
 # trained fp32 value at ≥ 16 zero low bits about once in 2^14-2^16 (Adam's early steps are sums
@@ -20,13 +19,6 @@ MIN_CHANNEL_ELEMENTS = 8
 # Mantissa bits of the dtypes a release can hold.
 MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def chunks(flat: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, view) over a 1-D tensor: per-element temporaries stay a few MiB at any size."""
-    size = CHUNK
-    for start in range(0, flat.numel(), size):
-        yield start, flat[start:start + size]
 
 
 def trailing_zero_bits(t: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from .. import chunking
 from ..mask.bits import pack_bits, unpack_bits
 from ..mask.kinds import NAMES as KIND_NAMES, layer_kind
-from ..release import channels
 from .attacks import Attack, AttackError
 from . import stats
 
@@ -35,17 +35,17 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def _bernoulli(numel: int, p: float, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """rand(numel) < p in chunks of channels.CHUNK (the same stream as one draw), so that no float
+    """rand(numel) < p in chunks of chunking.CHUNK (the same stream as one draw), so that no float
     or bool temporary is the size of the tensor."""
-    for start in range(0, numel, channels.CHUNK):
-        yield torch.rand(min(channels.CHUNK, numel - start), generator=gen) < p
+    for start in range(0, numel, chunking.CHUNK):
+        yield torch.rand(min(chunking.CHUNK, numel - start), generator=gen) < p
 
 
 def _keep(numel: int, frac: float, gen: torch.Generator) -> torch.Tensor | None:
     """Indices of a Bernoulli(frac) sample of the elements (None: all of them)."""
     if frac >= 1:
         return None
-    return torch.cat([chunk.nonzero().squeeze(1) + i * channels.CHUNK
+    return torch.cat([chunk.nonzero().squeeze(1) + i * chunking.CHUNK
                       for i, chunk in enumerate(_bernoulli(numel, frac, gen))])
 
 
@@ -142,7 +142,7 @@ def predicted_mask(attack: Attack, sample: Sample, ratio: float, shapes: Mapping
         s = s.reshape(-1).float()
         ties = _bernoulli(s.numel(), p_tied, gen)
         packed = [pack_bits((c > thr) | ((c == thr) & next(ties)))  # CHUNK is a multiple of 8
-                  for _, c in channels.chunks(s)]
+                  for _, c in chunking.chunks(s)]
         del s
         yield name, torch.cat(packed) if packed else pack_bits(torch.zeros(0, dtype=torch.bool)), \
             tuple(shapes[name])

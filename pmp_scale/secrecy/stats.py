@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..release.channels import chunks, spike, trailing_zero_bits
+from ..chunking import chunks
+from ..release.channels import spike, trailing_zero_bits
 
 
 def bits_score(t: torch.Tensor) -> torch.Tensor:

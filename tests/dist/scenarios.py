@@ -265,16 +265,16 @@ def complement_stays_bit_exact_at_theta0(out, name):
 @scenario(FIRST, checked_in="tests/test_cluster_guards.py, tests/test_release.py, "
                             "tests/test_secrecy.py (also)")
 def pmp_frozen(args):
-    """The hooks work in chunks (of 32M elements by default): small ones here, so every
+    """The hooks work in chunks (of 4M elements by default): small ones here, so every
     sub-group of these runs spans many chunk boundaries."""
-    import pmp_scale.mask.update as update
-    default, update.CHUNK = update.CHUNK, 4104
+    import pmp_scale.chunking as chunking
+    default, chunking.CHUNK = chunking.CHUNK, 4104
     try:
         _pmp_run(args, "pmp_frozen_fp32", mask_source="random", mask_ratio=0.5, mask_seed=5)
         _pmp_run(args, "pmp_frozen_bf16", precision="bf16", mask_source="random", mask_ratio=0.5)
         _pmp_run(args, "pmp_decay", mask_source="random", mask_ratio=0.5, complement="decay")
     finally:
-        update.CHUNK = default
+        chunking.CHUNK = default
 
 
 pmp_frozen.check(complement_stays_bit_exact_at_theta0,
