@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     from pmp_scale.config import parse_config
-    from pmp_scale.engine import Trainer, init_distributed
+    from pmp_scale.engine import Trainer
+    from pmp_scale.zero3 import init_distributed
     sys.path.insert(0, str(REPO / "bench"))
     from pmp_step_bench import dense_vs_masked, timed_steps
     from pmp_scale.telemetry import peak_tflops

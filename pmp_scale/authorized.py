@@ -41,7 +41,8 @@ from . import ds_internals
 from .chunking import spans
 from .mask.artifact import MaskArtifactError, read_artifact
 from .mask.bits import unpack_bits
-from .release import INDEX_FILE, digest_update, int_view, release_tensors
+from .release import INDEX_FILE, int_view, release_tensors
+from .stream_safetensors import digest_update
 
 
 class AuthorizationError(ValueError):

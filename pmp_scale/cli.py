@@ -20,7 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _exit_code(err: Exception) -> int | None:
-    from .engine import NonFiniteError
+    from .policies import NonFiniteError
     if isinstance(err, NonFiniteError):
         return EXIT_DIVERGED
     if isinstance(err, user_errors()):

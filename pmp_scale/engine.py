@@ -22,12 +22,12 @@ from .config import RunConfig
 from .data import DataError, batches, build_loader, load_tokenizer, read_meta
 from .faults import Faults
 from .models import build_hf_config, build_model, count_params, flops_per_token
-from .policies import Divergence, NonFiniteError, SaveSchedule
+from .policies import Divergence, SaveSchedule
 from .preemption import Preemption
 from .telemetry import Telemetry, ThroughputWindow, memory_gib, peak_tflops
 from .zero3 import (DTYPES, SkippedSteps, StepHook, build_ds_config, build_engine,
                     init_distributed, init_master, mean_over_ranks, on_cpu, optimizer_step,
-                    param_groups, resolve_precision, restart_schedule, warmup_decay)
+                    resolve_precision, restart_schedule, warmup_decay)
 
 
 # PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
@@ -301,7 +301,3 @@ class Trainer:
             end = self.pmp.end_step(end)
         return end is not None and self.state.step >= end
 
-
-# The ZeRO-3 helpers that lived here before `zero3/` are re-exported for their callers.
-__all__ = ["Trainer", "StepHook", "NonFiniteError", "build_ds_config", "init_distributed",
-           "on_cpu", "param_groups"]

@@ -240,7 +240,7 @@ def test_loss_curve_equals_the_deepspeed_authorized_finetune(rel, single_process
     first two losses equal, then 4e-8 relative (tolerance 1e-5); weights within 6e-6 after 4
     steps (Adam magnifies rounding where the second moment is near zero; tolerance 1e-4)."""
     import deepspeed
-    from pmp_scale.engine import param_groups
+    from pmp_scale.zero3 import param_groups
     from pmp_scale.finetune.config import parse_finetune_config
     from pmp_scale.finetune.train import Finetuner, SampleOrder, lr_factor
     steps, mb, ga = 4, 4, 2

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pmp_scale.config import ConfigError  # noqa: E402
 from pmp_scale.finetune.config import parse_finetune_config  # noqa: E402
 from pmp_scale.finetune.tasks import TaskError, build_task, classification_metrics, split_of  # noqa: E402
-from pmp_scale.finetune.train import MaskMismatchError, Release, check_mask  # noqa: E402
+from pmp_scale.finetune.release_check import MaskMismatchError, Release, check_mask  # noqa: E402
 from pmp_scale.mask import pack_bits, unpack_bits, write_artifact  # noqa: E402
 
 
@@ -548,7 +548,7 @@ def test_mask_shape_mismatch_is_refused(tiny_release, tmp_path):
 
 
 def test_not_a_release_is_refused(tmp_path):
-    from pmp_scale.finetune.train import ReleaseLoadError
+    from pmp_scale.finetune.release_check import ReleaseLoadError
     with pytest.raises(ReleaseLoadError, match="is not a released model directory"):
         Release.open(tmp_path)
 

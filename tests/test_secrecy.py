@@ -224,7 +224,7 @@ def test_default_path_has_no_exact_channel(dist_results, tmp_path):
 
 
 def test_cli_public_data_attacks_write_usable_masks(synthetic, tmp_path, capsys):
-    from pmp_scale.finetune.train import Release, check_mask
+    from pmp_scale.finetune.release_check import Release, check_mask
     release, mask = make_release(synthetic, "cli")
     out = tmp_path / "report"
     assert attack_cli.main([str(release), "--out", str(out), "--private", str(mask),

@@ -31,9 +31,10 @@ from ..ds_internals import full_numel
 from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, ensure_process_group,
                      hf_zero3, init_partitioned, no_hf_init, optimizer_step,
                      require_local_rank, resolve_precision, warmup_decay)
-from .config import FinetuneConfig, OptimConfig
-from .release_check import (MaskMismatchError, Release, ReleaseLoadError, backbone_name,
-                            check_mask, compare_with_release, sharded_mask, verify_loaded)
+from ..config import OptimConfig
+from .config import FinetuneConfig
+from .release_check import (Release, ReleaseLoadError, backbone_name, check_mask,
+                            compare_with_release, sharded_mask, verify_loaded)
 from .tasks import TaskData, build_task, classification_metrics, load_hf_tokenizer
 
 log = logging.getLogger("pmp_scale.finetune")

@@ -50,7 +50,7 @@ def _grid(out: Path, finetune: str, entries: list[dict], dense: dict | None, lrs
           overrides=(), progress=True, min_seeds: int = 3) -> dict:
     """Run the report's grid over `entries` (ReleaseEntry fields) and the optional dense one;
     returns its summary."""
-    from ..finetune.train import ensure_process_group
+    from ..zero3 import ensure_process_group
     cfg = parse_report_config(dict(
         out_dir=str(out), finetune=str(Path(finetune).resolve()), overrides=list(overrides),
         releases=entries + ([dense] if dense else []), lrs=list(lrs), steps=list(steps),
@@ -177,7 +177,7 @@ def _full_masks(mask_dir, model) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if name in tensors:
             if tuple(meta["shapes"][name]) != tuple(p.shape):
-                from ..finetune.train import MaskMismatchError
+                from ..finetune.release_check import MaskMismatchError
                 raise MaskMismatchError(f"mask does not match the model: {name!r} mask "
                                         f"{meta['shapes'][name]}, model {list(p.shape)}")
             out[name] = unpack_bits(tensors[name], p.numel()).view(p.shape)
@@ -219,7 +219,7 @@ def _loss(model, batches, params: dict[str, torch.Tensor]) -> float:
 
 
 def _prepare(release, mask, finetune_cfg: FinetuneConfig, seed: int):
-    from ..finetune.train import Release, check_mask
+    from ..finetune.release_check import Release, check_mask
     rel = Release.open(release)
     check_mask(mask, rel, finetune_cfg.allow_unbound_mask)
     task = build_task(finetune_cfg.task, load_hf_tokenizer(rel.path))

@@ -198,7 +198,8 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
              cells: list[dict] | None = None) -> list[dict]:
     """Run (or load from the cache) every cell; returns the cell results in plan order."""
     from tqdm import tqdm
-    from ..finetune.train import Release, check_mask, finetune
+    from ..finetune.release_check import Release, check_mask
+    from ..finetune.train import finetune
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     base_raw = base_finetune_config(cfg, base_dir)
@@ -273,7 +274,7 @@ def _share_step0(results: list[dict]) -> list[dict]:
 def run_report(cfg: ReportConfig, base_dir: Path, fresh: bool = False,
                progress: bool = True) -> dict:
     """Base quality, the grid, the report. Returns the results.json document."""
-    from ..finetune.train import ensure_process_group
+    from ..zero3 import ensure_process_group
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

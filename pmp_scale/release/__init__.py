@@ -16,7 +16,6 @@ bounded by the largest tensor, at any model size and any world size.
 
 The safetensors writer is pmp_scale/stream_safetensors.py.
 """
-from ..stream_safetensors import digest_update, write_planned
 from .audit import (INDEX_FILE, Audit, audit_files, check_release, int_view, release_sha256,
                     release_tensors)
 from .locate import ReleaseError, lazy_state_dict, rank_files, resolve_checkpoint
@@ -24,7 +23,6 @@ from .publish import DTYPES, record_release, release_checkpoint
 
 __all__ = [
     "DTYPES", "INDEX_FILE", "Audit", "ReleaseError", "audit_files", "check_release",
-    "digest_update", "int_view", "lazy_state_dict", "rank_files", "record_release",
-    "release_checkpoint", "release_sha256", "release_tensors", "resolve_checkpoint",
-    "write_planned",
+    "int_view", "lazy_state_dict", "rank_files", "record_release", "release_checkpoint",
+    "release_sha256", "release_tensors", "resolve_checkpoint",
 ]

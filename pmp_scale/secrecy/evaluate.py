@@ -18,7 +18,6 @@ from .. import chunking
 from ..mask.bits import pack_bits, unpack_bits
 from ..mask.kinds import NAMES as KIND_NAMES, layer_kind
 from .attacks import Attack, AttackError
-from . import stats
 
 # The audit's rule: an attack fails the release when it reaches this on a group of at least
 # GROUP_SHARE of the elements, or TENSOR_AUC on any one tensor (AUC oriented either way).

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import StudyConfig, StudyError, report_config, resolve, task_config, task_label
+from .config import StudyConfig, StudyError, report_config, resolve, task_label
 from ..launch import child_env, pretrain_command
 from .plan import Plan, Run
 

@@ -11,13 +11,12 @@ from .build import (DTYPES, build_ds_config, build_engine, deep_merge, ensure_pr
                     param_groups, require_local_rank, resolve_precision, restart_schedule,
                     warmup_decay)
 from .hf import hf_zero3, no_hf_init
-from .partitions import (init_master, init_partitioned, local_elements, master_to_params,
-                         rank_slice, write_master)
+from .partitions import init_master, init_partitioned, local_elements, rank_slice, write_master
 from .step import SkippedSteps, StepHook, mean_over_ranks, optimizer_step
 
 __all__ = ["DTYPES", "SkippedSteps", "StepHook", "build_ds_config", "build_engine", "deep_merge",
            "ensure_process_group", "hf_zero3", "init_distributed",
-           "init_master", "init_partitioned", "local_elements", "master_to_params",
+           "init_master", "init_partitioned", "local_elements",
            "mean_over_ranks", "no_hf_init", "offloads_optimizer", "on_cpu", "optimizer_step",
            "param_groups", "rank_slice", "require_local_rank", "resolve_precision", "restart_schedule", "warmup_decay",
            "write_master"]

@@ -33,7 +33,8 @@ from helpers import full_masks, gathered, load_result, tiny_run_config  # noqa: 
 from pmp_scale.cli import fail_cleanly  # noqa: E402
 from pmp_scale.faults import FaultPlan, Faults  # noqa: E402
 from pmp_scale.config import parse_config  # noqa: E402
-from pmp_scale.engine import Trainer, init_distributed  # noqa: E402
+from pmp_scale.engine import Trainer  # noqa: E402
+from pmp_scale.zero3 import init_distributed  # noqa: E402
 from pmp_scale.mask.artifact import read_artifact  # noqa: E402
 
 
