@@ -7,7 +7,8 @@
     deepspeed --num_gpus N launchers/finetune.py --config ...   # W ranks, same engine
 
 Without a launcher it runs as a single-process (W=1) ZeRO-3 engine. Writes
-<out_dir>/result.json (curves, validation/test metrics, backbone change counts); with
+<out_dir>/result.json (curves, validation/test metrics, backbone change counts) and
+metrics.jsonl (per-step scalars, as pre-training writes them); with
 --set export.dir=DIR (causal-LM tasks) also the fine-tuned model as a standard HF directory,
 through the same release path as pre-training (tools/release.py).
 """

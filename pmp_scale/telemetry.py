@@ -59,13 +59,17 @@ class ThroughputWindow:
 
 
 class Telemetry:
-    """Writes only on rank 0; other ranks get a no-op object with the same interface."""
+    """Writes only on rank 0; other ranks get a no-op object with the same interface.
+    Pre-training and fine-tuning (`logger` pmp_scale.finetune) both log through it; with
+    `run_dir` None it logs lines only and writes no file (fine-tuning sweeps' cells)."""
 
-    def __init__(self, run_dir: str | Path, rank: int, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path | None, rank: int, tensorboard: bool = True,
+                 logger: logging.Logger = log):
         self.enabled = rank == 0
+        self.log = logger
         self.writer = None
         self.metrics_file = None
-        if not self.enabled:
+        if not self.enabled or run_dir is None:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,12 +85,12 @@ class Telemetry:
             for key, value in values.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
-        if record:
+        if record and self.metrics_file is not None:
             self.metrics_file.write(json.dumps({"step": step, **values}) + "\n")
 
     def info(self, message: str) -> None:
         if self.enabled:
-            log.info(message)
+            self.log.info(message)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -95,9 +95,11 @@ def test_authorized_lm_keeps_the_complement_bit_exact(tiny_release):
     assert result["final"]["validation"]["loss"] < result["curve"][0]["loss"]
 
 
-def test_non_finite_gradient_skips_the_step(tiny_release):
+def test_non_finite_gradient_skips_the_step(tiny_release, caplog):
     """A NaN loss at step 2 is skipped (weights untouched, complement still exact) and counted;
-    the run goes on. Two in a row with nonfinite_max_in_a_row=2: diverged, stopped."""
+    the run goes on. Two in a row with nonfinite_max_in_a_row=2: diverged, stopped. The skips
+    are pre-training's Divergence policy, logged through Telemetry."""
+    import logging
     from pmp_scale.finetune.train import Finetuner
     ft = Finetuner(parse_finetune_config(ft_config(
         tiny_release, "review_lm", "authorized", train__max_steps=4,
@@ -124,10 +126,14 @@ def test_non_finite_gradient_skips_the_step(tiny_release):
         assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])
         assert result["backbone"]["complement_changed"] == 0
         bad_steps.update({2, 3})
-        result = ft.run()
+        with caplog.at_level(logging.INFO, logger="pmp_scale.finetune"):
+            result = ft.run()
     finally:
         ft.close()
     assert result["diverged"] and result["steps_done"] == 3 and result["skipped_steps"] == 3
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skips == ["step 2 skipped: non-finite loss or gradient (1 in a row)",
+                     "step 3 skipped: non-finite loss or gradient (2 in a row)"], skips
 
 
 def finetune_and_export(tiny_release, task: str, export):
@@ -238,6 +244,10 @@ def test_unauthorized_launcher_changes_the_complement(tiny_release, tmp_path, ca
                  "--set", f"export.dir={tmp_path / 'export'}"]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["steps_done"] == 2 and result["mode"] == "unauthorized"
+    from pmp_scale.telemetry import read_metrics  # the run's scalars, as pre-training writes them
+    metrics = read_metrics(tmp_path / "out")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert "val/loss" in metrics[0] and "train/loss" in metrics[1] and "test/loss" in metrics[2]
     b = result["backbone"]
     assert b["complement_changed"] > 0.5 * b["complement"]  # the whole release moves
     assert result["export"]["dir"] == str(tmp_path / "export")

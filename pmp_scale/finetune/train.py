@@ -28,6 +28,8 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..ds_internals import full_numel
+from ..policies import Divergence
+from ..telemetry import Telemetry
 from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, ensure_process_group,
                      hf_zero3, init_partitioned, no_hf_init, optimizer_step,
                      require_local_rank, resolve_precision, warmup_decay)
@@ -159,6 +161,8 @@ class Finetuner:
         require_local_rank()  # before any process-group work
         ensure_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # metrics.jsonl beside result.json (none for a sweep's cells); log lines as pre-training's
+        self.telemetry = Telemetry(cfg.out_dir, self.rank, tensorboard=False, logger=log)
         self.grad_accum = cfg.grad_accum_steps(self.world)
         self.precision = resolve_precision(cfg.train.precision)
         self.ds_config = build_ds_config(cfg, self.world, self.precision)
@@ -264,8 +268,10 @@ class Finetuner:
             base, base_test = self.evaluate("validation"), self.evaluate("test")
             result["curve"].append({"step": 0, **base})
             result["at"]["0"] = {"validation": base, "test": base_test}
-            _info("%s | step 0 | val %s | test %s", c.mode, _fmt(base), _fmt(base_test))
+            self.telemetry.scalars(0, _prefixed(base, "val") | _prefixed(base_test, "test"))
+            self.telemetry.info(f"{c.mode} | step 0 | val {_fmt(base)} | test {_fmt(base_test)}")
         order = SampleOrder(self.task.size("train"), c.seed)
+        divergence = Divergence(c.train.nonfinite_max_in_a_row, self.telemetry)
         steps_done = 0
         for step in range(total):
             loss = self.train_step(order, step)
@@ -273,23 +279,25 @@ class Finetuner:
             result["train_loss"].append([steps_done, loss])
             if progress is not None:
                 progress(steps_done)
-            if self.skips.bad_streak:
-                log.warning("%s | step %d | non-finite loss or gradient: step skipped (%d in a "
-                            "row)", c.mode, steps_done, self.skips.bad_streak)
-                if self.skips.bad_streak >= c.train.nonfinite_max_in_a_row:
-                    result["diverged"] = True
-                    break
+            metrics = {"train/loss": loss, "lr": self.engine.get_lr()[0]}
+            if divergence.check(steps_done, self.skips.bad_streak):
+                self.telemetry.scalars(steps_done, metrics)
+                result["diverged"] = True
+                break
             if steps_done % c.train.log_every == 0:
-                _info("%s | step %d | loss %.4f | lr %.2e", c.mode, steps_done, loss,
-                         self.engine.get_lr()[0])
+                self.telemetry.info(f"{c.mode} | step {steps_done} | loss {loss:.4f} | "
+                                    f"lr {metrics['lr']:.2e}")
             if steps_done in curve_at:
                 val = self.evaluate("validation")
+                metrics |= _prefixed(val, "val")
                 result["curve"].append({"step": steps_done, **val})
                 if steps_done in full:
                     test = self.evaluate("test")
+                    metrics |= _prefixed(test, "test")
                     result["at"][str(steps_done)] = {"validation": val, "test": test}
-                    _info("%s | step %d | val %s | test %s", c.mode, steps_done, _fmt(val),
-                             _fmt(test))
+                    self.telemetry.info(f"{c.mode} | step {steps_done} | val {_fmt(val)} | "
+                                        f"test {_fmt(test)}")
+            self.telemetry.scalars(steps_done, metrics)
         if result["diverged"]:
             nan = {"loss": float("nan"), **({"ppl": float("nan")} if self.task.kind == "lm" else
                                            {"accuracy": float("nan"), "f1": float("nan"),
@@ -343,7 +351,8 @@ class Finetuner:
         dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], Exception):
             raise outcome[0]
-        _info("%s | exported to %s (sha256 %s…)", self.cfg.mode, out_dir, outcome[0]["sha256"][:16])
+        self.telemetry.info(f"{self.cfg.mode} | exported to {out_dir} "
+                            f"(sha256 {outcome[0]['sha256'][:16]}…)")
         return outcome[0]
 
     def close(self) -> None:
@@ -352,12 +361,12 @@ class Finetuner:
                 hook.remove()
         self.engine.destroy()
         self.engine = self.model = None
+        self.telemetry.close()
         gc.collect()
 
 
-def _info(*args) -> None:
-    if dist.get_rank() == 0:
-        log.info(*args)
+def _prefixed(metrics: dict, prefix: str) -> dict:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
 def _fmt(metrics: dict) -> str:
@@ -391,7 +400,3 @@ def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
-
-# Also imported from here by the sweeps, the analyses and the tests.
-__all__ = ["Finetuner", "MaskMismatchError", "Release", "ReleaseLoadError", "SampleOrder",
-           "check_mask", "ensure_process_group", "finetune", "lr_factor"]
