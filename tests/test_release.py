@@ -141,8 +141,9 @@ def _secret_seed(source) -> int:
 
 
 def test_mask_export_and_reshard_round_trip(source, released, tmp_path):
-    """Export from the 2-rank shards == the trainer's artifact; re-sliced to W = 1, 3, 4 and
-    merged back, byte for byte; the complement of the trained weights sits at θ(0)."""
+    """Export from the 2-rank shards == the trainer's artifact (bytes, θ(0), metadata); re-sliced
+    to W = 1, 3, 4 and merged back, byte for byte; the complement of the trained weights sits at
+    θ(0)."""
     exported = tmp_path / "exported"
     assert export_cli.main([str(source["run"]), str(exported), "--init"]) == 0
     trained = source["run"] / "private" / "mask"
@@ -152,6 +153,10 @@ def test_mask_export_and_reshard_round_trip(source, released, tmp_path):
     assert all(torch.equal(init[k], trained_init[k]) for k in init)
     _, meta = read_artifact(exported)
     assert meta["world_size"] == 2 and meta["init_seed"] == _secret_seed(source)
+    _, trained_meta = read_artifact(trained)  # one writer, one metadata (+ where it came from)
+    later = {"source", "release_sha256", "release_dtype"}  # export's origin; the release binds
+    assert {k: v for k, v in meta.items() if k not in later} == \
+        {k: v for k, v in trained_meta.items() if k not in later}
     masks = full_masks(exported)
     for name, param in source["params"].items():
         frozen = ~masks[name]

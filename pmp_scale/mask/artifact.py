@@ -13,14 +13,14 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from ..stream_safetensors import write_unplanned
+from ..stream_safetensors import write_planned, write_unplanned
 from .bits import pack_bits, popcount, unpack_bits
 from ..zero3.layout import LocalSlice
 
@@ -75,13 +75,16 @@ def _fsync_write_text(path: Path, text: str) -> None:
 
 
 def write_artifact(out_dir, packed_by_name: Iterable[tuple[str, torch.Tensor, tuple[int, ...]]],
-                   meta: dict, overwrite: bool = False) -> None:
+                   meta: dict, overwrite: bool = False,
+                   theta0: Callable[[str], torch.Tensor] | None = None) -> None:
     """Write the artifact from (name, packed, shape) items, one parameter in memory at a time.
 
-    The items come from a generator, so the safetensors header is only known at the end
-    (write_unplanned); the directory is staged (a crash never leaves a partial artifact).
-    Fields computed here (shapes, numel, selected, totals, format_version) replace any the
-    caller passed.
+    The one writer of a private artifact: the trainer's (PMPController.write_private) and the
+    export from a checkpoint (release/export.py) both come here. The items come from a
+    generator, so the safetensors header is only known at the end (write_unplanned); with
+    `theta0` (name -> that parameter's θ(0)), init.safetensors is streamed after it, fp32 and
+    HF-shaped. The directory is staged (a crash never leaves a partial artifact). Fields
+    computed here (shapes, numel, selected, totals, format_version) replace any the caller passed.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -101,6 +104,9 @@ def write_artifact(out_dir, packed_by_name: Iterable[tuple[str, torch.Tensor, tu
             yield name, packed
     with staged_directory(out_dir) as tmp:
         write_unplanned(tmp / MASK_FILE, checked(), metadata=None)
+        if theta0 is not None:
+            plan = {tmp / INIT_FILE: [(n, torch.float32, tuple(s)) for n, s in shapes.items()]}
+            write_planned(plan, ((n, theta0(n).float().reshape(s)) for n, s in shapes.items()))
         meta = {**meta, "format_version": FORMAT_VERSION, "shapes": shapes, "numel": numel,
                 "selected": selected, "total_numel": sum(numel.values()),
                 "total_selected": sum(selected.values())}

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from .. import ds_internals
 from ..checkpoint import CheckpointError
 from ..config import PMPConfig
-from .artifact import merge_rank_slices, write_artifact
-from .bits import pack_bits, unpack_bits
+from .artifact import write_artifact
+from .bits import unpack_bits
 from .discovery import EarlyBird, MaskSelector
 from .kinds import layer_kind
 from ..zero3.layout import PartitionLayout
@@ -196,7 +196,9 @@ class PMPController:
         return {"init_seed": self.init_seed, "mask_seed": self.mask_seed,
                 "stage2_start": self.stage2_start, "theta0": self._theta0_to_save(),
                 "discovery": None if self.discovery is None else self.discovery.state_dict(),
-                "mask": None if self.mask is None else self.mask.state_dict()}
+                "mask": None if self.mask is None else self.mask.state_dict(),
+                # what the private artifact records: export from this checkpoint writes the same
+                "metadata": self.metadata()}
 
     def load_state_dict(self, state: dict) -> None:
         self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
@@ -247,7 +249,9 @@ class PMPController:
     def write_private(self, extra_meta: dict | None = None) -> Path:
         """`<run>/private/{mask.safetensors, mask.json[, init.safetensors]}` from rank shards.
 
-        Each rank writes its own slices to disk; rank 0 merges them one parameter at a time.
+        Each rank writes its PMP state (mask shard, θ(0) with save_init) to disk; rank 0 joins
+        them one parameter at a time as export does from a checkpoint (SavedShards), through the
+        same writer (write_artifact) with the same metadata (`metadata`).
         """
         shard_dir = self.private_dir / "shards"
         shard_dir.mkdir(parents=True, exist_ok=True)
@@ -256,35 +260,21 @@ class PMPController:
                 "pmp.save_init: θ(0) of the masked elements is unknown to this run (it resumed "
                 "from a Stage II checkpoint written without save_init, which keeps only the "
                 "complement); set save_init from the start of a run")
-        torch.save({"lengths": [e.slice.length for e in self.layout.entries],
-                    "bits": [pack_bits(m) for m in self.mask.param_masks()],
-                    "theta0": self._theta0_slices() if self.cfg.save_init else None},
+        torch.save({"mask": self.mask.state_dict(),
+                    "theta0": self.theta0 if self.cfg.save_init else None},
                    shard_dir / f"rank{self.rank}.pt")
         dist.barrier()
         out = self.private_dir
         if self.rank == 0:
-            world = self.layout.world_size
-            shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=True)
-                      for r in range(world)]
-            entries = self.layout.entries
-            meta = self.metadata() | (extra_meta or {})
-
-            def packed():
-                for i, e in enumerate(entries):
-                    yield e.name, merge_rank_slices([s["bits"][i] for s in shards],
-                                                    [s["lengths"][i] for s in shards]), e.shape
-            write_artifact(out / "mask", packed(), meta, overwrite=True)
-            if self.cfg.save_init:
-                from safetensors.torch import save_file
-                full = {e.name: torch.cat([s["theta0"][i] for s in shards]).reshape(e.shape)
-                        for i, e in enumerate(entries)}
-                save_file(full, str(out / "mask" / "init.safetensors"))
+            saved = SavedShards([torch.load(shard_dir / f"rank{r}.pt", weights_only=True)
+                                 for r in range(self.layout.world_size)])
+            write_artifact(out / "mask",
+                           ((e.name, saved.packed_mask(e.name), e.shape)
+                            for e in self.layout.entries),
+                           self.metadata() | (extra_meta or {}), overwrite=True,
+                           theta0=saved.theta0 if self.cfg.save_init else None)
         dist.barrier()
         return out / "mask"
-
-    def _theta0_slices(self) -> list[torch.Tensor]:
-        return [self.theta0[e.sub_group][e.offset:e.offset + e.slice.length].float().clone()
-                for e in self.layout.entries]
 
     def metadata(self) -> dict:
         d = self.discovery

@@ -17,11 +17,10 @@ from safetensors.torch import save_file
 
 from ..checkpoint import DESCRIPTOR
 from ..ds_internals import client_components
-from ..mask.artifact import (INIT_FILE, MaskArtifactError, merge_rank_slices, read_artifact,
+from ..mask.artifact import (MaskArtifactError, merge_rank_slices, read_artifact,
                              slice_for_rank, staged_directory, write_artifact)
 from ..mask.bits import pack_bits
 from ..mask.sharded import SavedShards
-from ..stream_safetensors import write_planned
 from ..zero3.layout import LocalSlice
 from .locate import ReleaseError, rank_files, refuse_non_empty
 
@@ -73,18 +72,23 @@ def export_mask(tag_dir, private_dir, overwrite: bool = False, with_init: bool =
                            "without --init, or use the run's private/mask/init.safetensors")
     param_shapes = {n: tuple(s) for group in states[0]["param_shapes"] for n, s in group.items()}
     shapes = {name: param_shapes[name] for name in saved.names}  # canonical order
-    discovery = pmp[0]["discovery"]
-    meta = {**_pmp_settings(tag_dir), "source": f"checkpoint {tag_dir}", "world_size": len(pmp),
-            "init_seed": pmp[0]["init_seed"], "mask_seed": pmp[0]["mask_seed"],
-            "stage2_start_step": pmp[0]["stage2_start"],
+    write_artifact(private_dir, ((n, saved.packed_mask(n), s) for n, s in shapes.items()),
+                   {**_recorded_metadata(pmp[0]), **_pmp_settings(tag_dir),
+                    "source": f"checkpoint {tag_dir}", "world_size": len(pmp)},
+                   overwrite=True, theta0=saved.theta0 if with_init else None)
+    return private_dir
+
+
+def _recorded_metadata(pmp: dict) -> dict:
+    """What the trainer's own artifact records (PMPController.metadata, kept in each checkpoint);
+    older checkpoints lack it: the seeds, the Stage II start and the discovery trace then."""
+    if pmp.get("metadata") is not None:
+        return dict(pmp["metadata"])
+    discovery = pmp["discovery"]
+    return {"init_seed": pmp["init_seed"], "mask_seed": pmp["mask_seed"],
+            "stage2_start_step": pmp["stage2_start"],
             "discovery": None if discovery is None else {
                 k: discovery[k] for k in ("steps", "stop_reason", "trace")}}
-    write_artifact(private_dir, ((n, saved.packed_mask(n), s) for n, s in shapes.items()),
-                   meta, overwrite=True)
-    if with_init:
-        plan = {private_dir / INIT_FILE: [(n, torch.float32, s) for n, s in shapes.items()]}
-        write_planned(plan, ((n, saved.theta0(n).reshape(s)) for n, s in shapes.items()))
-    return private_dir
 
 
 def reshard_mask(private_dir, world_size: int) -> list[dict[str, torch.Tensor]]:
