@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
+from ..config import ConfigError, OptimConfig
 from ..ds_internals import full_numel
 from ..policies import Divergence
 from ..telemetry import Telemetry
 from ..zero3 import (DTYPES, SkippedSteps, build_ds_config, build_engine, ensure_process_group,
                      hf_zero3, init_partitioned, no_hf_init, optimizer_step,
                      require_local_rank, resolve_precision, warmup_decay)
-from ..config import OptimConfig
 from .config import FinetuneConfig
 from .release_check import (Release, ReleaseLoadError, backbone_name, check_mask,
                             compare_with_release, sharded_mask, verify_loaded)
@@ -161,8 +160,6 @@ class Finetuner:
         require_local_rank()  # before any process-group work
         ensure_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        # metrics.jsonl beside result.json (none for a sweep's cells); log lines as pre-training's
-        self.telemetry = Telemetry(cfg.out_dir, self.rank, tensorboard=False, logger=log)
         self.grad_accum = cfg.grad_accum_steps(self.world)
         self.precision = resolve_precision(cfg.train.precision)
         self.ds_config = build_ds_config(cfg, self.world, self.precision)
@@ -180,6 +177,8 @@ class Finetuner:
             from ..mask.update import MaskedUpdate
             self.hooks.append(MaskedUpdate(self.engine, sharded_mask(self.engine, self.masks)))
         self.params = self._count_params()
+        # metrics.jsonl beside result.json (none for a sweep's cells); log lines as pre-training's
+        self.telemetry = Telemetry(cfg.out_dir, self.rank, tensorboard=False, logger=log)
 
     def _count_params(self) -> dict:
         total = trainable = 0
@@ -399,4 +398,3 @@ def finetune(cfg: FinetuneConfig, task: TaskData | None = None, release: Release
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
-
