@@ -62,6 +62,8 @@ def release_streaming_shared_memory() -> None:
         block = _streaming_shm.pop()
         atexit.unregister(block.cleanup)
         for shm in block.created_shms:
+            if shm._mmap is None:  # closed: streaming released it itself (an epoch's blocks)
+                continue
             try:
                 shm.unlink()
             except FileNotFoundError:  # a launched run's stale-memory cleaner was first
@@ -83,14 +85,17 @@ def pytest_sessionfinish(session, exitstatus):
     machine is the run's alone), otherwise they are reported: on a shared machine other
     processes create and remove entries there too."""
     release_streaming_shared_memory()
+    if session.config.option.collectonly:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
+        return
     if exitstatus == 0:
         shutil.rmtree(SESSION_TMP, ignore_errors=True)
     left = sorted(str(path / name) for path in WATCHED
                   for name in _listing(path) - _found.get(path, set())
                   if path / name != SESSION_TMP)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter:
-        reporter.ensure_newline()
+    if reporter and (left or SESSION_TMP.exists()):
+        reporter.write("\n")
     if SESSION_TMP.exists() and reporter:
         reporter.write_line(f"test scratch kept for inspection: {SESSION_TMP}")
     if left and reporter:
@@ -99,6 +104,18 @@ def pytest_sessionfinish(session, exitstatus):
                             yellow=True)
         if os.environ.get("PMP_TEST_LEFTOVERS") == "fail" and exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The first test to ask for the session's shared launches waits for all of them (minutes; each
+# launch also has its own limit, tests/helpers.py `launch`).
+SHARED_LAUNCHES = {"dist_results", "launcher_run"}
+SHARED_LAUNCH_TIMEOUT = 2400
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_LAUNCHES & set(item.fixturenames) and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SHARED_LAUNCH_TIMEOUT))
 
 
 @pytest.fixture(scope="module", autouse=True)
