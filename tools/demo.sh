@@ -38,9 +38,9 @@ if [ ! -f data/demo/mds/meta.json ]; then
         --out data/demo/mds --seq-len 256 --val-fraction 0.05
 fi
 
-# The default's sizes: 80 dense steps; PMP discovery of at most 20 steps, then 80 masked steps.
+# The default's sizes: 60 dense steps; PMP discovery of at most 20 steps, then 60 masked steps.
 export DEMO_SIZE=quick DEMO_RUNS=runs/quick
-SIZE=(--set train.max_steps=80 --set train.eval_every=20 --set checkpoint.every=40)
+SIZE=(--set train.max_steps=60 --set train.eval_every=20 --set checkpoint.every=30)
 PMP_SIZE=(--set pmp.warmup_max_steps=20 --set pmp.check_every=5 --set pmp.patience=3)
 if [ "$FULL" = 1 ]; then
     export DEMO_SIZE=full DEMO_RUNS=runs
