@@ -8,8 +8,9 @@ installed version differs or a name is gone. Nothing outside this module reaches
 library's private names.
 
 The patches, each undone or idempotent: (1) `write_failures_recorded` wraps DeepSpeed's
-checkpoint writes during a save; (2) `record_shard_failures` wraps streaming's `prepare_shard`;
-(3) `check_on_first_read` hooks a shard's first read; (4) `hide_build_notices` mutes a print;
+checkpoint writes during a save; (2) `record_shard_failures` wraps streaming's `prepare_shard`
+and its epoch threads; (3) `check_on_first_read` hooks a shard's first read; (4)
+`hide_build_notices` mutes a print;
 (5) `launcher_local_world_size` answers streaming's local world size while a dataset is built.
 
 Imports of deepspeed/streaming stay inside the functions: importing this module (the CLI, the
@@ -51,7 +52,9 @@ RELIED_ON = {
     "deepspeed.comm.torch": ["build_shm_op"],
     "deepspeed.utils": ["logger"],
     "streaming.base.dataset:StreamingDataset": [
-        "streams", "shards", "stream_per_shard", "_shard_states"],
+        "streams", "shards", "stream_per_shard", "_shard_states", "_event", "_prepare_thread",
+        "_ready_thread", "_each_sample_id"],
+    "streaming.base.dataset:_Iterator": ["on_exit"],
     "streaming.base.dataset:_ShardState": ["REMOTE"],
     "streaming.base.stream:Stream": [
         "prepare_shard", "_download_file", "_decompress_shard_part", "remote", "split"],
@@ -290,14 +293,31 @@ def clean_stale_shared_memory() -> None:
     clean()
 
 
-def record_shard_failures(dataset, on_failure: Callable[[BaseException, object], None]) -> None:
-    """Patch 2: wrap each stream's `prepare_shard` so a shard that fails to load is reported.
+def record_shard_failures(dataset, on_failure: Callable[[BaseException, object | None],
+                                                         BaseException]) -> None:
+    """Patch 2: a shard that fails to load (download, checksum) ends its epoch with the error
+    `on_failure(err, stream)` returns, raised where the samples are read; never a hang.
 
-    Streaming (0.13) prepares shards in a background thread whose exception it only logs; the
-    shard stays PREPARING, so a reader waiting for it spins forever, and otherwise the epoch
-    just ends early. The wrapper calls `on_failure(err, stream)`, puts the shard back to
-    REMOTE (a waiting reader retries and raises) and re-raises."""
+    Streaming (0.13) prepares shards in two threads per epoch (one downloads ahead, one waits
+    until each sample's shard is local) and only logs their exceptions. Left alone, a failed
+    shard stays PREPARING and a reader waiting for it spins forever; a thread that raises never
+    counts as exited, so when both threads fail on one shard (the second retrying it in the
+    moment after the first failed) the epoch's end (`_Iterator.exit`) waits forever; otherwise
+    the epoch just ends early. Here the first failure is reported once; it stops the epoch's
+    threads (their event, set before the shard goes back to REMOTE, so none retries it); each
+    thread counts as exited however it ends; and the sample loop raises the error when it
+    stops, in a DataLoader worker too (torch re-raises it in the main process). Another rank of
+    the machine waiting for that shard is ended by the launcher when this rank exits."""
     from streaming.base.dataset import _ShardState
+
+    reported: list[BaseException] = []
+
+    def report(err: BaseException, stream) -> BaseException:
+        if not reported:
+            reported.append(on_failure(err, stream))
+        if hasattr(dataset, "_event"):  # created by the first epoch
+            dataset._event.set()
+        return reported[0]
 
     for stream in dataset.streams:
         prepare = stream.prepare_shard
@@ -306,10 +326,26 @@ def record_shard_failures(dataset, on_failure: Callable[[BaseException, object],
             try:
                 return prepare(shard)
             except Exception as err:
-                on_failure(err, stream)
+                error = report(err, stream)
                 dataset._shard_states[dataset.shards.index(shard)] = _ShardState.REMOTE
-                raise
+                raise error from None
         stream.prepare_shard = guarded
+
+    for name in ("_prepare_thread", "_ready_thread"):
+        def counted(it, body=getattr(dataset, name)):
+            try:
+                body(it)
+            except Exception as err:  # reported (first one wins), raised by the sample loop
+                report(err, None)
+                it.on_exit()
+
+        setattr(dataset, name, counted)
+
+    def samples_then_failure(it, samples=dataset._each_sample_id):
+        yield from samples(it)
+        if reported:
+            raise reported[0]
+    dataset._each_sample_id = samples_then_failure
 
 
 def check_on_first_read(dataset, check: Callable[[object, object], None]) -> None:

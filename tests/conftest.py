@@ -1,10 +1,16 @@
-"""Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches.
+"""Session fixtures: a tiny real dataset, and shared multi-rank DeepSpeed launches; a session
+that leaves /tmp and /dev/shm as it found them.
 
 Shared helpers live in tests/helpers.py: test files import them from there, not from here.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from multiprocessing import resource_tracker
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +19,109 @@ pytest.register_assert_rewrite("dist.scenarios")  # its checks run as tests
 from helpers import CORPUS, REPO, launch, run_scenarios  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# --- a test session leaves /tmp and /dev/shm as it found them -----------------------------------
+# Everything the session and the processes it starts write to the temporary directory (pytest's
+# tmp_path, streaming's filelocks, caches, launched ranks' scratch) goes into one directory of
+# its own, removed at the end (kept, and named, when a test failed). Streaming's shared memory
+# of this process is released after each module (streaming itself would wait for the exit).
+WATCHED = (Path(tempfile.gettempdir()), Path("/dev/shm"))
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="pmp-tests-"))
+os.environ["TMPDIR"] = str(SESSION_TMP)
+tempfile.tempdir = str(SESSION_TMP)
+_found: dict[Path, set[str]] = {}
+_streaming_shm: list = []
+
+
+def _listing(path: Path) -> set[str]:
+    try:
+        return set(os.listdir(path))
+    except OSError:
+        return set()
+
+
+def _track_streaming_shared_memory() -> None:
+    """Record each streaming shared-memory block this process opens or creates, to release it
+    when its module is done (streaming registers its release only for the process's exit)."""
+    from streaming.base.shared import memory
+    if getattr(memory.SharedMemory.__init__, "tracked", False):
+        return
+    init = memory.SharedMemory.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _streaming_shm.append(self)
+    tracked.tracked = True
+    memory.SharedMemory.__init__ = tracked
+
+
+def release_streaming_shared_memory() -> None:
+    """Close this process's streaming blocks and unlink those it created. Only between modules:
+    a loader still iterating would lose its blocks."""
+    while _streaming_shm:
+        block = _streaming_shm.pop()
+        atexit.unregister(block.cleanup)
+        for shm in block.created_shms:
+            if shm._mmap is None:  # closed: streaming released it itself (an epoch's blocks)
+                continue
+            try:
+                shm.unlink()
+            except FileNotFoundError:  # a launched run's stale-memory cleaner was first
+                resource_tracker.unregister(shm._name, "shared_memory")
+        for shm in block.created_shms + block.opened_shms:
+            try:
+                shm.close()
+            except BufferError:  # a numpy view still holds it: unmapped when that one goes
+                pass
+
+
+def pytest_sessionstart(session):
+    _found.update({path: _listing(path) for path in WATCHED})
+    _track_streaming_shared_memory()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Leftovers in /tmp or /dev/shm fail the session under PMP_TEST_LEFTOVERS=fail (CI: the
+    machine is the run's alone), otherwise they are reported: on a shared machine other
+    processes create and remove entries there too."""
+    release_streaming_shared_memory()
+    if session.config.option.collectonly:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
+        return
+    if exitstatus == 0:
+        shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    left = sorted(str(path / name) for path in WATCHED
+                  for name in _listing(path) - _found.get(path, set())
+                  if path / name != SESSION_TMP)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter and (left or SESSION_TMP.exists()):
+        reporter.write("\n")
+    if SESSION_TMP.exists() and reporter:
+        reporter.write_line(f"test scratch kept for inspection: {SESSION_TMP}")
+    if left and reporter:
+        reporter.write_line(f"left behind by this session (or by others on this machine): "
+                            f"{', '.join(left[:20])}{' ...' if len(left) > 20 else ''}",
+                            yellow=True)
+        if os.environ.get("PMP_TEST_LEFTOVERS") == "fail" and exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# The first test to ask for the session's shared launches waits for all of them (minutes; each
+# launch also has its own limit, tests/helpers.py `launch`).
+SHARED_LAUNCHES = {"dist_results", "launcher_run"}
+SHARED_LAUNCH_TIMEOUT = 2400
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_LAUNCHES & set(item.fixturenames) and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SHARED_LAUNCH_TIMEOUT))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_streaming_after_module():
+    yield
+    release_streaming_shared_memory()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -350,13 +350,62 @@ def test_reader_waiting_for_a_shard_that_fails_is_released(tmp_path, tiny_data):
     dataset._shard_states[0] = _ShardState.PREPARING  # another thread is preparing it ...
 
     def failing_preparer():
-        with pytest.raises(ValueError):
+        with pytest.raises(DataError):
             dataset.streams[0].prepare_shard(dataset.shards[0])  # ... and fails
     threading.Timer(0.5, failing_preparer).start()
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reader hung on a failed shard"))
     signal.alarm(30)
     try:
-        with pytest.raises(ValueError, match="Checksum failure"):
+        with pytest.raises(DataError, match="corrupt data shard: .* does not match the checksum"):
             dataset.get_item(0)
     finally:
         signal.alarm(0)
+
+
+def test_both_epoch_threads_failing_on_one_shard_end_the_epoch(tmp_path, tiny_data):
+    """The hang of a corrupt remote shard: streaming's epoch end waits until its download-ahead
+    and wait-until-ready threads have returned, and a thread that raises never returns.
+    Planted: the wait-until-ready thread fetches the corrupt shard first, and the download-ahead
+    thread is let in while that failure is on its way out (a loaded machine's interleaving)."""
+    import threading
+    from pmp_scale.data import batches
+    loader = build_loader(str(_corrupt_copy(tmp_path, tiny_data)), "train", 2, shuffle=False,
+                          seed=0, local_cache=str(tmp_path / "cache"))
+    dataset, stream = loader.dataset, loader.dataset.streams[0]
+    first_failed, retried = threading.Event(), threading.Event()
+    ahead, prepare = dataset._prepare_thread, stream.prepare_shard
+
+    def ahead_after_the_first_failure(it):
+        first_failed.wait(60)
+        return ahead(it)
+
+    def prepare_then_linger(shard):
+        if first_failed.is_set():
+            retried.set()
+        try:
+            return prepare(shard)
+        except Exception:
+            if not first_failed.is_set():
+                first_failed.set()
+                retried.wait(2)  # streaming alone: the other thread retries the shard now
+            raise
+    dataset._prepare_thread = ahead_after_the_first_failure
+    stream.prepare_shard = prepare_then_linger
+    with pytest.raises(DataError) as err:
+        for _ in batches(loader, epochs=1):
+            pass
+    assert str(err.value).startswith(f"corrupt data shard: {tmp_path / 'cache'}/train/shard.00000"
+                                     ".mds.zstd (downloaded from "), err.value
+    assert "\n" not in str(err.value)
+
+
+def test_corrupt_shard_in_a_dataloader_worker_is_a_clear_error(tmp_path, tiny_data):
+    """In a worker process the failure used to end the epoch early without a word."""
+    from pmp_scale.data import batches
+    loader = build_loader(str(_corrupt_copy(tmp_path, tiny_data)), "train", 2, shuffle=False,
+                          seed=0, num_workers=1)
+    with pytest.raises(DataError) as err:
+        for _ in batches(loader, epochs=1):
+            pass
+    assert str(err.value).startswith("corrupt data shard: "), err.value
+    assert "\n" not in str(err.value)

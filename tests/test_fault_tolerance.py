@@ -8,6 +8,9 @@ import torch
 
 from helpers import REPO, full_masks, launch_scenarios, run_distributed
 
+# The fixture adds four 2-rank launches to the session's four; the extended chain six more.
+pytestmark = pytest.mark.timeout(3600)
+
 # (the FaultPlan spec, where it strikes) — the chain's run is killed at each point in turn, resumed each time.
 KILLS = [
     ("rank1:step:3", "after step 3, before its checkpoint"),
@@ -20,6 +23,9 @@ KILLS = [
 # the newest tag that verifies. Tag 4 of launch 2 has no marker, so launch 3 starts from 2 again;
 # tag 8 has its marker although `latest` never moved to it; tag 10 has no marker.
 RESUMED_FROM = [0, 2, 2, 4, 8, 8]
+# The default tier kills once, inside checkpoint writing (tag 4 on disk without its marker): the
+# relaunch resumes from tag 2. The extended tier kills the chain at every point above.
+ONE_KILL, ONE_KILL_RESUMED_FROM = KILLS[1], [0, 2]
 
 
 def _corrupt(path):
@@ -28,21 +34,30 @@ def _corrupt(path):
     path.write_bytes(bytes(blob))
 
 
-@pytest.fixture(scope="module")
-def fault_results(tmp_path_factory, tiny_data):
-    out = tmp_path_factory.mktemp("faults")
-    first = launch_scenarios(out, tiny_data, ["fault_reference", "nonfinite", "corrupt_setup",
-                                              "elastic_setup"], 2)
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    outcomes, chain_log = [], out / "fault_chain" / "metrics.jsonl"
+def _kill_chain(out, tiny_data, kills, then=()) -> tuple[list[int], list[int]]:
+    """Launch the chain's run once per kill, then once to the end (with `then` scenarios):
+    (each killed launch's exit code, the first step each launch logged)."""
+    chain_log = out / "fault_chain" / "metrics.jsonl"
 
     def logged() -> int:  # metrics lines so far: where the next launch's records begin
         return len(chain_log.read_text().splitlines()) if chain_log.exists() else 0
-    starts = []
-    for spec, _ in KILLS:
+    outcomes, starts = [], []
+    for spec, _ in kills:
         starts.append(logged())
-        proc = launch_scenarios(out, tiny_data, ["fault_chain"], 2, fault=spec)
-        outcomes.append(proc.returncode)
+        outcomes.append(launch_scenarios(out, tiny_data, ["fault_chain"], 2, fault=spec).returncode)
+    starts.append(logged())
+    final = launch_scenarios(out, tiny_data, ["fault_chain", *then], 2)
+    assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
+    records = chain_log.read_text().splitlines()
+    return outcomes, [json.loads(records[i])["step"] for i in starts]
+
+
+@pytest.fixture(scope="module")
+def fault_results(dist_results, tiny_data):
+    """The session's launches ran the reference run, the NaN runs, the runs to corrupt and the
+    elastic run's first half (FIRST) and its W=1 resume (SINGLE), into `dist_results`; here the
+    launches that need a fault plan or must fail."""
+    out = dist_results
     sigterm = launch_scenarios(out, tiny_data, ["sigterm_run"], 2, fault="rank1:step:5:TERM")
     ckpts = out / "sigterm" / "checkpoints"
     marker = ckpts / "step00000005" / "complete.json"
@@ -52,15 +67,10 @@ def fault_results(tmp_path_factory, tiny_data):
     # plant corruption: a mask-carrying per-rank file of the newest tag, and of the only tag
     _corrupt(out / "corrupt_two/checkpoints/step00000004/zero_pp_rank_1_mp_rank_00_model_states.pt")
     _corrupt(out / "corrupt_one/checkpoints/step00000002/zero_pp_rank_0_mp_rank_00_model_states.pt")
-    starts.append(logged())
-    final = launch_scenarios(out, tiny_data, ["fault_chain", "sigterm_run", "corrupt_resume"], 2)
-    assert final.returncode == 0, final.stdout[-4000:] + final.stderr[-4000:]
-    records = chain_log.read_text().splitlines()
-    first_steps = [json.loads(records[i])["step"] for i in starts]
-    for world in (1, 4):
-        proc = launch_scenarios(out, tiny_data, ["elastic_resume"], world)
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return {"out": out, "kills": outcomes, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
+    # one kill, then the launch that finishes the chain also resumes sigterm and the corrupt runs
+    kills, first_steps = _kill_chain(out, tiny_data, [ONE_KILL],
+                                     then=["sigterm_run", "corrupt_resume"])
+    return {"out": out, "kills": kills, "sigterm": sigterm, "sigterm_ckpt": sigterm_ckpt,
             "enospc": enospc, "chain_first_steps": first_steps}
 
 
@@ -68,23 +78,37 @@ def _load(results, name):
     return torch.load(results["out"] / name, weights_only=False)
 
 
-def test_sigkill_at_five_points_then_resume_is_bit_exact(fault_results):
-    assert all(code != 0 for code in fault_results["kills"]), fault_results["kills"]
-    # Where each launch resumed, from metrics.jsonl (the Trainer records no `resumed_from`): a
-    # launch's first record is step 0 (a fresh run's val loss) or the step after its resume.
-    resumed = [max(step - 1, 0) for step in fault_results["chain_first_steps"]]
-    assert resumed == RESUMED_FROM, fault_results["chain_first_steps"]
-    ref, chain = _load(fault_results, "fault_ref_final.pt"), _load(fault_results,
-                                                                   "fault_chain_final.pt")
+def _assert_chain_equals_reference(ref_out, chain_out):
+    """The killed-and-resumed chain ends bit-exact with the uninterrupted run: every loss, every
+    weight, the private mask."""
+    from pmp_scale.mask.artifact import read_artifact
+    ref = torch.load(ref_out / "fault_ref_final.pt", weights_only=False)
+    chain = torch.load(chain_out / "fault_chain_final.pt", weights_only=False)
     assert sorted(ref["losses"]) == list(range(1, 13)) == sorted(chain["losses"])
     for step, loss in ref["losses"].items():
         assert chain["losses"][step] == loss, f"step {step}"
     for name, value in ref["params"].items():
         assert torch.equal(chain["params"][name], value), name
-    out = fault_results["out"]
-    from pmp_scale.mask.artifact import read_artifact
-    a, b = (read_artifact(out / r / "private" / "mask")[0] for r in ("fault_ref", "fault_chain"))
+    a, b = (read_artifact(out / run / "private" / "mask")[0]
+            for out, run in ((ref_out, "fault_ref"), (chain_out, "fault_chain")))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sigkill_inside_a_checkpoint_write_then_resume_is_bit_exact(fault_results):
+    assert all(code != 0 for code in fault_results["kills"]), fault_results["kills"]
+    # Where each launch resumed, from metrics.jsonl (the Trainer records no `resumed_from`): a
+    # launch's first record is step 0 (a fresh run's val loss) or the step after its resume.
+    resumed = [max(step - 1, 0) for step in fault_results["chain_first_steps"]]
+    assert resumed == ONE_KILL_RESUMED_FROM, fault_results["chain_first_steps"]
+    _assert_chain_equals_reference(fault_results["out"], fault_results["out"])
+
+
+@pytest.mark.extended
+def test_sigkill_at_five_points_then_resume_is_bit_exact(fault_results, tiny_data, tmp_path):
+    kills, first_steps = _kill_chain(tmp_path, tiny_data, KILLS)
+    assert all(code != 0 for code in kills), kills
+    assert [max(step - 1, 0) for step in first_steps] == RESUMED_FROM, first_steps
+    _assert_chain_equals_reference(fault_results["out"], tmp_path)
 
 
 def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(fault_results):
@@ -245,10 +269,13 @@ def test_preemption_ignores_repeated_signals_and_close_cancels_the_watchdog():
     assert proc.returncode == 128 + 15  # the grace timer still ends a stuck process
 
 
-@pytest.mark.parametrize("world", [1, 4])
-def test_elastic_resume_from_2_ranks(fault_results, world):
+@pytest.mark.parametrize("world", [1, pytest.param(4, marks=pytest.mark.extended)])
+def test_elastic_resume_from_2_ranks(fault_results, tiny_data, world):
     """2 -> 1 and 2 -> 4: training continues within noise; the complement is still θ(0)."""
     from pmp_scale.mask.artifact import read_artifact
+    if world != 1:  # the fixture resumes at W=1; the other sizes are the extended tier's
+        proc = launch_scenarios(fault_results["out"], tiny_data, ["elastic_resume"], world)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ref = _load(fault_results, "fault_ref_final.pt")
     run = _load(fault_results, f"elastic_w{world}_final.pt")
     assert sorted(run["losses"]) == list(range(1, 13))

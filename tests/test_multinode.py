@@ -90,6 +90,12 @@ def _teardown(nodes: list[Node]) -> None:
         _ip("netns", "del", n.netns, check=False)  # takes its end of the veth pair along
 
 
+# The two-node scenario (five launches on two namespaced nodes, one killed) is the extended
+# tier's (tools/test.sh --all). The default tier keeps its cheaper relatives: the shared-run_dir
+# probe below, s3:// streaming into a local cache (tests/test_s3.py), SIGKILL mid-run then a
+# bit-exact resume (tests/test_fault_tolerance.py).
+
+
 @pytest.fixture(scope="module")
 def nodes():
     why = _why_no_namespaces()
@@ -259,6 +265,8 @@ def _release(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return dict(release_tensors(out))
 
 
+@pytest.mark.extended
+@pytest.mark.timeout(2400)  # the module's five launches
 def test_two_nodes_lose_one_resume_and_equal_a_single_node_run(multinode):
     ref = multinode["ref"]
     assert ref.returncode == 0, ref.stdout[-4000:] + ref.stderr[-4000:]
@@ -302,6 +310,8 @@ def test_two_nodes_lose_one_resume_and_equal_a_single_node_run(multinode):
     assert trained > 0
 
 
+@pytest.mark.extended
+@pytest.mark.timeout(2400)  # the module's five launches
 def test_run_dir_not_shared_between_nodes_is_one_clear_error(multinode):
     for code, log in multinode["unshared"]:
         assert code == 2, log[-4000:]
@@ -316,6 +326,8 @@ def test_run_dir_not_shared_between_nodes_is_one_clear_error(multinode):
         assert not (multinode["root"] / f"node{node}_local" / "run" / "checkpoints").exists()
 
 
+@pytest.mark.extended
+@pytest.mark.timeout(2400)  # the module's five launches
 def test_each_node_streamed_from_s3_into_its_own_cache(multinode):
     for node in (0, 1):
         cache = multinode["root"] / f"node{node}_local" / "cache"

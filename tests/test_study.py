@@ -101,6 +101,8 @@ def test_dry_run_prints_the_plan_and_its_time(tiny_data, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.extended  # three end-to-end study runs; the default tier keeps the reuse rule below
+@pytest.mark.timeout(3600)
 def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
     """The GPU recipe at CPU size (`tools/gpu_study.sh --tiny`: data prepared, dense + one PMP
     run, grid, attacks, claims), killed with SIGKILL right after the dense run finished, then

@@ -7,6 +7,8 @@
 # attacks on the PMP release.
 # Outputs: runs/release/{demo,demo_pmp}, runs/nft_report/{report.md,results.json,*.png},
 # runs/attack/demo_pmp/{attack.md,attack.json,roc.png,masks/}.
+# DEMO_SIZE=quick (set by tools/demo.sh without --full): the same under runs/quick/, with the
+# smaller report grid (configs/finetune/demo_report_quick.yaml) and a shorter shadow run.
 # Extra arguments go to tools/nft_report.py (e.g. --fresh, --set lrs=[1e-3]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,26 +20,33 @@ fi
 export OMP_NUM_THREADS="$(nproc)"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
+R=runs REPORT=configs/finetune/demo_report.yaml SHADOW=()
+if [ "${DEMO_SIZE:-full}" = quick ]; then
+    R=runs/quick REPORT=configs/finetune/demo_report_quick.yaml
+    SHADOW=(--shadow-set train.max_steps=20 --shadow-set pmp.warmup_max_steps=20
+            --shadow-set pmp.check_every=5)
+fi
 for run in demo demo_pmp; do
-    if [ ! -f "runs/$run/checkpoints/latest" ]; then
-        echo "error: runs/$run has no checkpoint; run tools/demo.sh first" >&2
+    if [ ! -f "$R/$run/checkpoints/latest" ]; then
+        echo "error: $R/$run has no checkpoint; run tools/demo.sh first" >&2
         exit 2
     fi
 done
-if [ ! -f runs/demo_pmp/private/mask/mask.json ]; then
-    echo "error: runs/demo_pmp/private/mask/mask.json missing: the PMP run has not finished" >&2
+if [ ! -f "$R/demo_pmp/private/mask/mask.json" ]; then
+    echo "error: $R/demo_pmp/private/mask/mask.json missing: the PMP run has not finished" >&2
     exit 2
 fi
 
 VERBOSE=()  # --verbose (among the report's arguments) also reaches the attack step
 for arg in "$@"; do [ "$arg" = --verbose ] && VERBOSE=(--verbose); done
-$PY tools/release.py runs/demo runs/release/demo --overwrite
-$PY tools/release.py runs/demo_pmp runs/release/demo_pmp --overwrite \
-    --private runs/demo_pmp/private/mask
-$PY tools/nft_report.py --config configs/finetune/demo_report.yaml "$@"
+$PY tools/release.py "$R/demo" "$R/release/demo" --overwrite
+$PY tools/release.py "$R/demo_pmp" "$R/release/demo_pmp" --overwrite \
+    --private "$R/demo_pmp/private/mask"
+$PY tools/nft_report.py --config "$REPORT" "$@"
 # Mask secrecy: every attack on the PMP release (public text = the demo corpus, a shadow run of
 # our own recipe), scored against the true mask; payoff = fine-tuning with the best recovered mask.
-$PY tools/attack_mask.py runs/release/demo_pmp --out runs/attack/demo_pmp \
-    --private runs/demo_pmp/private/mask --public data/demo/mds \
-    --shadow-config configs/attack/demo_shadow.yaml --shadow-dir runs/attack/shadow \
-    --payoff configs/finetune/review_lm.yaml ${VERBOSE[@]+"${VERBOSE[@]}"}
+$PY tools/attack_mask.py "$R/release/demo_pmp" --out "$R/attack/demo_pmp" \
+    --private "$R/demo_pmp/private/mask" --public data/demo/mds \
+    --shadow-config configs/attack/demo_shadow.yaml --shadow-dir "$R/attack/shadow" \
+    ${SHADOW[@]+"${SHADOW[@]}"} --payoff configs/finetune/review_lm.yaml \
+    ${VERBOSE[@]+"${VERBOSE[@]}"}

@@ -192,12 +192,12 @@ def _dataset(data_uri: str, split: str, micro_batch_size: int, shuffle: bool, se
 
 
 def _record_background_failures(dataset) -> None:
-    """Make a shard that fails to load (e.g. its checksum) an error instead of a hang: the
-    failure is kept on the dataset for `batches`, which raises it as a DataError."""
-    def keep(err: BaseException, stream) -> None:
-        err.pmp_remote = stream.remote and _join(stream.remote, stream.split or "")
-        dataset.pmp_failure = err
-    ds_internals.record_shard_failures(dataset, keep)
+    """A shard that fails to load (e.g. its checksum) ends the epoch with a DataError naming it,
+    instead of a hang or an epoch that silently ends early."""
+    def error(err: BaseException, stream) -> DataError:
+        remote = stream is not None and stream.remote and _join(stream.remote, stream.split or "")
+        return _data_error(err, remote or None)
+    ds_internals.record_shard_failures(dataset, error)
 
 
 def _check_raw_shard(shard, stream) -> None:
@@ -237,30 +237,34 @@ def _check_raw_shard(shard, stream) -> None:
             f"{problem}; restored it from its compressed copy {zip_info.basename}")
 
 
-def _data_error(failure: BaseException) -> DataError:
-    message = str(failure)
+def _data_error(failure: BaseException, remote: str | None) -> DataError:
+    message = str(failure).strip()
     if message.startswith("Checksum failure: "):
         path = message.split(": ", 1)[1]
-        remote = getattr(failure, "pmp_remote", None)
         source = f" (downloaded from {_join(remote, os.path.basename(path))})" if remote else ""
         return DataError(f"corrupt data shard: {path}{source} does not match the checksum in "
                          "its index.json; restore it or re-run tools/prepare_data.py")
-    return DataError(f"data shard could not be loaded: {message}")
+    first = message.splitlines()[0] if message else type(failure).__name__
+    return DataError(f"data shard could not be loaded: {first}")
+
+
+def _one_line(err: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker process reaches this one wrapped in torch's
+    report ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); its own
+    line is the report's last."""
+    text = str(err).strip()
+    if "\n" not in text:
+        return err
+    return DataError(text.splitlines()[-1].split("DataError: ", 1)[-1])
 
 
 def batches(loader, epochs: int | None = None):
     """Batches across epochs (each pass over the loader is one epoch; state resumes). A shard
-    that failed to load (e.g. its checksum) becomes a DataError naming it."""
+    that fails to load (e.g. its checksum) is a one-line DataError naming it."""
     epoch = 0
     while epochs is None or epoch < epochs:
         try:
             yield from loader
-        except Exception as err:
-            failure = getattr(loader.dataset, "pmp_failure", None)
-            if failure is None:
-                raise
-            raise _data_error(failure) from err
-        failure = getattr(loader.dataset, "pmp_failure", None)
-        if failure is not None:
-            raise _data_error(failure)
+        except DataError as err:
+            raise _one_line(err) from None
         epoch += 1

@@ -776,7 +776,7 @@ def _run_to_end(args, name, **over):
     return t
 
 
-@scenario(checked_in="tests/test_fault_tolerance.py")
+@scenario(FIRST, checked_in="tests/test_fault_tolerance.py")
 def fault_reference(args):
     _run_to_end(args, "fault_ref")
 
@@ -794,7 +794,7 @@ def sigterm_run(args):
     save0(t.state.step, Path(args.out) / f"sigterm_stopped_at_{t.state.step}")
 
 
-@scenario(checked_in="tests/test_fault_tolerance.py")
+@scenario(FIRST, checked_in="tests/test_fault_tolerance.py")
 def nonfinite(args):
     """NaN losses at steps 3-4: skipped, weights untouched; at 3-4-5... (2 allowed): stop."""
     class NaNTrainer(Trainer):
@@ -826,7 +826,7 @@ def nonfinite(args):
            "stop_snapshots": stop.snapshots}, Path(args.out) / "nonfinite.pt")
 
 
-@scenario(checked_in="tests/test_fault_tolerance.py")
+@scenario(FIRST, checked_in="tests/test_fault_tolerance.py")
 def corrupt_setup(args):
     """Runs whose checkpoints the test corrupts: two tags (2, 4) and a single tag (2)."""
     Trainer(_fault_cfg(args, "corrupt_two")).train(stop_at=4)
@@ -873,7 +873,7 @@ def corrupt_resume(args):
     save0(result, Path(args.out) / "corrupt_resume.pt")
 
 
-@scenario(checked_in="tests/test_fault_tolerance.py")
+@scenario(FIRST, checked_in="tests/test_fault_tolerance.py")
 def elastic_setup(args):
     """A 2-rank PMP run stopped in Stage II (step 8), copied for resumes at W=1 and W=4.
     Without save_init: its Stage II checkpoint holds no θ(0), the re-cut rebuilds it."""
@@ -885,7 +885,7 @@ def elastic_setup(args):
     dist.barrier()
 
 
-@scenario(checked_in="tests/test_fault_tolerance.py")
+@scenario(SINGLE, checked_in="tests/test_fault_tolerance.py (W=4: its own launch)")
 def elastic_resume(args):
     t = _run_to_end(args, f"elastic_w{world()}")
     drift = t.pmp.drift()  # against the θ(0) rebuilt from the universal checkpoint
