@@ -64,3 +64,29 @@ def test_written_shuffle_seeds_are_kept_and_dense_runs_keep_the_default(tmp_path
     raw["data"]["shuffle_seed"] = -1
     with pytest.raises(ConfigError, match="data.shuffle_seed"):
         parse_config(raw)
+
+
+@pytest.mark.timeout(60)
+def test_resume_continues_the_drawn_order(tmp_path, tiny_data):
+    """`--resume auto` builds a fresh loader with a freshly drawn seed before loading the
+    checkpoint; the loader state it loads carries the original seed, so the order continues."""
+    cfg = parse_config(_user_config(tmp_path, tiny_data))
+    drawn = data_order_seed(cfg)
+
+    def take(loader, n):
+        stream = batches(loader, epochs=1)
+        return [next(stream)["input_ids"] for _ in range(n)]
+
+    def make(seed):
+        return build_loader(cfg.data.path, "train", 4, shuffle=True, seed=seed)
+
+    reference = take(make(drawn), 6)  # the uninterrupted run
+    interrupted = make(drawn)
+    consumed = take(interrupted, 3)
+    state = interrupted.state_dict()
+    del interrupted
+    resumed = make(data_order_seed(cfg))  # another secret seed is drawn here ...
+    resumed.load_state_dict(state)  # ... and replaced by the checkpointed one
+    rest = take(resumed, 3)
+    assert state["shuffle_seed"] == drawn
+    assert all(torch.equal(a, b) for a, b in zip(consumed + rest, reference))
