@@ -80,9 +80,14 @@ def test_scores_equal_hand_computation(synthetic):
     release, mask = make_release(synthetic, "clean")
     result = run_attacks(release, private_dir=mask, attacks=["magnitude", "bits"])
     w, m = synthetic["weights"], synthetic["masks"]
-    scores = np.concatenate([w[n].reshape(-1).abs().numpy() for n in sorted(w)])
+    # constant-initialised tensors (norm weights) are always trained by default: every attack
+    # scores them as known trained, above anything else
+    top = np.finfo(np.float32).max
+    scores = np.concatenate([np.full(w[n].numel(), top, dtype=np.float32) if "norm" in n
+                             else w[n].reshape(-1).abs().numpy() for n in sorted(w)])
     labels = np.concatenate([m[n].numpy() for n in sorted(m)])
     r = result["attacks"]["magnitude"]
+    assert r["known_trained_tensors"] == sum("norm" in n for n in w)
     assert r["sampled"] == r["total"] == labels.size  # small model: no sampling, exact
     assert r["auc"] == pytest.approx(rank_auc(scores[labels], scores[~labels]), abs=1e-9)
     name = "model.layers.0.self_attn.k_proj.weight"

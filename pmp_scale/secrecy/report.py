@@ -41,7 +41,8 @@ def fix_for(attack: str) -> str:
     family = attack.split("@")[0]
     if family in FIXES:
         return FIXES[family]
-    if family in ("grad_abs", "fisher", "displacement", "structural", "shadow"):
+    if family in ("grad_abs", "fisher", "grad_sign", "grad_snr", "displacement", "structural",
+                  "shadow"):
         return GRADIENT_FIX
     return MAGNITUDE_FIX
 
@@ -77,6 +78,8 @@ def build_attacks(target: A.Target, names=None, public=None, seeds=None, ks=(1, 
             out.append(A.displacement(target, batches))
         if want("structural"):
             out.append(A.structural(target, counts))
+    known = A.constant_init_names(target)  # always trained by default: every attack knows it
+    out = [A.with_known_trained(a, known) for a in out]
     if shadow is not None and want("shadow"):
         if shadow.get("release") is None:
             run = train_shadow_run(Path(shadow["config"]), Path(shadow["workdir"]),
