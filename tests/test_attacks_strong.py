@@ -110,3 +110,15 @@ def test_row_spread_feature_sees_trained_rows():
     per_row = row_ratio.reshape(8, 256)[:, 0]
     assert bool((per_row[:4] > 2).all()) and bool((per_row[4:] - 1).abs().lt(0.2).all())
     assert np.isclose(float(col_ratio.mean()), float(w.std(0).mean() / 0.02), rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_shadow_stage2_length_flag(tmp_path, capsys):
+    """The shadow's Stage II length is the target's when given; nonsense is one clear line."""
+    from tools import attack_mask as attack_cli
+    cfg = tmp_path / "shadow.yaml"
+    cfg.write_text("run_dir: unused\n")
+    assert attack_cli.main([str(tmp_path), "--out", str(tmp_path / "out"), "--shadow-config",
+                            str(cfg), "--shadow-stage2-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shadow-stage2-steps 0" in err[0], err
