@@ -35,7 +35,9 @@ class DataConfig(_Strict):
     tokenizer: str
     local_cache: str | None = None  # where remote shards are cached; required for remote URIs
     shuffle: bool = True
-    shuffle_seed: int = 17
+    # null = drawn from the OS. A PMP run with pmp.secret_order draws it unless written in its
+    # config: a public order would hand a shadow run the target's Stage I batches.
+    shuffle_seed: int | None = Field(17, ge=0)
     # Fixed so the sample order does not depend on the world size (elastic resume).
     num_canonical_nodes: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -116,6 +118,19 @@ class PMPConfig(_Strict):
     project_radius: float = Field(2.0, gt=0)
     save_init: bool = False  # also write θ(0) as HF-named fp32 safetensors (small models)
     drift_every: int = Field(50, ge=1)  # steps between complement-drift measurements
+    # Mask-secrecy defences (README "Mask secrecy"; all random choices come from mask_seed,
+    # drawn from the OS and kept private unless given). secret_order: draw data.shuffle_seed
+    # (unless written) and break top-k ties at random, not by the lowest index.
+    secret_order: bool = True
+    # per_tensor_random: each tensor keeps its early-bird count, placed at random in the tensor
+    placement: Literal["topk", "per_tensor_random"] = "topk"
+    # share of each group's k chosen by score, the rest at random; null = 1 for topk, 0 for
+    # per_tensor_random
+    core_fraction: float | None = Field(None, ge=0, le=1)
+    # noisy top-k: Laplace noise on log|score| clipped to a window of noise_clip (nats) around
+    # its mean; bounds any attack knowing |g| to AUC ≤ e^ε/(1+e^ε) (docs/secrecy.md)
+    noise_epsilon: float | None = Field(None, gt=0)
+    noise_clip: float = Field(4.0, gt=0)
 
     @model_validator(mode="after")
     def _check_window(self) -> "PMPConfig":
@@ -149,6 +164,9 @@ class RunConfig(_Strict):
         if self.pmp.enabled and "seed" not in self.model_fields_set:
             # θ(0) must be secret in a PMP run: no default seed, unless one is given on purpose.
             object.__setattr__(self, "seed", None)
+        if (self.pmp.enabled and self.pmp.secret_order
+                and "shuffle_seed" not in self.data.model_fields_set):
+            object.__setattr__(self.data, "shuffle_seed", None)  # a secret order (engine.py)
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:

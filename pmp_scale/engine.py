@@ -33,7 +33,17 @@ from .zero3 import (DTYPES, SkippedSteps, StepHook, build_ds_config, build_engin
 # PMP settings a checkpoint's mask and discovery state depend on: resuming with others would
 # silently train a different method.
 PMP_IDENTITY = {"mask_ratio", "mask_source", "score", "topk_scope", "exclude",
-                "exclude_constant_init", "rewind", "complement"}
+                "exclude_constant_init", "rewind", "complement", "secret_order", "placement",
+                "core_fraction", "noise_epsilon", "noise_clip"}
+
+
+def data_order_seed(cfg: RunConfig) -> int:
+    """The run's data.shuffle_seed, or (null: a PMP run's default) one drawn from the OS,
+    identical on all ranks, so that a shadow run cannot replay the target's batches."""
+    if cfg.data.shuffle_seed is not None:
+        return cfg.data.shuffle_seed
+    from .mask.controller import secret_seed
+    return secret_seed()
 
 
 def world_size_from_env() -> int:
@@ -105,9 +115,12 @@ class Trainer:
             from .mask.controller import secret_seed
             self.init_seed = secret_seed()
         self.engine = self._build_engine(self.init_seed)
+        # A secret order is kept like the init seed: in the private checkpoints (the loader's
+        # state carries it, so a resume continues the same order) and in mask.json.
+        self.shuffle_seed = data_order_seed(cfg)
         self.train_loader = build_loader(
             cfg.data.path, "train", cfg.train.micro_batch_size, shuffle=cfg.data.shuffle,
-            seed=cfg.data.shuffle_seed, num_canonical_nodes=cfg.data.num_canonical_nodes,
+            seed=self.shuffle_seed, num_canonical_nodes=cfg.data.num_canonical_nodes,
             local_cache=cfg.data.local_cache, num_workers=cfg.data.num_workers)
         self.val_batches = self._load_val_batches()
         self.state = TrainState()
@@ -120,7 +133,8 @@ class Trainer:
             self.pmp = PMPController(cfg.pmp, self.engine, self.run_dir, self.init_seed,
                                      functools.partial(restart_schedule, self.engine,
                                                        self.schedule), self.telemetry,
-                                     constant_init=self.constant_init)
+                                     constant_init=self.constant_init,
+                                     shuffle_seed=self.shuffle_seed)
             self.hooks.append(self.pmp)
             components["pmp"] = self.pmp
         self.checkpointer = Checkpointer(

@@ -13,6 +13,8 @@ from pmp_scale.zero3.layout import LocalSlice
 SIZES = [1, 2, 3, 1000, 4099, 5, 2048]  # 1, 2, 3 are smaller than the world size
 N = sum(SIZES)
 RANDOM_K = 3001
+TIE_SEED = 424242
+SECRET_CASES = ("ties", "all_equal", "bf16", "k0", "kN", "per_tensor_ties", "two_groups")
 
 
 def _cases() -> dict:
@@ -44,6 +46,8 @@ def _select_on_rank(rank: int, world_size: int) -> dict:
     for name, (scores, k, groups) in _cases().items():
         local = [s[sl.start: sl.start + sl.length] for s, sl in zip(scores, slices)]
         out[name] = topk_mask(local, slices, k, groups)
+        if name in SECRET_CASES:
+            out["secret_" + name] = topk_mask(local, slices, k, groups, tie_seed=TIE_SEED)
     out["random_scores"] = random_scores(slices, seed=7)
     out["random"] = topk_mask(out["random_scores"], slices, RANDOM_K)
     out["random_count"] = mask_counts(out["random"])
@@ -60,14 +64,19 @@ def _full(results: list[dict], name: str) -> list[torch.Tensor]:
     return [torch.cat([r[name][i] for r in results]) for i in range(len(SIZES))]
 
 
-def _reference(scores, k, groups) -> list[torch.Tensor]:
-    """Gathered top-k: stable sort by (-score, global index), first k_g of each group."""
-    flat = torch.cat([s.float() for s in scores]).nan_to_num(0.0)
+def _reference(scores, k, groups, tie_seed=None) -> list[torch.Tensor]:
+    """Gathered top-k: sort by (-score, -secret tie score, global index), first k_g of each
+    group; the tie score is splitmix64 of (tie_seed, (param << 40) + flat index), 24 bits."""
+    flat = torch.cat([s.float() for s in scores]).nan_to_num(0.0).clamp(min=0.0).numpy()
     gid = torch.cat([torch.full((len(s),), g) for s, g in zip(scores, groups or [0] * len(scores))])
+    ids = np.concatenate([(i << 40) + np.arange(len(s)) for i, s in enumerate(scores)])
+    tie = (np.zeros(len(flat)) if tie_seed is None else
+           (_splitmix64_numpy(tie_seed, ids) >> np.uint64(40)).astype(np.float64))
     out = torch.zeros(len(flat), dtype=torch.bool)
     for g, kg in ({0: k} if isinstance(k, int) else k).items():
-        idx = (gid == g).nonzero().squeeze(1)
-        out[idx[torch.sort(-flat[idx], stable=True).indices[:kg]]] = True
+        idx = (gid == g).nonzero().squeeze(1).numpy()
+        order = np.lexsort((idx, -tie[idx], -flat[idx]))
+        out[idx[order[:kg]]] = True
     return list(torch.split(out, SIZES))
 
 
@@ -76,6 +85,10 @@ def _check(results: list[dict]) -> None:
         got, want = _full(results, name), _reference(scores, k, groups)
         for i, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a, b), f"{name}: parameter {i} differs in {int((a != b).sum())} elements"
+        if name in SECRET_CASES:
+            got, want = _full(results, "secret_" + name), _reference(scores, k, groups, TIE_SEED)
+            for i, (a, b) in enumerate(zip(got, want)):
+                assert torch.equal(a, b), f"secret {name}: parameter {i} differs"
     random_mask = torch.cat(_full(results, "random"))
     assert int(random_mask.sum()) == RANDOM_K
     assert all(r["random_count"] == RANDOM_K for r in results)
@@ -148,6 +161,37 @@ def test_random_scores_are_splitmix64_of_global_index():
     assert abs(float(got.mean()) - 0.5) < 0.03
     other_seed = torch.cat(random_scores(slices, seed=12346, param_offsets=offsets))
     assert not torch.equal(got, other_seed)
+
+
+@pytest.mark.timeout(60)
+def test_secret_tie_break_does_not_train_the_lowest_ids():
+    """An embedding whose rows mostly have |g| = 0 (tokens absent from the batch), selected per
+    tensor: ties by index would train the lowest token ids, a rule anyone can replay; secret
+    random ties spread the selected zero rows over the whole vocabulary."""
+    rows, dim = 512, 16
+    g = torch.Generator().manual_seed(5)
+    grad = torch.zeros(rows, dim)
+    present = torch.randperm(rows, generator=g)[:100]  # 100 tokens in the check batch
+    grad[present] = torch.rand(100, dim, generator=g) + 0.1
+    slices = [LocalSlice.for_rank(0, rows * dim, 0, 1)]
+    k = round(0.7 * rows * dim)
+    zero_rows = sorted(set(range(rows)) - set(present.tolist()))
+    n_zero_picked = k - 100 * dim
+
+    def picked_zero_rows(tie_seed):
+        m = topk_mask([grad.reshape(-1)], slices, k, tie_seed=tie_seed)[0].reshape(rows, dim)
+        assert int(m.sum()) == k and bool(m[present].all())
+        return torch.tensor([r for r in zero_rows if m[r].any()])
+
+    by_index = picked_zero_rows(None)
+    assert by_index.tolist() == zero_rows[:-(-n_zero_picked // dim)]  # the old leak, planted
+    secret = picked_zero_rows(TIE_SEED)
+    # the selected zero elements spread over the whole vocabulary, unlike the index prefix
+    assert len(secret) > 0.95 * len(zero_rows)
+    other = picked_zero_rows(TIE_SEED + 1)
+    m1 = topk_mask([grad.reshape(-1)], slices, k, tie_seed=TIE_SEED)[0]
+    m2 = topk_mask([grad.reshape(-1)], slices, k, tie_seed=TIE_SEED + 1)[0]
+    assert len(other) > 0.95 * len(zero_rows) and not torch.equal(m1, m2)
 
 
 def test_iou_of_empty_masks_is_one():

@@ -80,9 +80,14 @@ def test_scores_equal_hand_computation(synthetic):
     release, mask = make_release(synthetic, "clean")
     result = run_attacks(release, private_dir=mask, attacks=["magnitude", "bits"])
     w, m = synthetic["weights"], synthetic["masks"]
-    scores = np.concatenate([w[n].reshape(-1).abs().numpy() for n in sorted(w)])
+    # constant-initialised tensors (norm weights) are always trained by default: every attack
+    # scores them as known trained, above anything else
+    top = np.finfo(np.float32).max
+    scores = np.concatenate([np.full(w[n].numel(), top, dtype=np.float32) if "norm" in n
+                             else w[n].reshape(-1).abs().numpy() for n in sorted(w)])
     labels = np.concatenate([m[n].numpy() for n in sorted(m)])
     r = result["attacks"]["magnitude"]
+    assert r["known_trained_tensors"] == sum("norm" in n for n in w)
     assert r["sampled"] == r["total"] == labels.size  # small model: no sampling, exact
     assert r["auc"] == pytest.approx(rank_auc(scores[labels], scores[~labels]), abs=1e-9)
     name = "model.layers.0.self_attn.k_proj.weight"
@@ -300,4 +305,80 @@ def test_shadow_attack_and_payoff(dist_results, tiny_data, tmp_path, single_proc
     assert shadow["train_elements"] > 1000 and 0 <= shadow["auc"] <= 1
     assert (tmp_path / "report-shadow" / "run" / "private" / "mask" / "mask.json").is_file()
     runs = {r["label"]: r for r in doc["payoff"]["runs"]}
-    assert len(runs) == 3 and all(np.isfinite(r["gain"]) for r in runs.values())
+    assert len(runs) == 5 and all(np.isfinite(r["gain"]) for r in runs.values())
+    # the best attack's (oriented) mask at each attacker ratio: its top 10 %, 30 % and ρ
+    assert [r["attacker_ratio"] for r in doc["payoff"]["runs"]] == [None, None, 0.1, 0.3,
+                                                                    doc["ratio"]]
+    best = doc["payoff"]["best_attack"]
+    for r in (0.1, 0.3):
+        _, meta = read_artifact(out / "masks" / f"{best}_top{round(100 * r)}")
+        assert meta["total_selected"] / meta["total_numel"] == pytest.approx(r, abs=0.01)
+        assert meta["inverted"] == doc["attacks"][best]["inverted"]
+
+
+# --- scoring: folding, orientation, within-tensor quantiles, top-10 %, attacker ratios ----------
+def _shrunk(synthetic):
+    """Weights whose trained elements shrank (×0.1) while the complement stayed at θ(0):
+    |w| then ranks the mask backwards (AUC well below 0.5) — an inverted winner."""
+    w, m = synthetic["weights"], synthetic["masks"]
+    return {n: torch.where(m[n], synthetic["theta0"][n].reshape(-1) * 0.1,
+                           synthetic["theta0"][n].reshape(-1)).reshape(w[n].shape) for n in w}
+
+
+@pytest.mark.timeout(120)
+def test_inverted_attack_is_folded_everywhere_and_its_mask_oriented(synthetic, tmp_path):
+    from pmp_scale.secrecy.evaluate import folded
+    from pmp_scale.secrecy.payoff import best_attack
+    release, mask = make_release(synthetic, "shrunk", weights=_shrunk(synthetic))
+    result = run_attacks(release, tmp_path / "out", private_dir=mask,
+                         attacks=["magnitude", "magnitude_tensor"])
+    r = result["attacks"]["magnitude"]
+    assert r["auc"] < 0.3 and r["inverted"] and r["auc_sym"] == folded(r["auc"]) > 0.7
+    assert best_attack(result) in ("magnitude", "magnitude_tensor")
+    assert best_attack({"attacks": {"a": {"auc": 0.3}, "b": {"auc": 0.65}}}) == "a"
+    assert any("(magnitude)" in line for line in result["leaks"]), (r["groups"], result["leaks"])
+    # the predicted mask is oriented: mostly the true mask, not the anti-mask
+    predicted, meta = read_artifact(tmp_path / "out" / "masks" / "magnitude")
+    assert meta["inverted"] is True
+    from pmp_scale.mask import unpack_bits
+    hit = total = 0
+    for name, m in synthetic["masks"].items():
+        p = unpack_bits(predicted[name], m.numel())
+        hit, total = hit + int((p & m).sum()), total + int(p.sum())
+    assert hit / total > 0.8  # the anti-mask would be at most 1 - 0.6 = 0.4 here
+    assert r["precision_at_top10"] > 0.8 > r["mask_share"]
+
+
+@pytest.mark.timeout(30)
+def test_claims_fold_an_inverted_attack(monkeypatch):
+    """An attack at AUC 0.3 is a 0.7 attack: it must fail "≤ 0.55", not pass it."""
+    from types import SimpleNamespace
+    from pmp_scale.study import claims as C
+    monkeypatch.setattr(C, "_gaps_for", lambda doc, v: {})  # no fine-tuning grid needed here
+    pmp = {"mask_ratio": 0.7, "mask_source": "earlybird", "complement": "frozen",
+           "score": "step"}
+    rows = C.variant_rows({("p", "t"): {"base": {}}},
+                          {"run": {"preset": "p", "pmp": pmp, "short": "v"}},
+                          {"run": {"attacks": {"magnitude": {"auc": 0.3}}}}, None)
+    assert rows[0]["max_auc"] == pytest.approx(0.7)
+    cfg = SimpleNamespace(claims=SimpleNamespace(base_tolerance=0.05, secrecy_auc=0.55))
+    verdicts = {c["claim"]: c["verdict"] for c in C.claims(rows, cfg)}
+    assert verdicts["mask secrecy"] == "contradicted"
+
+
+@pytest.mark.timeout(30)
+def test_quantile_auc_compares_tensors_of_different_scales_fairly():
+    """Two tensors, each ranked perfectly from within, at scales 100 apart: pooled, one
+    tensor's frozen elements outrank the other's trained ones (AUC 0.75); on within-tensor
+    quantiles the score ranks perfectly, as it does."""
+    from pmp_scale.secrecy import Attack
+    from pmp_scale.secrecy.evaluate import Sample
+    g = torch.Generator().manual_seed(0)
+    m_a = torch.rand(4000, generator=g) < 0.5
+    m_b = torch.rand(4000, generator=g) < 0.5
+    s_a = m_a.float() + 0.5 * torch.rand(4000, generator=g)          # in [0, 1.5)
+    s_b = 100 + m_b.float() + 0.5 * torch.rand(4000, generator=g)    # in [100, 101.5)
+    attack = Attack("planted", "release", "planted", lambda: iter([("a", s_a), ("b", s_b)]))
+    result = Sample(attack, {"a": (4000,), "b": (4000,)},
+                    {"a": pack_bits(m_a), "b": pack_bits(m_b)}).evaluate()
+    assert result["auc"] < 0.8 and result["auc_quantile"] > 0.99

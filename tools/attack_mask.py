@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--shadow-dir", type=Path, help="where the shadow run lives (reused when "
                    "finished; default <out>-shadow)")
     p.add_argument("--shadow-ranks", type=int, default=2)
+    p.add_argument("--shadow-stage2-steps", type=int, metavar="N", help="the target's Stage II "
+                   "length, when known (a release records none): the shadow trains as long after "
+                   "its own discovery, so its masked weights drift as far as the target's")
     p.add_argument("--payoff", type=Path, help="a fine-tuning config (e.g. configs/finetune/"
                    "review_lm.yaml): fine-tune with the best recovered mask (needs --private)")
     args = p.parse_args(argv)
@@ -68,7 +71,12 @@ def main(argv=None) -> int:
     if args.shadow_config is not None:
         if not args.shadow_config.is_file():
             raise AttackError(f"shadow config {args.shadow_config} not found")
-        shadow = {"config": args.shadow_config, "overrides": args.shadow_set,
+        if args.shadow_stage2_steps is not None and args.shadow_stage2_steps < 1:
+            raise AttackError(f"--shadow-stage2-steps {args.shadow_stage2_steps}: give the "
+                              "target's number of Stage II steps (≥ 1)")
+        stage2 = ([] if args.shadow_stage2_steps is None  # Stage II runs train.max_steps steps
+                  else [f"train.max_steps={args.shadow_stage2_steps}"])
+        shadow = {"config": args.shadow_config, "overrides": [*stage2, *args.shadow_set],
                   "ranks": args.shadow_ranks,
                   "workdir": args.shadow_dir or args.out.with_name(args.out.name + "-shadow")}
     result = run_attacks(args.release, args.out, private_dir=args.private, public=args.public,

@@ -33,6 +33,8 @@ def _device() -> str:
 def secret_seed() -> int:
     """A seed from the OS, identical on all ranks (drawn on rank 0, broadcast)."""
     import secrets
+    if not dist.is_initialized():  # one process (tools, tests): nothing to agree on
+        return secrets.randbits(62)
     value = torch.tensor([secrets.randbits(62) if dist.get_rank() == 0 else 0], dtype=torch.int64,
                          device=_device())
     dist.broadcast(value, 0)
@@ -41,11 +43,13 @@ def secret_seed() -> int:
 
 class PMPController:
     def __init__(self, cfg: PMPConfig, engine, run_dir: str | Path, init_seed: int,
-                 reset_schedule, telemetry, constant_init: list[str] = ()):
+                 reset_schedule, telemetry, constant_init: list[str] = (),
+                 shuffle_seed: int | None = None):
         self.cfg = cfg
         self.engine = engine
         self.private_dir = Path(run_dir) / "private"
         self.init_seed = init_seed
+        self.shuffle_seed = shuffle_seed  # recorded privately; resumed with the loader's state
         self.reset_schedule = reset_schedule
         self.telemetry = telemetry
         self.rank = dist.get_rank()
@@ -53,11 +57,17 @@ class PMPController:
         # Exact names are fnmatch patterns that match only themselves (HF names have no [*?]).
         self.excluded = list(cfg.exclude) + (list(constant_init) if cfg.exclude_constant_init
                                              else [])
+        self.mask_seed = cfg.mask_seed
+        if cfg.mask_ratio < 1.0 and self.mask_seed is None:
+            # every random choice of the mask: random masks, ties, the secrecy defences
+            self.mask_seed = secret_seed()
         self.selector = MaskSelector(self.layout, cfg.mask_ratio, cfg.topk_scope, self.excluded,
-                                     device=_device())
+                                     device=_device(), seed=self.mask_seed,
+                                     secret_ties=cfg.secret_order, placement=cfg.placement,
+                                     core_fraction=cfg.core_fraction,
+                                     noise_epsilon=cfg.noise_epsilon, noise_clip=cfg.noise_clip)
         self.theta0 = self._snapshot_master()
         self._theta0_complete = True  # False: rebuilt from the complement (masked part unknown)
-        self.mask_seed = cfg.mask_seed
         self.discovery: EarlyBird | None = None
         self.update: MaskedUpdate | None = None
         self.mask: ShardedMask | None = None
@@ -69,8 +79,6 @@ class PMPController:
                 max_steps=cfg.warmup_max_steps, ema_beta=cfg.ema_beta,
                 score_window=cfg.score_window)
         else:
-            if cfg.mask_ratio < 1.0 and self.mask_seed is None:
-                self.mask_seed = secret_seed()
             self._enter_stage2(self._initial_mask(), step=0, rewind=False)
 
     # --- stages ------------------------------------------------------------------------------
@@ -194,7 +202,7 @@ class PMPController:
 
     def state_dict(self) -> dict:
         return {"init_seed": self.init_seed, "mask_seed": self.mask_seed,
-                "stage2_start": self.stage2_start, "theta0": self._theta0_to_save(),
+                "shuffle_seed": self.shuffle_seed, "stage2_start": self.stage2_start, "theta0": self._theta0_to_save(),
                 "discovery": None if self.discovery is None else self.discovery.state_dict(),
                 "mask": None if self.mask is None else self.mask.state_dict(),
                 # what the private artifact records: export from this checkpoint writes the same
@@ -202,6 +210,8 @@ class PMPController:
 
     def load_state_dict(self, state: dict) -> None:
         self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
+        self.selector.seed = self.mask_seed
+        self.shuffle_seed = state.get("shuffle_seed", self.shuffle_seed)
         # None: a Stage II checkpoint; the fp32 master (already loaded) holds it on the complement
         self.theta0 = state["theta0"] if state["theta0"] is not None else self._snapshot_master()
         self._theta0_complete = state["theta0"] is not None
@@ -226,6 +236,8 @@ class PMPController:
                 "elastic resume during Stage I (mask discovery) is not supported: resume at the "
                 f"original world size ({len(old)}) until discovery has finished")
         self.init_seed, self.mask_seed = first["init_seed"], first["mask_seed"]
+        self.selector.seed = self.mask_seed
+        self.shuffle_seed = first.get("shuffle_seed", self.shuffle_seed)
         self.stage2_start = first["stage2_start"]
         if self.discovery is not None and first["discovery"] is not None:
             self.discovery.load_state_dict({**first["discovery"], "candidate": None,
@@ -288,6 +300,10 @@ class PMPController:
             "exclude_constant_init": self.cfg.exclude_constant_init,
             "excluded_params": self.excluded,
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
+            "shuffle_seed": self.shuffle_seed, "secret_order": self.cfg.secret_order,
+            "placement": self.cfg.placement, "core_fraction": self.selector.core_fraction,
+            "noise_epsilon": self.cfg.noise_epsilon,
+            **({"noise_clip": self.cfg.noise_clip} if self.cfg.noise_epsilon else {}),
             "world_size": self.layout.world_size,
             "discovery": None if d is None else {
                 "steps": d.steps, "stop_reason": d.stop_reason, "trace": d.trace,

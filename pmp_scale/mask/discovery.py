@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from .. import ds_internals
 from .select import iou, random_scores, topk_mask
@@ -32,16 +33,36 @@ def target_counts(layout: PartitionLayout, ratio: float, scope: str,
 
 
 class MaskSelector:
-    """Turns per-element scores into a ShardedMask with the run's ratio, scope and exclusions."""
+    """Turns per-element scores into a ShardedMask with the run's ratio, scope and exclusions.
+
+    `seed` (the run's secret mask seed) drives every random choice: ties at the threshold, and
+    the secrecy defences (see README "Mask secrecy"): `placement: per_tensor_random` keeps each
+    tensor's early-bird count and places it at random within the tensor; `core_fraction` f
+    keeps the top f·k by score and draws the rest at random; `noise_epsilon` ε adds secret
+    Laplace noise to the clipped log-score (bound AUC ≤ e^ε/(1+e^ε), docs/secrecy.md).
+    Without a seed: ties by index, no defences (the selection of the tests' references).
+    """
 
     def __init__(self, layout: PartitionLayout, ratio: float, scope: str, exclude: list[str],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", seed: int | None = None,
+                 secret_ties: bool = True, placement: str = "topk", core_fraction: float | None = None,
+                 noise_epsilon: float | None = None, noise_clip: float = 4.0):
         self.layout = layout
         self.ratio = ratio
         self.device = device  # masks live here; collectives run here (NCCL: the GPU)
         self.excluded = layout.select(exclude)
         self.groups, self.k = target_counts(layout, ratio, scope, self.excluded)
         self.trainable = [i for i, x in enumerate(self.excluded) if not x]
+        self.seed = seed
+        self.secret_ties = secret_ties
+        self.placement = placement
+        self.core_fraction = (core_fraction if core_fraction is not None
+                              else 0.0 if placement == "per_tensor_random" else 1.0)
+        self.noise_epsilon, self.noise_clip = noise_epsilon, noise_clip
+
+    @property
+    def tie_seed(self) -> int | None:
+        return self.seed if self.secret_ties else None
 
     def selectable(self) -> ShardedMask:
         """The elements that are selected at all: excluded ones are in every candidate, so an
@@ -53,9 +74,27 @@ class MaskSelector:
 
     def from_scores(self, scores: list[torch.Tensor]) -> ShardedMask:
         """`scores[i]` for every layout entry (excluded entries ignored: always trainable)."""
-        chosen = topk_mask([scores[i].to(self.device) for i in self.trainable],
-                           [self.layout.entries[i].slice for i in self.trainable],
-                           self.k if self.groups is not None else self.k[0], self.groups)
+        slices = [self.layout.entries[i].slice for i in self.trainable]
+        local = [scores[i].to(self.device).float() for i in self.trainable]
+        k = self.k if self.groups is not None else self.k[0]
+        groups = self.groups
+        defended = self.placement != "topk" or self.core_fraction < 1
+        if self.seed is None and (defended or self.noise_epsilon is not None):
+            raise ValueError("the mask defences draw from the run's secret seed: none given")
+        if self.noise_epsilon is not None:
+            local = noisy_log_scores(local, slices, groups, self.seed, self.noise_epsilon,
+                                     self.noise_clip)
+        chosen = topk_mask(local, slices, k, groups, tie_seed=self.tie_seed)
+        if self.placement == "per_tensor_random":
+            # keep each tensor's early-bird count; where inside the tensor is secret
+            groups = [s.index for s in slices]
+            k = dict(zip(groups, per_param_counts(chosen, self.device)))
+        if defended:
+            chosen = core_plus_random(local, slices, k, groups, self.core_fraction, self.seed,
+                                      self.tie_seed)
+        return self._assemble(chosen)
+
+    def _assemble(self, chosen: list[torch.Tensor]) -> ShardedMask:
         masks = [torch.ones(e.slice.length, dtype=torch.bool, device=self.device)
                  for e in self.layout.entries]
         for i, m in zip(self.trainable, chosen):
@@ -64,8 +103,11 @@ class MaskSelector:
 
     def random(self, seed: int) -> ShardedMask:
         """Uniform mask of exactly k elements, identical at any world size."""
-        scores = random_scores([e.slice for e in self.layout.entries], seed)
-        return self.from_scores(scores)
+        slices = [self.layout.entries[i].slice for i in self.trainable]
+        scores = [s.to(self.device) for s in random_scores(slices, seed)]
+        return self._assemble(topk_mask(scores, slices,
+                                        self.k if self.groups is not None else self.k[0],
+                                        self.groups))
 
     def full(self) -> ShardedMask:
         return ShardedMask.full(self.layout, self.device)
@@ -75,6 +117,67 @@ class MaskSelector:
         keep = (selectable or self.selectable()).bits
         return iou([x.to(self.device) & k for x, k in zip(a.bits, keep)],
                    [y.to(self.device) & k for y, k in zip(b.bits, keep)])
+
+
+def per_param_counts(masks: list[torch.Tensor], device) -> list[int]:
+    """Selected elements of each parameter, summed over ranks (one all-reduce)."""
+    counts = torch.tensor([int(m.sum()) for m in masks], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def core_plus_random(scores, slices, k, groups, fraction: float, seed: int,
+                     tie_seed: int | None) -> list[torch.Tensor]:
+    """Per group: the top round(f·k_g) by score (the core), then k_g − core more drawn
+    uniformly (secret `seed`) from the rest: the core scores 2, every other element a
+    random score in [0.5, 1), and one exact top-k picks core + the random rest."""
+    kd = {0: k} if isinstance(k, int) else dict(k)
+    core_k = {g: math.floor(fraction * v + 0.5) for g, v in kd.items()}
+    core = topk_mask(scores, slices, core_k if groups is not None else core_k[0], groups,
+                     tie_seed=tie_seed)
+    # another stream than the tie-break's: the random part must not follow the ties' order
+    rand = random_scores(slices, seed ^ _PLACEMENT_SALT)
+    mixed = [torch.where(c, 2.0, r.to(c.device) * 0.5 + 0.5) for c, r in zip(core, rand)]
+    return topk_mask(mixed, slices, k, groups, tie_seed=tie_seed)
+
+
+_PLACEMENT_SALT = 0x5EC2E7_0001
+_NOISE_SALT = 0x5EC2E7_0002
+
+
+def noisy_log_scores(scores, slices, groups, seed: int, epsilon: float,
+                     clip: float) -> list[torch.Tensor]:
+    """D4: s = log|score| clipped to a window of width `clip` centred on the group's mean
+    log-score (over non-zero scores), plus secret Laplace noise of scale 2·clip/ε, mapped
+    monotonically into (0, 2) for the top-k. Any one swap of a selected and an unselected
+    element changes the noise density by at most e^ε, hence AUC ≤ e^ε/(1+e^ε) for an attacker
+    who knows every score exactly (docs/secrecy.md). The noise is a hash of (seed, global
+    element index): the same at every check and at any world size."""
+    gids = [0] * len(slices) if groups is None else list(groups)
+    order = sorted(set(gids))
+    device = scores[0].device if scores else torch.device("cpu")
+    sums = torch.zeros(len(order), 2, dtype=torch.float64, device=device)
+    logs = []
+    for g, s in zip(gids, scores):
+        x = s.double().abs()
+        pos = (x > 0) & torch.isfinite(x)
+        logs.append(torch.where(pos, x.clamp(min=1e-300).log(), float("-inf")))
+        sums[order.index(g), 0] += logs[-1][pos].sum()
+        sums[order.index(g), 1] += pos.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    centre = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
+    b = 2.0 * clip / epsilon
+    rand = random_scores(slices, seed ^ _NOISE_SALT)
+    out = []
+    for g, x, u in zip(gids, logs, rand):
+        c = centre[order.index(g)]
+        u = u.double().to(x.device) + 2.0 ** -25  # (0, 1): both tails finite
+        noise = -b * torch.sign(u - 0.5) * torch.log1p(-2.0 * (u - 0.5).abs())
+        y = x.clamp(c - clip / 2, c + clip / 2) - c + noise
+        out.append((1.0 + y / (1.0 + y.abs())).float())
+    return out
 
 
 def local_grad_slices(engine, layout: PartitionLayout) -> list[torch.Tensor]:

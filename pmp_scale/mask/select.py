@@ -2,8 +2,14 @@
 
 Every rank holds a slice of every parameter (zero3.layout.LocalSlice). The selection never gathers scores:
 a radix select over the IEEE-754 bit patterns finds each group's threshold with one small
-all-reduce per pass, and ties at the threshold are broken by global element index with one more
-all-reduce of per-(rank, parameter) tie counts. The result is identical at any world size.
+all-reduce per pass, and ties at the threshold are split with one more all-reduce of
+per-(rank, parameter) tie counts: by secret random scores of the tied elements when a
+`tie_seed` is given (a second exact top-k over the tied elements only), else by global element
+index. The result is identical at any world size.
+
+Why a secret tie-break: with many equal scores at the threshold (zero |g| of embedding rows
+whose tokens were absent, `topk_scope: per_tensor`), index order trains the lowest token ids,
+a rule anyone can replay without the mask.
 """
 import torch
 import torch.distributed as dist
@@ -37,8 +43,11 @@ def _keys(score: torch.Tensor) -> torch.Tensor:
     return torch.where(score > 0, score, 0.0).view(torch.int32)
 
 
-def topk_mask(scores, slices, k, groups=None, process_group=None) -> list[torch.Tensor]:
-    """Select exactly k_g elements per group: the largest scores, ties by lower global index.
+def topk_mask(scores, slices, k, groups=None, process_group=None, tie_seed: int | None = None,
+              param_offsets=None) -> list[torch.Tensor]:
+    """Select exactly k_g elements per group: the largest scores; ties at the threshold go to
+    the largest `uniform_scores(tie_seed)` of their global element index (param_offsets as in
+    `random_scores`), or, without a tie_seed (and where those collide), to the lower global index.
 
     scores[i] holds this rank's slices[i].length elements of parameter slices[i].index. Every
     rank must pass the same parameters in the same order (zero-length slices included), which
@@ -97,6 +106,9 @@ def topk_mask(scores, slices, k, groups=None, process_group=None) -> list[torch.
     ties = torch.zeros(world, len(slices), dtype=torch.int64, device=device)
     ties[rank] = torch.tensor([c.numel() for c in cands], dtype=torch.int64)
     ties = _all_reduce(ties, process_group).cpu()
+    if tie_seed is not None:
+        return _split_ties_at_random(masks, keys, threshold, gpos, groups, group_ids, slices,
+                                     ties, k_rem, rank, process_group, tie_seed, param_offsets)
     needed = k_rem.tolist()
     before = [0] * len(group_ids)  # ties of this group earlier in global order (param-major, then rank)
     for i in sorted(range(len(slices)), key=lambda i: slices[i].index):
@@ -107,6 +119,30 @@ def topk_mask(scores, slices, k, groups=None, process_group=None) -> list[torch.
             tied = keys[i] == threshold[g]
             tied[tied.cumsum(0, dtype=torch.int32) > take] = False
             masks[i] |= tied
+    return masks
+
+
+def _split_ties_at_random(masks, keys, threshold, gpos, groups, group_ids, slices, ties, k_rem,
+                          rank, process_group, seed, param_offsets) -> list[torch.Tensor]:
+    """Add k_rem[g] of each group's threshold ties, chosen by an exact top-k of their secret
+    random scores. The tied elements of parameter i form a virtual slice (rank r holds the
+    ties[r, i] of them after those of ranks < r: global element order), so the second select
+    sees only the ties, never a full-size tensor, and is as layout-independent as the first."""
+    stream = _stream(seed)
+    tied_idx, sub_scores, sub_slices = [], [], []
+    for i, (s, key) in enumerate(zip(slices, keys)):
+        idx = (key == threshold[gpos[i]]).nonzero().squeeze(1)
+        base = param_offsets[s.index] if param_offsets is not None else s.index << 40
+        ids = idx.cpu().to(torch.int64) + (base + s.start)
+        # [0.5, 1): 24 random bits survive float32 exactly, and every tie scores above 0
+        sub_scores.append((_uniform(ids, stream) * 0.5 + 0.5).to(key.device))
+        tied_idx.append(idx)
+        sub_slices.append(LocalSlice(s.index, int(ties[:, i].sum()), int(ties[:rank, i].sum()),
+                                     int(ties[rank, i])))
+    need = dict(zip(group_ids, k_rem.tolist()))
+    chosen = topk_mask(sub_scores, sub_slices, need, groups, process_group)
+    for m, idx, c in zip(masks, tied_idx, chosen):
+        m[idx[c]] = True
     return masks
 
 
@@ -142,14 +178,22 @@ def random_scores(slices, seed: int, param_offsets=None) -> list[torch.Tensor]:
     element index is param_offsets[index] + flat index, or (index << 40) + flat index by default.
     Scores have 24-bit resolution, like torch.rand; rare equal scores fall back to index order.
     """
-    stream = int(_splitmix64(torch.tensor(_signed(seed))))
+    stream = _stream(seed)
     out = []
     for s in slices:
         base = param_offsets[s.index] if param_offsets is not None else s.index << 40
         ids = torch.arange(base + s.start, base + s.start + s.length, dtype=torch.int64)
-        z = _splitmix64(ids * _signed(_GOLDEN) + stream)
-        out.append(_shr(z, 40).float() * 2.0 ** -24)
+        out.append(_uniform(ids, stream))
     return out
+
+
+def _stream(seed: int) -> int:
+    return int(_splitmix64(torch.tensor(_signed(seed))))
+
+
+def _uniform(ids: torch.Tensor, stream: int) -> torch.Tensor:
+    """float32 in [0, 1) with 24 random bits: a hash of (stream, global element id)."""
+    return _shr(_splitmix64(ids * _signed(_GOLDEN) + stream), 40).float() * 2.0 ** -24
 
 
 def mask_counts(masks, process_group=None) -> int:

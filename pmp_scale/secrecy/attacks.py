@@ -213,33 +213,52 @@ def _dict_scores(values: dict[str, torch.Tensor]) -> Callable[[], Scores]:
     return lambda: ((n, values[n].reshape(-1)) for n in sorted(values))
 
 
-def gradient_sums(target: Target, batches: list[torch.Tensor], at) -> Iterator[tuple[int, dict, dict]]:
-    """(K, Σ|g|, Σg²) per element over the first K public batches, for each K in `at` (the
-    running sums: divide before keeping them)."""
+def gradient_sums(target: Target, batches: list[torch.Tensor], at) -> Iterator[tuple[int, dict, dict, dict]]:
+    """(K, Σ|g|, Σg², Σg) per element over the first K public batches, for each K in `at`
+    (the running sums: divide before keeping them)."""
     model = target.load_model()
     params = {n: p for n, p in model.named_parameters() if n in target.shapes}
     g_abs = {n: torch.zeros_like(p) for n, p in params.items()}
     g_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+    g_sum = {n: torch.zeros_like(p) for n, p in params.items()}
     for k, ids in enumerate(batches[:max(at)], start=1):
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
         for n, p in params.items():
             g_abs[n] += p.grad.abs()
             g_sq[n] += p.grad.square()
+            g_sum[n] += p.grad
         if k in at:
-            yield k, g_abs, g_sq
+            yield k, g_abs, g_sq, g_sum
 
 
 def gradients(target: Target, batches: list[torch.Tensor], ks=(1, 4, 16, 64)) -> list[Attack]:
     """Mean |g| and mean g² (diagonal Fisher) over K public batches, for each K: the paper's
     "multiple gradient observations". Early-bird picked large-|g| elements, and the frozen
-    complement is where the loss is sharp (the paper's own mechanism)."""
+    complement is where the loss is sharp (the paper's own mechanism).
+
+    Sign-aware, from K ≥ 2 batches: trained weights sit near a stationary point of loss +
+    weight decay, where the mean gradient points along the weight (ḡ ≈ −λw, so −ḡ·w > 0);
+    frozen random weights do not (`grad_sign`). And the gradient's signal-to-noise ratio
+    |ḡ| / rms(g) (`grad_snr`) separates a consistent pull (frozen: off the stationary point)
+    from noise around zero (trained), and sharpens with K where mean |g| blurs."""
     out = []
-    for k, g_abs, g_sq in gradient_sums(target, batches, [k for k in ks if k <= len(batches)]):
+    weights = dict(target.tensors())
+    for k, g_abs, g_sq, g_sum in gradient_sums(target, batches,
+                                               [k for k in ks if k <= len(batches)]):
         out.append(Attack(f"grad_abs@K{k}", "public text", f"mean |g| over {k} batches",
                           _dict_scores({n: v / k for n, v in g_abs.items()}), {"K": k}))
         out.append(Attack(f"fisher@K{k}", "public text", f"mean g² over {k} batches",
                           _dict_scores({n: v / k for n, v in g_sq.items()}), {"K": k}))
+        if k < 2:
+            continue
+        out.append(Attack(f"grad_sign@K{k}", "public text", f"−mean g·w over {k} batches",
+                          _dict_scores({n: -(v / k) * weights[n].float()
+                                        for n, v in g_sum.items()}), {"K": k}))
+        out.append(Attack(f"grad_snr@K{k}", "public text",
+                          f"−|mean g| / rms g over {k} batches",
+                          _dict_scores({n: -(g_sum[n] / k).abs() / (g_sq[n] / k).sqrt()
+                                        .clamp(min=1e-30) for n in g_sum}), {"K": k}))
     return out
 
 
@@ -257,6 +276,28 @@ def displacement(target: Target, batches: list[torch.Tensor], steps: int = 20,
     moved = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters() if n in before}
     return Attack("displacement", "public text", f"|Δw| after {steps} AdamW steps",
                   _dict_scores(moved), {"steps": steps, "lr": lr})
+
+
+def constant_init_names(target: Target) -> list[str]:
+    """Tensors the public init sets to one constant (norm weights, biases). pmp_scale trains
+    them always (`pmp.exclude_constant_init`, the default), which the attacker reads in our
+    code: their mask bits are known without looking at the weights."""
+    return sorted(n for n, v in target.init_replay(seed=0)
+                  if v.numel() and bool((v == v.reshape(-1)[0]).all()))
+
+
+def with_known_trained(attack: Attack, names: list[str]) -> Attack:
+    """`attack` with every element of `names` scored above anything else (known trained)."""
+    if not names:
+        return attack
+    known = set(names)
+    top = torch.finfo(torch.float32).max
+
+    def scores() -> Scores:
+        for name, s in attack.scores():
+            yield name, (torch.full((s.numel(),), top) if name in known else s)
+    return Attack(attack.name, attack.needs, attack.channel, scores,
+                  {**attack.info, "known_trained_tensors": len(known)})
 
 
 def token_counts(batches: list[torch.Tensor], vocab: int) -> torch.Tensor:

@@ -24,6 +24,20 @@ from .attacks import Attack, AttackError
 GROUP_AUC, GROUP_SHARE, TENSOR_AUC = 0.75, 0.01, 0.9
 
 MIN_CLASS = 100  # elements of each class a tensor needs for its own AUC to mean anything
+TOP_SHARE = 0.1  # precision of the attacker's most confident tenth
+ATTACKER_RATIOS = (0.1, 0.3)  # shares an attacker may fine-tune with (and the true ρ)
+
+
+def folded(auc: float | None) -> float | None:
+    """An AUC read either way: a score that ranks the mask consistently backwards is as useful
+    to an attacker (a shadow model learns the orientation). 0.5 = chance, 1 = exact. Every
+    verdict on an attack (the audit, the claims, the payoff's choice) compares this."""
+    return None if auc is None else max(auc, 1.0 - auc)
+
+
+def inverted(auc: float | None) -> bool:
+    """Whether the score works backwards: its predicted mask is then built from -score."""
+    return auc is not None and auc < 0.5
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -64,6 +78,7 @@ class Sample:
         frac = min(1.0, sample_cap / total)
         gen = torch.Generator().manual_seed(seed)
         scores, labels, groups, self.tensor_auc, seen = [], [], [], {}, set()
+        quantiles = []
         self.group_size = defaultdict(int)
         for name, s in attack.scores():
             if name not in shapes:
@@ -79,6 +94,7 @@ class Sample:
                     self.tensor_auc[name] = _auc(sub_m.numpy(), sub_s.numpy())
             k = _keep(numel, frac, gen)
             scores.append((s if k is None else s[k]).numpy())
+            quantiles.append(_quantiles(scores[-1]))
             if masks is not None:
                 labels.append(_labels(masks[name], numel, k).numpy())
             code = KIND_NAMES.index(layer_kind(name))
@@ -88,16 +104,19 @@ class Sample:
             raise AttackError(f"attack {attack.name} scored {len(seen)} of {len(shapes)} tensors")
         self.total = total
         self.scores = np.concatenate(scores)
+        self.quantiles = np.concatenate(quantiles)
         self.labels = np.concatenate(labels).astype(np.int8) if labels else None
         self.groups = np.concatenate(groups)
 
-    def threshold(self, ratio: float) -> tuple[float, float]:
+    def threshold(self, ratio: float, invert: bool = False) -> tuple[float, float]:
         """Score threshold selecting a fraction `ratio` of elements, and the probability with
-        which elements tied at it are selected (scores with many ties: bits, constants)."""
-        n_select = ratio * len(self.scores)
-        ordered = np.sort(self.scores)[::-1]
+        which elements tied at it are selected (scores with many ties: bits, constants).
+        `invert`: of the negated scores (see `inverted`)."""
+        scores = -self.scores if invert else self.scores
+        n_select = ratio * len(scores)
+        ordered = np.sort(scores)[::-1]
         thr = float(ordered[min(len(ordered) - 1, max(0, int(round(n_select)) - 1))])
-        above, tied = float((self.scores > thr).sum()), float((self.scores == thr).sum())
+        above, tied = float((scores > thr).sum()), float((scores == thr).sum())
         return thr, min(1.0, max(0.0, (n_select - above) / tied)) if tied else 1.0
 
     def evaluate(self) -> dict:
@@ -115,12 +134,29 @@ class Sample:
         predicted[order[:n_comp]] = True
         hit = int((predicted & (y == 0)).sum())
         fpr, tpr = _roc_points(y, s)
-        return {"auc": auc, "auc_sym": None if auc is None else max(auc, 1 - auc),
+        # the attacker's most confident tenth, oriented: how many of its picks are trained
+        oriented = -s if inverted(auc) else s
+        top = np.lexsort((np.random.default_rng(1).random(len(s)), -oriented))
+        top = top[:max(1, int(round(TOP_SHARE * len(s))))]
+        auc_q = _auc(y, self.quantiles)
+        return {"auc": auc, "auc_sym": folded(auc), "inverted": inverted(auc),
+                "auc_quantile": auc_q, "auc_quantile_sym": folded(auc_q),
+                "precision_at_top10": float(y[top].mean()), "mask_share": float(y.mean()),
                 "groups": groups, "tensors": self.tensor_auc,
                 "precision_at_true_size": hit / max(1, int(predicted.sum())),
                 "recall_at_true_size": hit / max(1, n_comp),
                 "complement_share": n_comp / len(y), "sampled": len(y), "total": self.total,
                 "roc": {"fpr": fpr, "tpr": tpr}}
+
+
+def _quantiles(scores: np.ndarray) -> np.ndarray:
+    """Each score's rank within its own tensor, mapped to [0, 1] (ties: their mean rank), so
+    that pooling tensors of different scales compares like with like."""
+    if len(scores) < 2:
+        return np.full(len(scores), 0.5, dtype=np.float32)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - counts + (counts - 1) / 2.0  # 0-based, ties averaged
+    return (mean_rank[inverse] / (len(scores) - 1)).astype(np.float32)
 
 
 def _roc_points(y, s, n: int = 200) -> tuple[list[float], list[float]]:
@@ -132,13 +168,18 @@ def _roc_points(y, s, n: int = 200) -> tuple[list[float], list[float]]:
     return fpr[idx].round(5).tolist(), tpr[idx].round(5).tolist()
 
 
-def predicted_mask(attack: Attack, sample: Sample, ratio: float, shapes: Mapping[str, tuple],
-                   seed: int = 0):
-    """(name, packed, shape) of the mask the attacker would use: the top-`ratio` scores."""
-    thr, p_tied = sample.threshold(ratio)
+def predicted_mask(attack: Attack, sample: Sample | None, ratio: float,
+                   shapes: Mapping[str, tuple], seed: int = 0, invert: bool = False,
+                   threshold: tuple[float, float] | None = None):
+    """(name, packed, shape) of the mask the attacker would use: the top-`ratio` scores, of
+    -score when `invert` (an inverted winner's mask is oriented, never the anti-mask).
+    `threshold`: one computed earlier by `sample.threshold(ratio, invert)`."""
+    thr, p_tied = threshold or sample.threshold(ratio, invert)
     gen = torch.Generator().manual_seed(seed)
     for name, s in attack.scores():
         s = s.reshape(-1).float()
+        if invert:
+            s = -s
         ties = _bernoulli(s.numel(), p_tied, gen)
         packed = [pack_bits((c > thr) | ((c == thr) & next(ties)))  # CHUNK is a multiple of 8
                   for _, c in chunking.chunks(s)]

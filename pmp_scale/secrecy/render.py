@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .evaluate import GROUP_AUC, GROUP_SHARE, TENSOR_AUC
+from .evaluate import GROUP_AUC, GROUP_SHARE, TENSOR_AUC, folded
 
 
 def _f(x, digits: int = 3) -> str:
@@ -17,7 +17,7 @@ def _worst(items: dict, min_share: float | None = None) -> str:
     scored = [(k, a) for k, a in scored if a is not None]
     if not scored:
         return "—"
-    k, a = max(scored, key=lambda kv: max(kv[1], 1 - kv[1]))
+    k, a = max(scored, key=lambda kv: folded(kv[1]))
     return f"{k} {a:.3f}"
 
 
@@ -28,12 +28,19 @@ def markdown(result: dict) -> str:
         lines += [f"Scored against the true mask `{result['private']}` (the owner's view). AUC: "
                   "ROC AUC of the score against the true mask bit (in M = positive; 0.5 = chance; "
                   "below 0.5 means the score works inverted, which an attacker with a shadow model "
-                  "learns). P@|M̄|: precision of the predicted complement of the true size.", "",
-                  "| attack | needs | channel | AUC | worst group (≥1%) | worst tensor | P@\\|M̄\\| | s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "learns). folded: max(AUC, 1 − AUC), what every verdict compares. q-AUC: AUC "
+                  "of each score's rank within its own tensor (tensors of different scales "
+                  "pooled fairly), folded. P@10%: share of trained elements among the "
+                  "attacker's most confident tenth (the mask's share is chance). P@|M̄|: "
+                  "precision of the predicted complement of the true size.", "",
+                  "| attack | needs | channel | AUC | folded | q-AUC | worst group (≥1%) | "
+                  "worst tensor | P@10% | P@\\|M̄\\| | s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in result["attacks"].items():
             lines.append(f"| {name} | {r['needs']} | {r['channel']} | {_f(r.get('auc'))} | "
+                         f"{_f(r.get('auc_sym'))} | {_f(r.get('auc_quantile_sym'))} | "
                          f"{_worst(r['groups'], GROUP_SHARE)} | {_worst(r['tensors'])} | "
+                         f"{_f(r.get('precision_at_top10'))} | "
                          f"{_f(r.get('precision_at_true_size'))} | {r['time_s']} |")
         lines += ["", f"Audit rule: an attack fails the release at AUC ≥ {GROUP_AUC} (either "
                   f"orientation) on a layer group of ≥ {GROUP_SHARE:.0%} of the elements, or ≥ "

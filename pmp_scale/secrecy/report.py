@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..mask.artifact import MaskArtifactError, move_into_place, read_artifact, write_artifact
 from . import attacks as A
-from .evaluate import GROUP_AUC, GROUP_SHARE, TENSOR_AUC, Sample, predicted_mask
+from .evaluate import (ATTACKER_RATIOS, GROUP_AUC, GROUP_SHARE, TENSOR_AUC, Sample, folded,
+                       inverted, predicted_mask)
 from .shadow import release_shadow, shadow_attack, train_shadow_run
 
 DATA_FREE = ("bits", "constant", "magnitude", "magnitude_tensor", "magnitude_row",
@@ -38,7 +39,8 @@ def fix_for(attack: str) -> str:
     family = attack.split("@")[0]
     if family in FIXES:
         return FIXES[family]
-    if family in ("grad_abs", "fisher", "displacement", "structural", "shadow"):
+    if family in ("grad_abs", "fisher", "grad_sign", "grad_snr", "displacement", "structural",
+                  "shadow"):
         return GRADIENT_FIX
     return MAGNITUDE_FIX
 
@@ -74,6 +76,8 @@ def build_attacks(target: A.Target, names=None, public=None, seeds=None, ks=(1, 
             out.append(A.displacement(target, batches))
         if want("structural"):
             out.append(A.structural(target, counts))
+    known = A.constant_init_names(target)  # always trained by default: every attack knows it
+    out = [A.with_known_trained(a, known) for a in out]
     if shadow is not None and want("shadow"):
         if shadow.get("release") is None:
             run = train_shadow_run(Path(shadow["config"]), Path(shadow["workdir"]),
@@ -90,14 +94,15 @@ def leaks(result: dict) -> list[str]:
     for name, r in result["attacks"].items():
         if r.get("auc") is None:
             continue
-        sym = lambda a: max(a, 1 - a)  # noqa: E731 - a consistent inversion is as useful
         groups = [(g, v["auc"]) for g, v in r["groups"].items()
-                  if v["auc"] is not None and v["share"] >= GROUP_SHARE and sym(v["auc"]) >= GROUP_AUC]
-        tensors = [(t, a) for t, a in r["tensors"].items() if a is not None and sym(a) >= TENSOR_AUC]
+                  if v["auc"] is not None and v["share"] >= GROUP_SHARE
+                  and folded(v["auc"]) >= GROUP_AUC]
+        tensors = [(t, a) for t, a in r["tensors"].items()
+                   if a is not None and folded(a) >= TENSOR_AUC]
         if groups or tensors:
             where = [f"group {g} AUC {a:.3f}" for g, a in groups]
             if tensors:
-                t, a = max(tensors, key=lambda ta: sym(ta[1]))
+                t, a = max(tensors, key=lambda ta: folded(ta[1]))
                 where.append(f"{len(tensors)} tensor(s), e.g. {t} AUC {a:.3f}")
             fix = fix_for(name)
             lines.append(f"mask leak through {r['channel']} ({name}): {'; '.join(where)} — fix: {fix}")
@@ -120,6 +125,7 @@ def run_attacks(release_dir, out_dir=None, private_dir=None, public=None, attack
     try:
         result = {"release": str(release_dir), "private": str(private_dir) if private else None,
                   "ratio": ratio, "sample_cap": sample_cap, "attacks": {}}
+        kept = {}  # attack name -> (attack, invert, thresholds at the attacker ratios): payoff
         for attack in build_attacks(target, attacks, public, seeds, ks, shadow=shadow):
             t0 = time.perf_counter()
             sample = Sample(attack, target.shapes, private["masks"] if private else None,
@@ -127,18 +133,33 @@ def run_attacks(release_dir, out_dir=None, private_dir=None, public=None, attack
             entry = {"needs": attack.needs, "channel": attack.channel, **attack.info}
             if private:
                 entry.update(sample.evaluate())
+            # the owner's view orients an inverted score: its mask is never the anti-mask
+            invert = bool(private) and inverted(entry.get("auc"))
             if out_dir is not None and write_masks:
                 write_artifact(tmp / "masks" / attack.name.replace("@", "_"),
-                               predicted_mask(attack, sample, ratio, target.shapes),
+                               predicted_mask(attack, sample, ratio, target.shapes,
+                                              invert=invert),
                                {"predicted_by": attack.name, "mask_ratio": ratio,
-                                "release": str(release_dir)})
+                                "inverted": invert, "release": str(release_dir)})
+            if payoff_config is not None:
+                kept[attack.name] = (attack, invert, {r: sample.threshold(r, invert)
+                                                      for r in ATTACKER_RATIOS})
             entry["time_s"] = round(time.perf_counter() - t0, 2)
             result["attacks"][attack.name] = entry
         result["leaks"] = leaks(result) if private else []
         if payoff_config is not None and private and out_dir is not None:
-            from .payoff import payoff
-            result["payoff"] = payoff(payoff_config, release_dir, private_dir, tmp / "masks",
-                                      result)
+            from .payoff import best_attack, payoff
+            best = best_attack(result)
+            attack, invert, thresholds = kept[best]
+            stem = best.replace("@", "_")
+            masks = {ratio: tmp / "masks" / stem}
+            for r, thr in thresholds.items():
+                masks[r] = tmp / "masks" / f"{stem}_top{round(100 * r)}"
+                write_artifact(masks[r], predicted_mask(attack, None, r, target.shapes,
+                                                        invert=invert, threshold=thr),
+                               {"predicted_by": best, "mask_ratio": r, "inverted": invert,
+                                "release": str(release_dir)})
+            result["payoff"] = payoff(payoff_config, release_dir, private_dir, best, masks)
         if out_dir is not None:
             from .render import write_outputs
             write_outputs(result, tmp)

@@ -21,7 +21,8 @@ from .attacks import Attack, AttackError, Scores, Target, gradient_sums
 
 REPO = Path(__file__).resolve().parents[2]
 FEATURES = ["abs", "z_tensor", "z_row", "z_col", "zero_bits", "at_spike", "init_nll", "kind",
-            "depth", "log_numel", "row_frac", "col_frac", "token_logfreq", "grad_abs", "fisher"]
+            "depth", "log_numel", "row_frac", "col_frac", "token_logfreq", "row_std_ratio",
+            "col_std_ratio", "grad_abs", "fisher", "row_grad_abs", "col_grad_abs"]
 
 
 def _depth(name: str, n_layers: int) -> float:
@@ -31,7 +32,7 @@ def _depth(name: str, n_layers: int) -> float:
 
 def grad_stats(target: Target, batches) -> tuple[dict, dict]:
     """Mean |g| and mean g² per element over the public batches."""
-    k, g_abs, g_sq = next(gradient_sums(target, batches, [len(batches)]))
+    k, g_abs, g_sq, _ = next(gradient_sums(target, batches, [len(batches)]))
     return {n: v / k for n, v in g_abs.items()}, {n: v / k for n, v in g_sq.items()}
 
 
@@ -59,10 +60,28 @@ class Featurizer:
                     torch.full((numel,), _depth(name, self.n_layers)),
                     torch.full((numel,), float(np.log(numel))),
                     r.float() / max(1, rows - 1), c.float() / max(1, cols - 1),
-                    self.counts[r] if vocab_rows else torch.full((numel,), -1.0)]
+                    self.counts[r] if vocab_rows else torch.full((numel,), -1.0),
+                    *_spread_vs_init(t, self.init[name][1], r, c)]
         if self.grads is not None:
-            cols_out += [self.grads[0][name].reshape(-1), self.grads[1][name].reshape(-1)]
+            g = self.grads[0][name]
+            cols_out += [g.reshape(-1), self.grads[1][name].reshape(-1), *_row_col_means(g, r, c)]
         return torch.stack([x.float() for x in cols_out], dim=1).numpy()
+
+
+def _spread_vs_init(t: torch.Tensor, init_std: float, r, c) -> list[torch.Tensor]:
+    """Row and column std of w over the init's std: a row (output unit, token) whose elements
+    were mostly trained has drifted from the init's spread; one left frozen has not."""
+    x = t.float()
+    if x.dim() != 2 or init_std == 0:
+        return [torch.ones(t.numel()), torch.ones(t.numel())]
+    return [(x.std(1) / init_std)[r], (x.std(0) / init_std)[c]]
+
+
+def _row_col_means(g: torch.Tensor, r, c) -> list[torch.Tensor]:
+    """Row and column mean |g|: early-bird picks whole rows of frequent tokens / busy units."""
+    if g.dim() != 2:
+        return [g.reshape(-1), g.reshape(-1)]
+    return [g.mean(1)[r], g.mean(0)[c]]
 
 
 def train_shadow_run(config: Path, workdir: Path, overrides: list[str], ranks: int) -> Path:

@@ -58,8 +58,9 @@ def variant_rows(grids: dict, runs: dict, secrecy: dict, cfg) -> list[dict]:
             rec = g.get("authorized recovery")
             dense_loss = base.get("dense", {}).get("loss")
             loss = base.get(v, {}).get("loss")
+            from ..secrecy.evaluate import folded  # an AUC of 0.3 is a 0.7 attack, inverted
             aucs = [a.get("auc") for a in (secrecy.get(name) or {}).get("attacks", {}).values()]
-            aucs = [a for a in aucs if a is not None and not math.isnan(a)]
+            aucs = [folded(a) for a in aucs if a is not None and not math.isnan(a)]
             rows.append({
                 "preset": preset, "task": task, "variant": v, "run": name, **info["pmp"],
                 "steps": None if cut is None else cut["steps"],

@@ -373,16 +373,18 @@ def offload_clips_the_masked_gradient(out):
 @scenario(FIRST)
 def pmp_secret_seed(args):
     """A PMP run given no seed draws one per run and writes it only to private places."""
-    seeds, theta = [], []
+    seeds, orders, theta = [], [], []
     for i in (0, 1):
         cfg = config(args, f"pmp_secret_{i}", train={"max_steps": 2},
-                     pmp={"enabled": True, "mask_source": "random"})
+                     pmp={"enabled": True, "mask_source": "random"},
+                     data={"shuffle_seed": None})  # as if not written: a secret order
         cfg = cfg.model_copy(update={"seed": None})
         t = Trainer(cfg)
         theta.append(gathered(t.model)["model.embed_tokens.weight"])
         t.train()
         seeds.append(t.init_seed)
-    save0({"seeds": seeds, "same_theta0": torch.equal(*theta)},
+        orders.append(t.shuffle_seed)
+    save0({"seeds": seeds, "orders": orders, "same_theta0": torch.equal(*theta)},
           Path(args.out) / "pmp_secret_seed.pt")
 
 
@@ -390,12 +392,14 @@ def pmp_secret_seed(args):
 def pmp_run_without_a_seed_draws_a_secret_one(out):
     r = load_result(out, "pmp_secret_seed")
     a, b = r["seeds"]
-    assert a != b and not r["same_theta0"]
+    assert a != b and not r["same_theta0"] and r["orders"][0] != r["orders"][1]
     for i, seed in enumerate(r["seeds"]):
         run = out / f"pmp_secret_{i}"
-        assert read_artifact(run / "private" / "mask")[1]["init_seed"] == seed
+        meta = read_artifact(run / "private" / "mask")[1]
+        order = r["orders"][i]
+        assert meta["init_seed"] == seed and meta["shuffle_seed"] == order != 17
         public = [run / "config.yaml", run / "metrics.jsonl"]
-        assert all(str(seed) not in p.read_text() for p in public if p.is_file())
+        assert all(str(s) not in p.read_text() for p in public if p.is_file() for s in (seed, order))
         assert "seed: null" in (run / "config.yaml").read_text()
 
 
@@ -422,7 +426,7 @@ def _pmp_resume_cfg(args, name):
     """Early-bird discovery (stops at step 6) then 6 masked steps: 12 steps in all."""
     return config(args, name, train={"max_steps": 6},
                   pmp={"enabled": True, "mask_ratio": 0.6, "check_every": 2, "patience": 2,
-                       "warmup_max_steps": 6, "score": "ema"})
+                       "warmup_max_steps": 6, "score": "ema", "mask_seed": 3})
 
 
 @scenario(FIRST)
