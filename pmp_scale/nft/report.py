@@ -33,7 +33,7 @@ from .summary import write_report
 from ..finetune.tasks import build_task, load_hf_tokenizer, task_fingerprint
 
 log = logging.getLogger("pmp_scale.finetune")
-Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
+Mode = Literal["unauthorized", "unauthorized-lora", "authorized", "head-only"]
 
 
 class ReleaseEntry(_Strict):

@@ -40,7 +40,8 @@ def run_info(plan: Plan) -> dict:
         if disc is not None:
             disc["score"] = (run.pmp or {}).get("score", "step")
         out[run.name] = {"preset": run.preset, "pmp": run.pmp,
-                         "short": run.name.split("__", 1)[1],
+                         "short": run.name.split("__", 1)[1], "seed": run.seed,
+                         "group": run.group.split("__", 1)[1],
                          "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
                          "discovery": disc}
     return out
@@ -49,7 +50,7 @@ def run_info(plan: Plan) -> dict:
 def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = True) -> dict:
     from tqdm import tqdm
     from . import run as r
-    from .claims import claims, variant_rows
+    from .claims import claims, control_rows, variant_rows
     from .write import write_outputs
     t0 = time.perf_counter()
     est = estimate(cfg, plan)
@@ -69,6 +70,10 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
         r.pretrain(cfg, base_dir, plan, run, ledger)
         releases[run.name] = r.release(plan, run, ledger)
         advance(est["pretrain_s"][run.name], run.name)
+    if cfg.controls.reparam_alpha is not None:
+        for run in plan.runs:
+            if run.pmp is None:
+                r.reparam_release(cfg, plan, run, ledger)
     for run in plan.runs:
         if run.pmp is not None and cfg.secrecy.enabled:
             secrecy[run.name] = r.secrecy(cfg, plan, run, releases[run.name], ledger)
@@ -83,8 +88,10 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     bar.close()
     runs = run_info(plan)
     rows = variant_rows(docs, runs, secrecy, cfg)
+    controls = control_rows(docs, runs)
     doc = {"title": cfg.title, "config": cfg.model_dump(mode="json"), "runs": runs,
-           "grids": grids, "variants": rows, "claims": claims(rows, cfg),
+           "grids": grids, "variants": rows, "controls": controls,
+           "claims": claims(rows, cfg, controls),
            "secrecy": secrecy,
            "secrecy_source": next((s.get("source") for s in secrecy.values()), None),
            "estimate": est, "wall_s": time.perf_counter() - t0,

@@ -12,7 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..config import ConfigError, _Strict, apply_overrides, format_validation_error, read_yaml
 
@@ -43,6 +43,26 @@ class VariantBlock(_Strict):
     complement: list[Literal["frozen", "decay", "project"]] = Field(
         default_factory=lambda: ["frozen"])
     score: list[Literal["step", "ema", "accum"]] = Field(default_factory=lambda: ["step"])
+    # Further pmp.* keys for these variants only (over the study's `pmp`), e.g.
+    # {exclude: ["model.embed_tokens.weight"]}; `label` names them in the run names.
+    pmp: dict = Field(default_factory=dict)
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    pretrain_seeds: list[int] | None = None  # null: the study's `pretrain_seeds`
+
+    @model_validator(mode="after")
+    def _check(self) -> "VariantBlock":
+        if self.pmp and self.label is None:
+            raise ValueError("a variant block with its own `pmp` keys needs a `label` (it "
+                             "names its runs apart from the same settings without them)")
+        return self
+
+
+class ControlsSpec(_Strict):
+    """Controls built into the study (see stats.py and controls.py). The negative (A/A)
+    control is the second dense release: it needs >= 2 `pretrain_seeds`."""
+    # Positive control: each dense release reparameterised (Llama: v/up x alpha, o/down /
+    # alpha; same function, other effective step sizes). null: off.
+    reparam_alpha: float | None = Field(None, gt=1)
 
 
 TaskSpec = Union[str, dict]
@@ -57,6 +77,8 @@ class FinetuneSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     min_seeds: int = Field(3, ge=1)
     lora: bool = False  # also the cheap attacker (unauthorized-lora) on every PMP release
+    # Also fine-tune only lm_head / the new head on every release: body gain = full − head-only.
+    head_only: bool = False
     scratch: bool = True  # the from-scratch baseline (release architecture, fresh init)
 
 
@@ -87,6 +109,10 @@ class StudyConfig(_Strict):
     presets: list[str] | None = None  # model presets; null: the pre-training config's
     variants: list[VariantBlock] = Field(min_length=1)
     pmp: dict = Field(default_factory=dict)  # further pmp.* keys for every PMP variant
+    # Pre-training seeds: one release per seed for dense and every variant (a block may give
+    # its own). null: one run each at the pre-training config's seed (not replicated).
+    pretrain_seeds: list[int] | None = None
+    controls: ControlsSpec = Field(default_factory=ControlsSpec)
     finetune: FinetuneSpec
     secrecy: SecrecySpec = Field(default_factory=SecrecySpec)
     estimate: EstimateSpec = Field(default_factory=EstimateSpec)
@@ -98,10 +124,12 @@ class StudyConfig(_Strict):
         for b in self.variants:
             for r, src, comp, score in itertools.product(b.mask_ratio, b.mask_source,
                                                          b.complement, b.score):
-                key = (r, src, comp, score)
+                key = (r, src, comp, score, b.label)
                 if key not in seen:
                     seen.add(key)
-                    out.append(dict(mask_ratio=r, mask_source=src, complement=comp, score=score))
+                    out.append(dict(mask_ratio=r, mask_source=src, complement=comp, score=score,
+                                    label=b.label, extra=dict(b.pmp),
+                                    seeds=b.pretrain_seeds or self.pretrain_seeds))
         return out
 
 
@@ -127,6 +155,16 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
     for preset in cfg.presets or []:
         if preset not in PRESETS:
             raise StudyError(f"presets: {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    for seeds in [cfg.pretrain_seeds] + [v["seeds"] for v in cfg.variant_settings()]:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise StudyError(f"pretrain_seeds {seeds}: a seed is repeated (each release needs "
+                             "its own pre-training seed)")
+    if cfg.controls.reparam_alpha is not None:
+        from ..models import PRESETS
+        for preset in plan.presets:
+            if PRESETS.get(preset, {}).get("model_type") != "llama":
+                raise StudyError(f"controls.reparam_alpha: the reparameterised control is "
+                                 f"defined for Llama presets only, not {preset!r}; set it to null")
     for v in cfg.variant_settings():
         if not 0 < v["mask_ratio"] < 1:
             raise StudyError(f"variants: mask_ratio {v['mask_ratio']} is impossible for a PMP "

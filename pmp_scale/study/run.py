@@ -118,18 +118,32 @@ def release(plan: Plan, run: Run, ledger: Ledger) -> Path:
 
 
 # --- fine-tuning grids --------------------------------------------------------------------------
+def short(name: str) -> str:
+    """A run's name in its grid (the preset dropped): dense__s0, r0.7_earlybird_frozen__s1."""
+    return name.split("__", 1)[1]
+
+
+def reparam_name(dense: Run) -> str:
+    return dense.name.replace("__dense", "__reparam", 1)
+
+
 def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task) -> dict:
-    """The report grid for one (preset, task): dense, from scratch and every PMP variant."""
+    """The report grid for one (preset, task): every dense release, its reparameterised
+    control, from scratch and every PMP release."""
     f = cfg.finetune
     rel = plan.out / "releases"
-    dense = plan.dense(preset)
-    releases = [{"name": "dense", "release": str(rel / dense.name), "modes": ["unauthorized"]}]
+    head = ["head-only"] if f.head_only else []
+    releases = [{"name": short(d.name), "release": str(rel / d.name),
+                 "modes": ["unauthorized", *head]} for d in plan.denses(preset)]
+    if cfg.controls.reparam_alpha is not None:
+        releases += [{"name": short(reparam_name(d)), "release": str(rel / reparam_name(d)),
+                      "modes": ["unauthorized", *head]} for d in plan.denses(preset)]
     if f.scratch:
-        releases.append({"name": "scratch", "release": str(rel / dense.name), "reinit": True,
-                         "modes": ["unauthorized"]})
-    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else [])
+        releases.append({"name": "scratch", "release": str(rel / plan.dense(preset).name),
+                         "reinit": True, "modes": ["unauthorized"]})
+    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else []) + head
     for run in plan.variants(preset):
-        releases.append({"name": run.name.split("__", 1)[1], "release": str(rel / run.name),
+        releases.append({"name": short(run.name), "release": str(rel / run.name),
                          "mask": str(run.run_dir / "private" / "mask"), "modes": modes})
     task_cfg = task_config(cfg, base_dir, task)
     return {"title": f"{cfg.title}: {preset}, task {task_label(task)}",
@@ -137,8 +151,25 @@ def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, tas
             "finetune": str(resolve(base_dir, f.config).resolve()),
             "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
             "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
-            "min_seeds": f.min_seeds, "dense": "dense", "pmp": releases[-1]["name"],
+            "min_seeds": f.min_seeds, "dense": releases[0]["name"], "pmp": releases[-1]["name"],
             "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
+
+
+def reparam_release(cfg: StudyConfig, plan: Plan, dense: Run, ledger: Ledger) -> Path:
+    """The positive control: the dense release reparameterised (controls.py)."""
+    from .controls import reparameterise
+    name = reparam_name(dense)
+    out = plan.out / "releases" / name
+    marker = plan.out / "releases" / f"{name}.done.json"
+    alpha = cfg.controls.reparam_alpha
+    done = read_json(marker)
+    if done is not None and done.get("alpha") == alpha and out.is_dir():
+        ledger.record(f"release {name}", True)
+        return out
+    reparameterise(plan.out / "releases" / dense.name, out, alpha)
+    write_json(marker, {"alpha": alpha, "source": dense.name})
+    ledger.record(f"release {name}", False)
+    return out
 
 
 def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, ledger: Ledger,

@@ -1,0 +1,115 @@
+"""The study's evidence machinery (issue 19): the nested release-level test against a hand
+computation, the Hessian probe against a quadratic with known eigenvalues, the positive
+control's reparameterisation against its source's logits."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO))
+
+
+@pytest.mark.timeout(60)
+def test_nested_welch_and_paired_tests_match_a_hand_computation():
+    from pmp_scale.study.stats import compare, holm, release_means, verdict
+    # two releases per side, three fine-tuning seeds each: seeds are averaged first
+    a = release_means({"a0": [1.0, 2.0, 3.0], "a1": [3.0, 4.0, 5.0], "a2": [5.0, 5.5, 6.5]})
+    b = release_means({"b0": [0.0, 0.5, 1.0], "b1": [1.0, 1.0, 1.0], "b2": [0.5, 0.2, 0.2]})
+    assert a == {"a0": 2.0, "a1": 4.0, "a2": 17 / 3}
+    # Welch by hand on the release means (n = 3 each, not 9)
+    ma, mb = [2.0, 4.0, 17 / 3], [0.5, 1.0, 0.3]
+    va = sum((x - sum(ma) / 3) ** 2 for x in ma) / 2
+    vb = sum((x - sum(mb) / 3) ** 2 for x in mb) / 2
+    se = math.sqrt(va / 3 + vb / 3)
+    t = (sum(ma) / 3 - sum(mb) / 3) / se
+    df = (va / 3 + vb / 3) ** 2 / ((va / 3) ** 2 / 2 + (vb / 3) ** 2 / 2)
+    w = compare(a, b)
+    assert w["test"] == "Welch t" and w["t"] == pytest.approx(t) and w["df"] == pytest.approx(df)
+    from scipy.stats import t as tdist
+    assert w["p"] == pytest.approx(2 * tdist.sf(abs(t), df))
+    half = tdist.ppf(0.975, df) * se
+    assert w["ci"] == pytest.approx([w["effect"] - half, w["effect"] + half])
+    # paired by pre-training seed: df = n - 1 on the per-seed differences
+    p = compare(a, b, {"a0": "b0", "a1": "b1", "a2": "b2"})
+    d = [2.0 - 0.5, 4.0 - 1.0, 17 / 3 - 0.3]
+    sd = math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    assert p["test"] == "paired t" and p["df"] == 2
+    assert p["t"] == pytest.approx((sum(d) / 3) / (sd / math.sqrt(3)))
+    # one release per side cannot be tested, whatever the seeds say
+    one = compare({"a0": 2.0}, {"b0": 0.5})
+    assert one["test"] is None and verdict(one).startswith("inconclusive")
+    # Holm: sorted p x (m - rank), monotone; the verdict reads the adjusted p
+    assert holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan],
+                                                                nan_ok=True)
+    assert verdict({**w, "p_adj": 0.049}) == "supported"
+    assert verdict({**w, "p_adj": 0.051}) == "inconclusive"
+    assert verdict({**w, "effect": -1.0, "p_adj": 0.01}) == "contradicted"
+
+
+@pytest.mark.timeout(60)
+def test_hessian_probe_finds_the_known_eigenvalues_of_a_quadratic():
+    """L(x) = ½ xᵀAx: H = A, so H restricted to S is A[S, S] with known eigenvalues."""
+    from pmp_scale.study.curvature import restricted_top_eigenvalue
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor([9.0, 4.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)) @ q.T
+    x = torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+    def loss():
+        v = x.reshape(-1)
+        return 0.5 * v @ A @ v
+    S = torch.tensor([[True, False, True], [False, True, False]])
+    full = restricted_top_eigenvalue(loss, [x], [None], iters=500, tol=1e-12)
+    sub = restricted_top_eigenvalue(loss, [x], [S], iters=500, tol=1e-12)
+    comp = restricted_top_eigenvalue(loss, [x], [~S], iters=500, tol=1e-12)
+    idx, cidx = S.reshape(-1).nonzero().squeeze(1), (~S).reshape(-1).nonzero().squeeze(1)
+    assert full["eig"] == pytest.approx(9.0, rel=1e-6)
+    assert sub["eig"] == pytest.approx(torch.linalg.eigvalsh(A[idx][:, idx]).max().item(), rel=1e-6)
+    assert comp["eig"] == pytest.approx(torch.linalg.eigvalsh(A[cidx][:, cidx]).max().item(),
+                                        rel=1e-6)
+    g = (A @ x.detach().reshape(-1))  # gradient RMS per element on each set
+    assert sub["grad_rms"] == pytest.approx(g[idx].square().mean().sqrt().item())
+    assert sub["elements"] == 3 and full["converged"]
+
+
+def _tiny_release(tmp_path, model_type):
+    """A random-init release of a tiny preset, written as the release path writes it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from pmp_scale.models import PRESETS
+    kw = {k: v for k, v in PRESETS[f"{model_type}-tiny"].items() if k != "vocab_size"}
+    config = AutoConfig.for_model(**kw, vocab_size=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    out = tmp_path / model_type
+    model.save_pretrained(out, safe_serialization=True)
+    return out, model
+
+
+@pytest.mark.timeout(60)
+def test_reparameterised_control_computes_the_same_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from pmp_scale.study.controls import ReparamError, reparameterise
+    src, model = _tiny_release(tmp_path, "llama")
+    out = reparameterise(src, tmp_path / "reparam", alpha=10.0)
+    re = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model.eval()(ids).logits, re.eval()(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    sd, rd = model.state_dict(), re.state_dict()
+    v = "model.layers.0.self_attn.v_proj.weight"
+    assert torch.allclose(rd[v], 10 * sd[v])  # the weights did change: not a copy
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(rd[down], sd[down] / 10)
+    assert not (tmp_path / ".reparam.tmp").exists()
+    g2, _ = _tiny_release(tmp_path, "gpt2")
+    with pytest.raises(ReparamError) as err:
+        reparameterise(g2, tmp_path / "g2r")
+    assert "Llama releases only" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "g2r").exists()
