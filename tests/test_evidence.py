@@ -113,3 +113,17 @@ def test_reparameterised_control_computes_the_same_logits(tmp_path):
         reparameterise(g2, tmp_path / "g2r")
     assert "Llama releases only" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "g2r").exists()
+
+
+@pytest.mark.timeout(30)
+def test_project_radius_is_relative_to_the_first_norm_by_default():
+    """Relative by default (the authors' 1.1B shrink at any size), absolute on request."""
+    from pmp_scale.config import PMPConfig
+    from pmp_scale.mask.project import radius_from
+    cfg = PMPConfig(enabled=True, complement="project")
+    assert cfg.project_radius_mode == "relative"
+    assert cfg.project_radius == pytest.approx(2.0 / (0.02 * math.sqrt(0.3 * 1.1e9)), rel=0.01)
+    assert radius_from(cfg, 400.0) == pytest.approx(400.0 * cfg.project_radius)
+    absolute = PMPConfig(enabled=True, complement="project", project_radius=2.0,
+                         project_radius_mode="absolute")
+    assert radius_from(absolute, 400.0) == 2.0

@@ -77,6 +77,12 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     for run in plan.runs:
         if run.pmp is not None and cfg.secrecy.enabled:
             secrecy[run.name] = r.secrecy(cfg, plan, run, releases[run.name], ledger)
+    curv = {}
+    if cfg.curvature.enabled:
+        for preset in plan.presets:
+            bar.set_postfix_str(f"curvature {preset}")
+            curv.update({f"{preset} / {k}": v for k, v in
+                         r.curvature(cfg, plan, preset, ledger).items()})
     grids, docs = {}, {}
     for preset in plan.presets:
         for task in plan.tasks:
@@ -90,7 +96,7 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     rows = variant_rows(docs, runs, secrecy, cfg)
     controls = control_rows(docs, runs)
     doc = {"title": cfg.title, "config": cfg.model_dump(mode="json"), "runs": runs,
-           "grids": grids, "variants": rows, "controls": controls,
+           "grids": grids, "variants": rows, "controls": controls, "curvature": curv,
            "claims": claims(rows, cfg, controls),
            "secrecy": secrecy,
            "secrecy_source": next((s.get("source") for s in secrecy.values()), None),

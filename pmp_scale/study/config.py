@@ -96,6 +96,14 @@ class EstimateSpec(_Strict):
     finetune_cell_overhead_s: float = Field(4, ge=0)
 
 
+class CurvatureSpec(_Strict):
+    """The mechanism (curvature.py) on every release: Hessian top eigenvalue by power iteration
+    on the mask, the complement and all weights, on pre-training validation samples."""
+    enabled: bool = True
+    samples: int = Field(8, ge=1)  # validation sequences in the one batch
+    iters: int = Field(30, ge=1)  # power-iteration steps at most (stops at rel. change 1e-4)
+
+
 class ClaimsSpec(_Strict):
     base_tolerance: float = Field(0.05, gt=0)  # base preserved: val loss within this of dense
     secrecy_auc: float = Field(0.55, gt=0.5, le=1)  # an attack above this AUC reveals the mask
@@ -116,6 +124,7 @@ class StudyConfig(_Strict):
     finetune: FinetuneSpec
     secrecy: SecrecySpec = Field(default_factory=SecrecySpec)
     estimate: EstimateSpec = Field(default_factory=EstimateSpec)
+    curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
     claims: ClaimsSpec = Field(default_factory=ClaimsSpec)
 
     def variant_settings(self) -> list[dict]:

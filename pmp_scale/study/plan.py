@@ -72,6 +72,11 @@ def seeded(name: str, seeds: list[int] | None) -> list[tuple[str, int | None]]:
     return [(name, None)] if not seeds else [(f"{name}__s{s}", s) for s in seeds]
 
 
+def replicate(seed: int | None) -> list[str]:
+    """A replicate release: its own init seed and its own data order."""
+    return [] if seed is None else [f"seed={seed}", f"data.shuffle_seed={seed}"]
+
+
 def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
     out = Path(cfg.out_dir)
     base = apply_overrides(read_yaml(resolve(base_dir, cfg.pretrain.config)),
@@ -84,8 +89,7 @@ def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
         for name, seed in seeded(f"{preset}__dense", cfg.pretrain_seeds):
             runs.append(Run(name, preset, None,
                             [f"run_dir={out / 'runs' / name}", *common, "pmp.enabled=false",
-                             *([f"seed={seed}"] if seed is not None else [])],
-                            group=f"{preset}__dense", seed=seed))
+                             *replicate(seed)], group=f"{preset}__dense", seed=seed))
         for v in cfg.variant_settings():
             group = variant_name(preset, v)
             core = {k: v[k] for k in ("mask_ratio", "mask_source", "complement", "score")}
@@ -95,8 +99,7 @@ def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
                 runs.append(Run(name, preset, info,
                                 [f"run_dir={out / 'runs' / name}", *common,
                                  *(f"pmp.{k}={json.dumps(x)}" for k, x in pmp.items()),
-                                 *([f"seed={seed}"] if seed is not None else [])],
-                                group=group, seed=seed))
+                                 *replicate(seed)], group=group, seed=seed))
     return Plan(out, cfg.pretrain.nproc or default_nproc(), runs, list(cfg.finetune.tasks),
                 presets, base)
 

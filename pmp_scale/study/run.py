@@ -186,6 +186,43 @@ def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, le
     return doc
 
 
+# --- the mechanism ------------------------------------------------------------------------------
+def curvature(cfg: StudyConfig, plan: Plan, preset: str, ledger: Ledger) -> dict:
+    """Per release of `preset` (controls included): curvature on the mask, the complement and
+    all weights. Dense releases use the index sets of the first PMP run's mask (early-bird
+    preferred). Cached per release in <out>/curvature/."""
+    from ..nft.report import read_prepared_tokens
+    from .curvature import release_curvature
+    pmp = sorted(plan.variants(preset), key=lambda r: r.pmp["mask_source"] != "earlybird")
+    if not pmp:
+        return {}
+    ref = pmp[0]
+    names = [(r.name, r, r) for r in pmp] + [(d.name, d, ref) for d in plan.denses(preset)]
+    if cfg.controls.reparam_alpha is not None:
+        names += [(reparam_name(d), d, ref) for d in plan.denses(preset)]
+    tokens = None
+    out = {}
+    for name, run, mask_run in names:
+        path = plan.out / "curvature" / f"{name}.json"
+        key = {"samples": cfg.curvature.samples, "iters": cfg.curvature.iters,
+               "mask_from": short(mask_run.name)}
+        cached = read_json(path)
+        if cached is not None and cached.get("key") == key:
+            out[short(name)] = cached["result"]
+            ledger.record(f"curvature {name}", True)
+            continue
+        if tokens is None:
+            tokens = read_prepared_tokens(cfg.data.path, "val", cfg.curvature.samples)
+        res = release_curvature(plan.out / "releases" / name,
+                                mask_run.run_dir / "private" / "mask", tokens,
+                                iters=cfg.curvature.iters)
+        res["mask_from"] = key["mask_from"]
+        write_json(path, {"key": key, "result": res})
+        out[short(name)] = res
+        ledger.record(f"curvature {name}", False)
+    return out
+
+
 # --- secrecy ------------------------------------------------------------------------------------
 def secrecy(cfg: StudyConfig, plan: Plan, run: Run, release_dir: Path, ledger: Ledger) -> dict:
     from .secrecy import mask_secrecy
