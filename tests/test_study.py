@@ -135,12 +135,14 @@ def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
     assert {c["claim"] for c in doc["claims"]} >= {"base preserved", "mask secrecy",
                                                    "unauthorized gain cut (vs dense)",
                                                    "authorized ≥ unauthorized"}
-    assert doc["variants"][0]["gain_cut"]["n"] == 2
+    assert doc["variants"][0]["gain_cut"]["n_a"] == 1  # one dense release: untestable
+    assert doc["curvature"]["gpt2-tiny / dense"]["mask_from"] == "r0.5_random_frozen"
     assert (out / "study.md").read_text().count("| base preserved |") == 1
     cells = {p: p.stat().st_mtime_ns for p in out.rglob("cells/*.json")}
     assert len(cells) == 6  # (dense + 2 PMP modes) x 2 seeds
     doc = again()  # everything finished: all reused, nothing redone
-    assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1
+    # runs, releases, grid, secrecy, curvature of both releases
+    assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1 + 2
     assert {p: p.stat().st_mtime_ns for p in cells} == cells
 
 

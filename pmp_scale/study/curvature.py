@@ -31,7 +31,7 @@ def restricted_top_eigenvalue(loss_fn, params: list[torch.Tensor],
     grads = torch.autograd.grad(loss, params, create_graph=True)
     grad_sq = sum(float(g.detach()[s].double().square().sum()) for g, s in zip(grads, sel))
     gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * s
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * s.to(p.device)
          for p, s in zip(params, sel)]
     norm = math.sqrt(sum(float(x.double().square().sum()) for x in v))
     v = [x / norm for x in v]
@@ -53,7 +53,7 @@ def restricted_top_eigenvalue(loss_fn, params: list[torch.Tensor],
             "iters": it, "converged": converged}
 
 
-def mask_sets(mask_dir, names: list[str], shapes: dict) -> dict[str, torch.Tensor]:
+def mask_sets(mask_dir, names: list[str], shapes: dict, device="cpu") -> dict[str, torch.Tensor]:
     """{param name: bool tensor, True = in the mask (trainable)}; a parameter the artifact does
     not list (excluded: always trainable) is all mask."""
     from ..mask import read_artifact, unpack_bits
@@ -62,7 +62,7 @@ def mask_sets(mask_dir, names: list[str], shapes: dict) -> dict[str, torch.Tenso
     for n in names:
         numel = math.prod(shapes[n])
         out[n] = (unpack_bits(masks[n], numel).bool().reshape(shapes[n]) if n in masks
-                  else torch.ones(shapes[n], dtype=torch.bool))
+                  else torch.ones(shapes[n], dtype=torch.bool)).to(device)
     return out
 
 
@@ -70,11 +70,13 @@ def release_curvature(release_dir, mask_dir, tokens: torch.Tensor, iters: int = 
     """Mask / complement / all: top eigenvalue and gradient RMS of the causal-LM loss of the
     release on `tokens` (fp32, one batch, dropout off)."""
     from transformers import AutoModelForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(release_dir), local_files_only=True,
-                                                 dtype=torch.float32).eval()
+                                                 dtype=torch.float32).eval().to(device)
+    tokens = tokens.to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
-    inside = mask_sets(mask_dir, names, {n: tuple(p.shape) for n, p in named})
+    inside = mask_sets(mask_dir, names, {n: tuple(p.shape) for n, p in named}, device)
 
     def loss_fn():
         return model(input_ids=tokens, labels=tokens).loss

@@ -152,7 +152,8 @@ def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
     lines = [f"study {cfg.title!r} -> {plan.out} ({plan.nproc} ranks per pre-training run)",
              f"pre-training runs ({len(plan.runs)}):"]
     for run in plan.runs:
-        kind = "dense" if run.pmp is None else ", ".join(f"{k} {v}" for k, v in run.pmp.items())
+        kind = "dense" if run.pmp is None else ", ".join(f"{k} {v}" for k, v in run.pmp.items()
+                                                         if v not in (None, {}))
         lines.append(f"  {run.name:<48} {kind} | ≤ {run_steps(plan, run)} steps | "
                      f"~{est['pretrain_s'][run.name] / 60:.1f} min")
     f = cfg.finetune
