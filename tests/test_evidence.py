@@ -127,3 +127,49 @@ def test_project_radius_is_relative_to_the_first_norm_by_default():
     absolute = PMPConfig(enabled=True, complement="project", project_radius=2.0,
                          project_radius_mode="absolute")
     assert radius_from(absolute, 400.0) == 2.0
+
+
+@pytest.mark.timeout(60)
+def test_replicated_plan_names_seeds_overrides_and_controls(tmp_path):
+    """pretrain_seeds give one run per seed (own init seed and data order), a block's own
+    `pmp` keys reach its runs only, and the grid holds every release, the reparameterised
+    dense releases and the head-only mode."""
+    import yaml
+    from pmp_scale.study.config import StudyError, load_study
+    from pmp_scale.study.plan import make_plan
+    from pmp_scale.study.run import report_config
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump({"model": {"preset": "llama-tiny"},
+                                                        "train": {"max_steps": 4}}))
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"task": {"name": "review_lm"}}))
+    study = {"out_dir": str(tmp_path / "out"), "data": {"path": "d", "tokenizer": "t.model"},
+             "pretrain": {"config": "pre.yaml"}, "pretrain_seeds": [1, 2],
+             "variants": [{"mask_ratio": [0.7]},
+                          {"mask_ratio": [0.7], "mask_source": ["random"], "pretrain_seeds": [1],
+                           "pmp": {"exclude": ["model.embed_tokens.weight"]},
+                           "label": "embtrain"}],
+             "controls": {"reparam_alpha": 10},
+             "finetune": {"config": "ft.yaml", "lrs": [1e-3], "steps": [2], "seeds": [0, 1],
+                          "min_seeds": 2, "head_only": True, "scratch": False}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    cfg, base = load_study(tmp_path / "s.yaml")
+    plan = make_plan(cfg, base)
+    names = [r.name for r in plan.runs]
+    assert names == ["llama-tiny__dense__s1", "llama-tiny__dense__s2",
+                     "llama-tiny__r0.7_earlybird_frozen__s1", "llama-tiny__r0.7_earlybird_frozen__s2",
+                     "llama-tiny__r0.7_random_frozen_embtrain__s1"]
+    runs = {r.name: r for r in plan.runs}
+    assert {"seed=2", "data.shuffle_seed=2"} <= set(runs["llama-tiny__dense__s2"].sets)
+    assert runs["llama-tiny__r0.7_earlybird_frozen__s2"].group == "llama-tiny__r0.7_earlybird_frozen"
+    emb = runs["llama-tiny__r0.7_random_frozen_embtrain__s1"].sets
+    assert 'pmp.exclude=["model.embed_tokens.weight"]' in emb
+    assert not any(s.startswith("pmp.exclude") for s in runs["llama-tiny__dense__s1"].sets +
+                   runs["llama-tiny__r0.7_earlybird_frozen__s1"].sets)
+    rc = report_config(cfg, base, plan, "llama-tiny", "review_lm")
+    releases = {r["name"]: r["modes"] for r in rc["releases"]}
+    assert releases["dense__s1"] == ["unauthorized", "head-only"]
+    assert releases["reparam__s2"] == ["unauthorized", "head-only"]
+    assert releases["r0.7_earlybird_frozen__s1"] == ["unauthorized", "authorized", "head-only"]
+    study["variants"][1].pop("label")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
+    with pytest.raises(StudyError, match="needs a `label`"):
+        load_study(tmp_path / "s.yaml")
