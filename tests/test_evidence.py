@@ -167,9 +167,51 @@ def test_replicated_plan_names_seeds_overrides_and_controls(tmp_path):
     rc = report_config(cfg, base, plan, "llama-tiny", "review_lm")
     releases = {r["name"]: r["modes"] for r in rc["releases"]}
     assert releases["dense__s1"] == ["unauthorized", "head-only"]
-    assert releases["reparam__s2"] == ["unauthorized", "head-only"]
+    assert releases["reparam__s2"] == ["unauthorized"]
     assert releases["r0.7_earlybird_frozen__s1"] == ["unauthorized", "authorized", "head-only"]
     study["variants"][1].pop("label")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(study))
     with pytest.raises(StudyError, match="needs a `label`"):
         load_study(tmp_path / "s.yaml")
+
+
+@pytest.mark.timeout(120)
+def test_head_only_mode_trains_lm_head_alone(save_tiny_llama, tmp_path, monkeypatch):
+    """The body-gain baseline: only lm_head moves (the rest of the release bit for bit)."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    from pmp_scale.finetune import finetune, parse_finetune_config
+    model = save_tiny_llama(tmp_path / "release")
+    cfg = parse_finetune_config({
+        "release": str(tmp_path / "release"), "mode": "head-only", "seed": 0,
+        "task": {"name": "review_lm", "max_length": 32, "max_train_examples": 32,
+                 "max_eval_examples": 8},
+        "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 2,
+                  "eval_batch_size": 8},
+        "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0}})
+    result = finetune(cfg)
+    head = model.lm_head.weight.numel()
+    assert result["params"]["trainable"] == head
+    assert 0 < result["backbone"]["changed"] <= head  # nothing outside lm_head moved
+    assert result["curve"][-1]["loss"] < result["curve"][0]["loss"]
+
+
+@pytest.mark.timeout(30)
+def test_instability_metrics_and_the_grid_edge_flag():
+    from pmp_scale.nft.summary import loss_spike, summarise
+    assert loss_spike([[1, 5.0], [2, 4.0], [3, 4.5], [4, 3.0], [5, 3.9]], 5) == pytest.approx(0.9)
+    assert loss_spike([[1, 5.0], [2, 4.0], [3, 4.5]], 2) == 0.0  # up to the duration only
+    assert loss_spike([[1, 5.0], [2, float("nan")]], 2) == math.inf
+
+    def cell(lr, seed, val, test):
+        at = {"validation": {"loss": val}, "test": {"loss": test}}
+        return {"release_name": "d", "mode": "unauthorized", "lr": lr, "seed": seed,
+                "durations": [3], "diverged": False, "metric": "loss", "higher_is_better": False,
+                "train_loss": [[1, 4.0], [2, 4.5], [3, 3.0]],
+                "at": {"0": {"validation": {"loss": 4.2}, "test": {"loss": 4.2}}, "3": at}}
+    cells = [cell(lr, s, v, v) for lr, v in ((1e-3, 4.0), (1e-2, 3.5), (1e-1, 4.4)) for s in (0, 1)]
+    best = summarise(None, cells)["best"][0]
+    assert best["lr"] == 1e-2 and best["lr_edge"] is None and best["max_spike"] == 0.5
+    worse = [t["ended_worse"] for t in summarise(None, cells)["table"]]
+    assert worse == [0, 0, 2]  # 4.4 > 4.2 at step 0
+    cells = [c for c in cells if c["lr"] != 1e-2]
+    assert summarise(None, cells)["best"][0]["lr_edge"] == "lowest"

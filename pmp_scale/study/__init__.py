@@ -50,7 +50,7 @@ def run_info(plan: Plan) -> dict:
 def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = True) -> dict:
     from tqdm import tqdm
     from . import run as r
-    from .claims import claims, control_rows, variant_rows
+    from .claims import claims, control_rows, instability, variant_rows
     from .write import write_outputs
     t0 = time.perf_counter()
     est = estimate(cfg, plan)
@@ -97,6 +97,7 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     controls = control_rows(docs, runs)
     doc = {"title": cfg.title, "config": cfg.model_dump(mode="json"), "runs": runs,
            "grids": grids, "variants": rows, "controls": controls, "curvature": curv,
+           "instability": instability(docs),
            "claims": claims(rows, cfg, controls),
            "secrecy": secrecy,
            "secrecy_source": next((s.get("source") for s in secrecy.values()), None),

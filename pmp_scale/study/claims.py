@@ -146,6 +146,17 @@ def control_rows(grids: dict, runs: dict) -> list[dict]:
     return out
 
 
+def instability(grids: dict) -> dict:
+    """{"preset / task": {release: {mode: selected LR, edge flag, spike, failures}}}: every
+    release of every grid, controls included."""
+    out = {}
+    for (preset, task), doc in grids.items():
+        table = out.setdefault(f"{preset} / {task}", {})
+        for (name, mode), r in release_results(doc).items():
+            table.setdefault(name, {})[mode] = _instab(r)
+    return out
+
+
 def _instab(r: dict | None) -> dict | None:
     if r is None:
         return None

@@ -139,7 +139,7 @@ def estimate(cfg: StudyConfig, plan: Plan) -> dict:
     f = cfg.finetune
     extra = int(f.head_only)
     dense = len(plan.denses(plan.presets[0]))
-    per_lr_seed = ((1 + extra) * dense * (1 + int(cfg.controls.reparam_alpha is not None))
+    per_lr_seed = ((1 + extra) * dense + dense * int(cfg.controls.reparam_alpha is not None)
                    + int(f.scratch) + (2 + int(f.lora) + extra) * len(plan.variants(plan.presets[0])))
     cells = per_lr_seed * len(f.lrs) * len(f.seeds)
     grid = cells * (e.finetune_cell_overhead_s + max(f.steps) * e.finetune_step_s)

@@ -137,7 +137,7 @@ def report_config(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, tas
                  "modes": ["unauthorized", *head]} for d in plan.denses(preset)]
     if cfg.controls.reparam_alpha is not None:
         releases += [{"name": short(reparam_name(d)), "release": str(rel / reparam_name(d)),
-                      "modes": ["unauthorized", *head]} for d in plan.denses(preset)]
+                      "modes": ["unauthorized"]} for d in plan.denses(preset)]
     if f.scratch:
         releases.append({"name": "scratch", "release": str(rel / plan.dense(preset).name),
                          "reinit": True, "modes": ["unauthorized"]})

@@ -46,18 +46,16 @@ def controls_table(doc: dict) -> list[str]:
 
 
 def instability_table(doc: dict) -> list[str]:
-    lines = ["| variant / release | mode | selected LR | at grid edge | largest train-loss "
-             "spike (nats) | runs diverged / ended worse (all LRs × seeds) | largest LR not "
-             "ending worse |", "|---|---|---|---|---|---|---|"]
-    for r in doc["variants"]:
-        for name, modes in r["instability"].items():
+    lines = ["| grid / release | mode | selected LR | at grid edge | largest train-loss spike "
+             "(nats) | runs diverged / ended worse (all LRs × seeds) | largest LR not ending "
+             "worse |", "|---|---|---|---|---|---|---|"]
+    for grid, releases in (doc.get("instability") or {}).items():
+        for name, modes in releases.items():
             for mode, x in modes.items():
-                if x is None:
-                    continue
                 edge = f"**{x['lr_edge']}**" if x["lr_edge"] else "no"
                 spike = "—" if x["max_spike"] is None else f"{x['max_spike']:.3f}"
-                lines.append(f"| {r['variant']} / {name} | {mode} | {x['lr']:g} | {edge} | "
-                             f"{spike} | {x['diverged_runs']} / {x['worse_runs']} | "
+                lines.append(f"| {grid} / {name} | {mode} | {x['lr']:g} | {edge} | {spike} | "
+                             f"{x['diverged_runs']} / {x['worse_runs']} | "
                              f"{x['largest_stable_lr']} |")
     return lines + [""]
 
