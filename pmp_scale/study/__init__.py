@@ -1,9 +1,11 @@
 """One command for a whole study: `tools/study.py --config configs/study/<name>.yaml`.
 
-Data → dense + every PMP variant pre-trained through the launcher → releases → the
-non-fine-tunability grid per (preset, task) against dense and from-scratch baselines → secrecy
-attacks → the claims table (study.md, study.json, plots). Killed at any point and rerun, it
-reuses everything that finished (see run.py).
+Data → dense + every PMP variant pre-trained through the launcher, one release per
+pre-training seed → releases (+ the reparameterised dense releases, the positive control) →
+secrecy attacks → curvature on the mask and its complement per release → the
+non-fine-tunability grid per (preset, task) → the claims table, releases as the unit
+(stats.py), beside the controls (study.md, study.json, plots). Killed at any point and rerun,
+it reuses everything that finished (see run.py).
 """
 from __future__ import annotations
 

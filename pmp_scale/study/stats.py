@@ -94,9 +94,8 @@ def fmt(test: dict, digits: int = 4) -> str:
     s = f"{e:+.{digits}f}"
     if test.get("test"):
         lo, hi = test["ci"]
-        p_adj = test.get("p_adj", test["p"])
         s += (f" [95% CI {lo:+.{digits}f}, {hi:+.{digits}f}] ({test['test']}, df {test['df']:.1f}, "
-              f"p {test['p']:.3f}, Holm p {p_adj:.3f}")
+              f"p {test['p']:.3f}" + (f", Holm p {test['p_adj']:.3f}" if "p_adj" in test else ""))
         s += f"; releases {test['n_a']}" + (f" vs {test['n_b']}" if test["n_b"] else "") + ")"
     else:
         s += f" (releases {test['n_a']}" + (f" vs {test['n_b']}" if test["n_b"] else "") + ")"
