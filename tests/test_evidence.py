@@ -52,6 +52,15 @@ def test_nested_welch_and_paired_tests_match_a_hand_computation():
     assert verdict({**w, "effect": -1.0, "p_adj": 0.01}) == "contradicted"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from more threads and lose a lot on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.timeout(60)
 def test_hessian_probe_finds_the_known_eigenvalues_of_a_quadratic():
     """L(x) = ½ xᵀAx: H = A, so H restricted to S is A[S, S] with known eigenvalues."""
@@ -176,9 +185,8 @@ def test_replicated_plan_names_seeds_overrides_and_controls(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_head_only_mode_trains_lm_head_alone(save_tiny_llama, tmp_path, monkeypatch):
+def test_head_only_mode_trains_lm_head_alone(save_tiny_llama, single_process_group, tmp_path):
     """The body-gain baseline: only lm_head moves (the rest of the release bit for bit)."""
-    monkeypatch.setenv("LOCAL_RANK", "0")
     from pmp_scale.finetune import finetune, parse_finetune_config
     model = save_tiny_llama(tmp_path / "release")
     cfg = parse_finetune_config({
@@ -215,3 +223,26 @@ def test_instability_metrics_and_the_grid_edge_flag():
     assert worse == [0, 0, 2]  # 4.4 > 4.2 at step 0
     cells = [c for c in cells if c["lr"] != 1e-2]
     assert summarise(None, cells)["best"][0]["lr_edge"] == "lowest"
+
+
+@pytest.mark.timeout(120)
+def test_curvature_of_a_release_on_mask_complement_and_all(save_tiny_llama, tmp_path,
+                                                           one_thread):
+    """The probe runs through a real release (second derivatives of attention included) and
+    splits the elements by the mask artifact; no restricted |λ| exceeds the whole Hessian's
+    (Cauchy interlacing), within the power iteration's tolerance."""
+    from pmp_scale.mask import pack_bits
+    from pmp_scale.mask.artifact import write_artifact
+    from pmp_scale.study.curvature import release_curvature
+    model = save_tiny_llama(tmp_path / "release")
+    gen = torch.Generator().manual_seed(0)
+    items = [(n, pack_bits(torch.rand(p.numel(), generator=gen) < 0.7), tuple(p.shape))
+             for n, p in model.named_parameters() if n != "model.norm.weight"]  # one excluded
+    write_artifact(tmp_path / "mask", items, {})
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)
+    out = release_curvature(tmp_path / "release", tmp_path / "mask", tokens, iters=40)
+    total = sum(p.numel() for p in model.parameters())
+    assert out["mask"]["elements"] + out["complement"]["elements"] == out["all"]["elements"] == total
+    for part in ("mask", "complement"):
+        assert math.isfinite(out[part]["eig"]) and out[part]["grad_rms"] > 0
+        assert abs(out[part]["eig"]) <= abs(out["all"]["eig"]) * 1.05

@@ -54,6 +54,10 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     from . import run as r
     from .claims import claims, control_rows, instability, variant_rows
     from .write import write_outputs
+    import os
+    import torch
+    if not torch.cuda.is_available():  # in-process work (grids, curvature): as the ranks get
+        torch.set_num_threads(int(os.environ.get("STUDY_OMP_THREADS", "1")))
     t0 = time.perf_counter()
     est = estimate(cfg, plan)
     ledger = r.Ledger()

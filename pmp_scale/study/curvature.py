@@ -71,8 +71,10 @@ def release_curvature(release_dir, mask_dir, tokens: torch.Tensor, iters: int = 
     release on `tokens` (fp32, one batch, dropout off)."""
     from transformers import AutoModelForCausalLM
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # eager attention: the fused SDPA kernels have no second derivative (Hessian-vector products)
     model = AutoModelForCausalLM.from_pretrained(str(release_dir), local_files_only=True,
-                                                 dtype=torch.float32).eval().to(device)
+                                                 dtype=torch.float32,
+                                                 attn_implementation="eager").eval().to(device)
     tokens = tokens.to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
