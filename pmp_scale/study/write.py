@@ -133,8 +133,10 @@ def curvature_section(doc: dict) -> list[str]:
              "pre-training validation loss restricted to the masked weights, to the complement "
              "and to all weights, and the gradient's RMS per element on each, at the release. "
              "Dense releases are measured on the index sets of the PMP mask named in the last "
-             "column. Proposition 1 predicts a sharper complement (λ_complement ≫ λ_mask) with "
-             "a small complement gradient for PMP releases, and no such split for dense ones.",
+             "column. The paper's Proposition 1 reads, for a PMP release: the masked weights at a "
+             "conditional optimum (a small gradient on the mask) and sharp curvature along the "
+             "frozen complement, both against the dense release on the same index sets. One "
+             "batch, n = 1 per release: a description, not a test.",
              "", "| release | λ mask | λ complement | λ all | grad RMS mask | grad RMS "
              "complement | mask from |", "|---|---|---|---|---|---|---|"]
     for name, c in rows.items():
