@@ -68,6 +68,9 @@ def run_study(path: Path, *extra, timeout=900) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("over, message", [
     ({"presets": ["llama-huge"]}, "presets: 'llama-huge' is unknown"),
     ({"variants": [{"mask_ratio": [1.5]}]}, "mask_ratio 1.5 is impossible"),
+    ({"pretrain_seeds": [1, 1]}, "pretrain_seeds [1, 1]: a seed is repeated"),
+    ({"presets": ["gpt2-tiny"], "controls": {"reparam_alpha": 10}},
+     "the reparameterised control is defined for Llama presets only, not 'gpt2-tiny'"),
     ({"data": {"path": "/nonexistent/mds", "tokenizer": "/nonexistent/t.model"}},
      "data.path /nonexistent/mds is not prepared data"),
     ({"finetune__tasks": [{"name": "file", "type": "classification",
