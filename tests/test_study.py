@@ -129,7 +129,7 @@ def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=1200)
         assert done.returncode == 0, done.stderr[-4000:]
-        assert "| claim | where | measured | verdict |" in done.stdout
+        assert "| claim | where | measured (effect, 95% CI, test) |" in done.stdout
         return json.loads((out / "study.json").read_text())
     doc = again()
     assert "pre-training gpt2-tiny__dense" in doc["work"]["reused"]
