@@ -112,10 +112,15 @@ class PMPConfig(_Strict):
     rewind: Literal["init", "none"] = "init"
     # frozen: bit-exact θ(0); decay: the reference code (weight decay moves the complement);
     # project: the authors' Stage II (decay, then every `project_every` Stage II steps the
-    # complement is scaled to global L2 norm ≤ `project_radius`).
+    # complement is scaled to global L2 norm ≤ the radius).
     complement: Literal["frozen", "decay", "project"] = "frozen"
     project_every: int = Field(200, ge=1)
-    project_radius: float = Field(2.0, gt=0)
+    # relative: radius = project_radius × the complement's norm at the first projection, so the
+    # shrink is the same at any size; absolute: the radius itself (the authors' 2.0). Default
+    # 0.0055 = the authors' 2.0 at TinyLlama-1.1B, ρ 0.7: 2.0 / (0.02·√(0.3·1.1e9)) (init std
+    # 0.02, 3.3e8 complement elements); ×0.076 at 5M parameters with an absolute 2.0.
+    project_radius: float = Field(0.0055, gt=0)
+    project_radius_mode: Literal["relative", "absolute"] = "relative"
     save_init: bool = False  # also write θ(0) as HF-named fp32 safetensors (small models)
     drift_every: int = Field(50, ge=1)  # steps between complement-drift measurements
     # Mask-secrecy defences (README "Mask secrecy"; all random choices come from mask_seed,

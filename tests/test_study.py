@@ -68,6 +68,9 @@ def run_study(path: Path, *extra, timeout=900) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("over, message", [
     ({"presets": ["llama-huge"]}, "presets: 'llama-huge' is unknown"),
     ({"variants": [{"mask_ratio": [1.5]}]}, "mask_ratio 1.5 is impossible"),
+    ({"pretrain_seeds": [1, 1]}, "pretrain_seeds [1, 1]: a seed is repeated"),
+    ({"presets": ["gpt2-tiny"], "controls": {"reparam_alpha": 10}},
+     "the reparameterised control is defined for Llama presets only, not 'gpt2-tiny'"),
     ({"data": {"path": "/nonexistent/mds", "tokenizer": "/nonexistent/t.model"}},
      "data.path /nonexistent/mds is not prepared data"),
     ({"finetune__tasks": [{"name": "file", "type": "classification",
@@ -128,7 +131,7 @@ def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=1200)
         assert done.returncode == 0, done.stderr[-4000:]
-        assert "| claim | where | measured | verdict |" in done.stdout
+        assert "| claim | where | measured (effect, 95% CI, test) |" in done.stdout
         return json.loads((out / "study.json").read_text())
     doc = again()
     assert "pre-training gpt2-tiny__dense" in doc["work"]["reused"]
@@ -137,43 +140,64 @@ def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
     assert {c["claim"] for c in doc["claims"]} >= {"base preserved", "mask secrecy",
                                                    "unauthorized gain cut (vs dense)",
                                                    "authorized ≥ unauthorized"}
-    assert doc["variants"][0]["gain_cut"]["n"] == 2
+    assert doc["variants"][0]["gain_cut"]["n_a"] == 1  # one dense release: untestable
+    assert doc["curvature"]["gpt2-tiny / dense"]["mask_from"] == "r0.5_random_frozen"
     assert (out / "study.md").read_text().count("| base preserved |") == 1
     cells = {p: p.stat().st_mtime_ns for p in out.rglob("cells/*.json")}
     assert len(cells) == 6  # (dense + 2 PMP modes) x 2 seeds
     doc = again()  # everything finished: all reused, nothing redone
-    assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1
+    # runs, releases, grid, secrecy, curvature of both releases
+    assert doc["work"]["done"] == [] and len(doc["work"]["reused"]) == 2 + 2 + 1 + 1 + 2
     assert {p: p.stat().st_mtime_ns for p in cells} == cells
 
 
+@pytest.mark.timeout(60)
 def test_claim_verdicts_follow_the_stated_rules():
-    """2-SE rule on paired seeds; base within tolerance; ρ trade-off needs both orderings."""
+    """Releases are the unit (paired t on release means, Holm over the tested rows); base
+    within tolerance; ρ trade-off needs both orderings; one release per side is untestable."""
     from types import SimpleNamespace
-    from pmp_scale.study.claims import _ms, claims, verdict
-    assert verdict(_ms([0.30, 0.32, 0.31])) == "supported"
-    assert verdict(_ms([-0.30, -0.32, -0.31])) == "contradicted"
-    assert verdict(_ms([0.3, -0.2, 0.1])) == "inconclusive"
+    from pmp_scale.study.claims import claims
+    from pmp_scale.study.stats import compare
     cfg = SimpleNamespace(claims=SimpleNamespace(base_tolerance=0.05, secrecy_auc=0.55))
+    dense = {"dense__s0": 1.00, "dense__s1": 1.10, "dense__s2": 0.95}
 
-    def row(rho, src, cost, cuts, auc=0.5):
-        return {"preset": "p", "task": "t", "variant": f"r{rho}_{src}", "mask_ratio": rho,
-                "mask_source": src, "complement": "frozen", "score": "step",
+    def row(rho, src, cost, gains, auc=0.5):
+        names = [f"r{rho}_{src}__s{i}" for i in range(len(gains))]
+        g = dict(zip(names, gains))
+        pair = dict(zip(sorted(dense), names))
+        return {"preset": "p", "task": "t", "variant": f"r{rho}_{src}", "releases": names,
+                "seeds": list(range(len(gains))), "mask_ratio": rho, "mask_source": src,
+                "complement": "frozen", "score": "step", "label": None,
                 "base_loss": 5 * (1 + cost), "dense_loss": 5.0, "base_cost": cost,
-                "gain_cut": _ms(cuts), "gain_cut_per_seed": cuts, "recovery": _ms(cuts),
+                "gains": g, "gain_cut": compare(dense, g, pair), "body_cut": None,
+                "recovery": compare({n: 0.01 * (i - 1) for i, n in enumerate(names)}),
                 "max_auc": auc}
-    rows = [row(0.5, "earlybird", 0.08, [0.5, 0.52, 0.51], auc=0.7),
-            row(0.7, "earlybird", 0.02, [0.1, 0.12, 0.11]),
-            row(0.7, "random", 0.03, [0.2, 0.23, 0.22])]
-    table = {(c["claim"], c["where"]): c["verdict"] for c in claims(rows, cfg)}
-    assert table[("base preserved", "p / r0.5_earlybird")] == "contradicted"  # +8 % > 5 %
-    assert table[("base preserved", "p / r0.7_earlybird")] == "supported"
-    assert table[("early-bird better than random", "p / t / ρ 0.7 frozen")] == "contradicted"
-    trade = [v for (c, w), v in table.items() if c.startswith("ρ trade-off")]
-    assert trade == ["supported"]  # larger cut and larger cost at the smaller ρ
-    assert table[("mask secrecy", "p / r0.5_earlybird")] == "contradicted"
+    rows = [row(0.5, "earlybird", 0.08, [0.50, 0.61, 0.44], auc=0.7),
+            row(0.7, "earlybird", 0.02, [0.90, 1.01, 0.84]),
+            row(0.7, "random", 0.03, [0.80, 0.905, 0.745])]
+    aa = [{"control": "negative (A/A)", "where": "p / t", "gap": -0.1}]
+    out = claims(rows, cfg, aa)
+    table = {(c["claim"], c["where"]): c for c in out}
+    assert table[("base preserved", "p / r0.5_earlybird")]["verdict"] == "contradicted"  # +8 %
+    assert table[("base preserved", "p / r0.7_earlybird")]["verdict"] == "supported"
+    cut = table[("unauthorized gain cut (vs dense)", "p / t / r0.5_earlybird")]
+    assert cut["test"]["test"] == "paired t" and cut["test"]["df"] == 2
+    assert cut["verdict"] == "supported" and cut["noise"] == 0.1
+    assert "95% CI" in cut["value"] and "Holm p" in cut["value"]
+    assert table[("authorized ≥ unauthorized", "p / t / r0.5_earlybird")]["verdict"] \
+        == "inconclusive"  # mean 0 over releases
+    eb = table[("early-bird better than random", "p / t / ρ 0.7 frozen")]
+    assert eb["verdict"] == "contradicted"  # random's gain is lower: it cuts more
+    trade = [c for c in out if c["claim"].startswith("ρ trade-off")]
+    assert [c["verdict"] for c in trade] == ["supported"]  # larger cut, larger cost at small ρ
+    tested = [c for c in out if "test" in c and c["test"]["test"]]
+    assert all(c["test"]["p_adj"] >= c["test"]["p"] for c in tested)
+    assert table[("mask secrecy", "p / r0.5_earlybird")]["verdict"] == "contradicted"
     rows[0]["base_cost"] = 0.0  # smaller ρ cheaper than the larger: the trade-off is not there
     trade = [c["verdict"] for c in claims(rows, cfg) if c["claim"].startswith("ρ trade-off")]
     assert trade == ["contradicted"]
+    one = row(0.7, "random", 0.0, [0.5])  # one release: inconclusive whatever its value
+    assert claims([one], cfg)[1]["verdict"].startswith("inconclusive")
 
 
 def test_a_finished_run_is_reused_only_with_its_own_settings(tiny_data, tmp_path):

@@ -14,7 +14,7 @@ from ..config import (ConfigError, OptimConfig, StepsConfig, _Strict, apply_over
                       check_batch_and_schedule, check_pmp_deepspeed, format_validation_error,
                       grad_accum_steps, read_yaml)
 
-MODES = ("unauthorized", "unauthorized-lora", "authorized")
+MODES = ("unauthorized", "unauthorized-lora", "authorized", "head-only")
 # Built-in offline tasks (data/classification/), then GLUE through `datasets`, then local files.
 BUILTIN_TASKS = ("movie_reviews", "amazon_reviews", "review_lm")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte", "wnli")
@@ -116,7 +116,9 @@ class ExportConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     release: str          # a released HF model directory
-    mode: Literal["unauthorized", "unauthorized-lora", "authorized"] = "unauthorized"
+    # head-only: a baseline, only the output head (lm_head, or a new classification head)
+    # trains; a mode's gain minus head-only's is what its body (the backbone) contributed.
+    mode: Literal["unauthorized", "unauthorized-lora", "authorized", "head-only"] = "unauthorized"
     mask: str | None = None   # private mask artifact dir; required by `authorized`
     # A mask without a recorded release sha256 fits any same-architecture release: refused
     # unless this is set (then only names and shapes are checked).

@@ -2,6 +2,8 @@
 
     unauthorized       every parameter trains (what anyone holding the release can do)
     unauthorized-lora  PEFT LoRA on the attention/MLP projections; only adapters + new head train
+    head-only          only the output head trains (lm_head or the new classification head): the
+                       baseline that says how much of a gain the body (backbone) contributed
     authorized         updates restricted to the private mask M with the pre-training hooks
                        (`MaskedUpdate`): the complement stays bit-exactly at the release; new
                        parameters (a classification head) are fully trainable
@@ -122,6 +124,15 @@ def apply_lora(model, cfg: FinetuneConfig, release: Release):
     return model
 
 
+def freeze_body(model, release: Release) -> None:
+    """head-only: every released parameter but lm_head stops training; new ones (a
+    classification head) train. (GPT-2 ties lm_head to the embedding: that trains too.)"""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in release.shapes or name.startswith("lm_head."))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("mode head-only: the model has no lm_head and no new head to train")
+
+
 # --- schedule -------------------------------------------------------------------------------------
 def lr_factor(o: OptimConfig, total: int):
     """Linear warm-up, then constant / cosine / linear decay to min_lr_ratio at `total`."""
@@ -169,6 +180,8 @@ class Finetuner:
             verify_loaded(self.model, self.release)
         if cfg.mode == "unauthorized-lora":
             self.model = apply_lora(self.model, cfg, self.release)
+        if cfg.mode == "head-only":
+            freeze_body(self.model, self.release)
         self.schedule = lr_factor(cfg.optim, cfg.train.max_steps)
         self.engine = build_engine(self.model, cfg.optim, self.ds_config, self.schedule)
         self.hooks = []
@@ -304,7 +317,7 @@ class Finetuner:
             for s in full:
                 result["at"].setdefault(str(s), {"validation": nan, "test": nan})
         result["final"] = result["at"][str(total)]
-        if self.masks is not None or c.mode == "unauthorized-lora":
+        if self.masks is not None or c.mode in ("unauthorized-lora", "head-only"):
             result["backbone"] = compare_with_release(self.model, self.release, self.masks)
         result["steps_done"] = steps_done
         result["skipped_steps"] = self.skips.skipped

@@ -20,7 +20,7 @@ from .discovery import EarlyBird, MaskSelector
 from .kinds import layer_kind
 from ..zero3.layout import PartitionLayout
 from .sharded import SavedShards, ShardedMask
-from .project import project_complement
+from .project import complement_norm, project_complement, radius_from
 from .update import MaskedUpdate, complement_drift
 
 
@@ -72,6 +72,7 @@ class PMPController:
         self.update: MaskedUpdate | None = None
         self.mask: ShardedMask | None = None
         self.stage2_start: int | None = None
+        self.project_radius: float | None = None  # absolute; fixed at the first projection
         if cfg.mask_ratio < 1.0 and cfg.mask_source == "earlybird":
             self.discovery = EarlyBird(
                 self.selector, score=cfg.score, check_every=cfg.check_every,
@@ -151,7 +152,10 @@ class PMPController:
         self.update.after_step(engine, step)
         if self.cfg.complement == "project" and (done - self.stage2_start) % \
                 self.cfg.project_every == 0:
-            p = project_complement(engine, self.mask, self.cfg.project_radius, _device())
+            if self.project_radius is None:
+                self.project_radius = radius_from(
+                    self.cfg, complement_norm(engine, self.mask, _device()))
+            p = project_complement(engine, self.mask, self.project_radius, _device())
             self.telemetry.scalars(done, {"pmp/complement_norm": p["norm"],
                                           "pmp/project_scale": p["scale"]})
         if done % self.cfg.drift_every == 0:
@@ -203,6 +207,7 @@ class PMPController:
     def state_dict(self) -> dict:
         return {"init_seed": self.init_seed, "mask_seed": self.mask_seed,
                 "shuffle_seed": self.shuffle_seed, "stage2_start": self.stage2_start, "theta0": self._theta0_to_save(),
+                "project_radius": self.project_radius,
                 "discovery": None if self.discovery is None else self.discovery.state_dict(),
                 "mask": None if self.mask is None else self.mask.state_dict(),
                 # what the private artifact records: export from this checkpoint writes the same
@@ -212,6 +217,7 @@ class PMPController:
         self.init_seed, self.mask_seed = state["init_seed"], state["mask_seed"]
         self.selector.seed = self.mask_seed
         self.shuffle_seed = state.get("shuffle_seed", self.shuffle_seed)
+        self.project_radius = state.get("project_radius")
         # None: a Stage II checkpoint; the fp32 master (already loaded) holds it on the complement
         self.theta0 = state["theta0"] if state["theta0"] is not None else self._snapshot_master()
         self._theta0_complete = state["theta0"] is not None
@@ -238,6 +244,7 @@ class PMPController:
         self.init_seed, self.mask_seed = first["init_seed"], first["mask_seed"]
         self.selector.seed = self.mask_seed
         self.shuffle_seed = first.get("shuffle_seed", self.shuffle_seed)
+        self.project_radius = first.get("project_radius")
         self.stage2_start = first["stage2_start"]
         if self.discovery is not None and first["discovery"] is not None:
             self.discovery.load_state_dict({**first["discovery"], "candidate": None,
@@ -295,7 +302,9 @@ class PMPController:
             "score": self.cfg.score, "topk_scope": self.cfg.topk_scope,
             "exclude": self.cfg.exclude, "complement": self.cfg.complement,
             **({"project_every": self.cfg.project_every,
-                "project_radius": self.cfg.project_radius}
+                "project_radius": self.cfg.project_radius,
+                "project_radius_mode": self.cfg.project_radius_mode,
+                "project_radius_absolute": self.project_radius}
                if self.cfg.complement == "project" else {}),
             "exclude_constant_init": self.cfg.exclude_constant_init,
             "excluded_params": self.excluded,

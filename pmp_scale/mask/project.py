@@ -2,7 +2,8 @@
 
 Weight decay applies to every element (no snapshot/restore hook, as in `decay`), complement
 gradients are zeroed (H1), and every `project_every` Stage II steps the complement of the fp32
-master is scaled so that its global L2 norm is at most `project_radius`. The norm is global
+master is scaled so that its global L2 norm is at most the radius (`project_radius`, absolute,
+or relative to the complement's norm at the first projection: `radius_from`). The norm is global
 over all ranks: each rank all-reduces the square-sum of its own complement elements (ZeRO-3
 padding excluded); the complement itself is never gathered. The low-precision partitions (and
 the persistent, always-gathered small parameters) are then re-derived from the master.
@@ -43,3 +44,12 @@ def project_complement(engine, mask: ShardedMask, radius: float, device) -> dict
             flat[comp] = flat[comp] * scale
         ds_internals.master_to_params(engine)
     return {"norm": norm, "scale": scale}
+
+
+def radius_from(cfg, first_norm: float) -> float:
+    """The absolute radius of a run: `project_radius` itself (mode absolute), or that fraction
+    of the complement's global norm at the first projection (mode relative: the same shrink at
+    every model size)."""
+    if cfg.project_radius_mode == "absolute":
+        return cfg.project_radius
+    return cfg.project_radius * first_norm

@@ -34,7 +34,7 @@ from ..finetune.tasks import build_task, load_hf_tokenizer, task_fingerprint
 from ..data.prepare import read_prepared_tokens
 
 log = logging.getLogger("pmp_scale.finetune")
-Mode = Literal["unauthorized", "unauthorized-lora", "authorized"]
+Mode = Literal["unauthorized", "unauthorized-lora", "authorized", "head-only"]
 
 
 class ReleaseEntry(_Strict):

@@ -18,6 +18,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def loss_spike(train_loss: list, upto: int) -> float:
+    """Largest rise of the training loss above its lowest value so far (nats; 0 = never rose)."""
+    low, spike = math.inf, 0.0
+    for step, loss in train_loss:
+        if step > upto:
+            break
+        if loss is None or not math.isfinite(loss):
+            return math.inf
+        spike = max(spike, loss - low) if math.isfinite(low) else spike
+        low = min(low, loss)
+    return spike
+
+
+def ended_worse(r: dict, d: int, metric: str, higher: bool) -> bool:
+    """Instability flag: non-finite (diverged) or the validation metric at `d` worse than at 0."""
+    if r["diverged"]:
+        return True
+    after, before = r["at"][str(d)]["validation"][metric], r["at"]["0"]["validation"][metric]
+    return not math.isfinite(after) or (after < before if higher else after > before)
+
+
 def summarise(cfg, results: list[dict]) -> dict:
     """Per (release, mode, duration, lr): mean ± std over seeds of the test metric after
     fine-tuning, before it (step 0) and the gain (improvement, > 0 = better); best LR by
@@ -28,7 +49,9 @@ def summarise(cfg, results: list[dict]) -> dict:
     seeds = pd.DataFrame([dict(release=r["release_name"], mode=r["mode"], steps=d, lr=r["lr"],
                                seed=r["seed"], val=r["at"][str(d)]["validation"][metric],
                                test=r["at"][str(d)]["test"][metric],
-                               before=r["at"]["0"]["test"][metric], diverged=r["diverged"])
+                               before=r["at"]["0"]["test"][metric], diverged=r["diverged"],
+                               spike=loss_spike(r["train_loss"], d),
+                               worse=ended_worse(r, d, metric, higher))
                           for r in results for d in r["durations"]])
     seeds["gain"] = sign * (seeds["test"] - seeds["before"])
     table = []
@@ -43,6 +66,7 @@ def summarise(cfg, results: list[dict]) -> dict:
                           before_mean=stats["before_mean"], before_std=stats["before_std"],
                           gain_mean=stats["gain_mean"], gain_std=stats["gain_std"],
                           diverged=int(g["diverged"].sum()),
+                          max_spike=float(g["spike"].max()), ended_worse=int(g["worse"].sum()),
                           per_seed=dict(zip(by_seed["seed"].astype(str), by_seed["test"])),
                           per_seed_gain=dict(zip(by_seed["seed"].astype(str), by_seed["gain"]))))
 
@@ -58,6 +82,10 @@ def summarise(cfg, results: list[dict]) -> dict:
         key = (row["release"], row["mode"], row["steps"])
         if key not in best or better(row["val_mean"], best[key]["val_mean"]):
             best[key] = row
+    lrs = sorted({row["lr"] for row in table})
+    for row in best.values():  # a selection at the grid's edge may be short of the best LR
+        row["lr_edge"] = (None if len(lrs) < 2 else "lowest" if row["lr"] == lrs[0]
+                          else "highest" if row["lr"] == lrs[-1] else None)
     return {"metric": metric, "higher_is_better": higher, "table": table,
             "best": [best[k] for k in sorted(best)]}
 
@@ -204,10 +232,12 @@ def render_markdown(cfg, doc: dict, results: list[dict]) -> str:
         lines += md_table(["mode", "runs", "backbone elements changed",
                            "complement elements changed"], integrity) + [""]
     lines += [f"## Full grid (test {metric}, mean ± std over seeds; min–max)", ""]
-    lines += md_table(["release", "mode", "steps", "LR", "val", "test", "min–max", "diverged"],
+    lines += md_table(["release", "mode", "steps", "LR", "val", "test", "min–max", "diverged",
+                       "largest train-loss spike", "val worse than at step 0"],
                       [[r["release"], r["mode"], r["steps"], f"{r['lr']:g}",
                         _pm(r["val_mean"], r["val_std"]), _pm(r["test_mean"], r["test_std"]),
-                        f"{r['test_min']:.3f}–{r['test_max']:.3f}", r["diverged"]]
+                        f"{r['test_min']:.3f}–{r['test_max']:.3f}", r["diverged"],
+                        f"{r.get('max_spike', math.nan):.3f}", r.get("ended_worse", "—")]
                        for r in doc["summary"]["table"]])
     lines += ["", "## Plots", ""]
     for title, path in doc["plots"].items():

@@ -1,9 +1,11 @@
 """One command for a whole study: `tools/study.py --config configs/study/<name>.yaml`.
 
-Data → dense + every PMP variant pre-trained through the launcher → releases → the
-non-fine-tunability grid per (preset, task) against dense and from-scratch baselines → secrecy
-attacks → the claims table (study.md, study.json, plots). Killed at any point and rerun, it
-reuses everything that finished (see run.py).
+Data → dense + every PMP variant pre-trained through the launcher, one release per
+pre-training seed → releases (+ the reparameterised dense releases, the positive control) →
+secrecy attacks → curvature on the mask and its complement per release → the
+non-fine-tunability grid per (preset, task) → the claims table, releases as the unit
+(stats.py), beside the controls (study.md, study.json, plots). Killed at any point and rerun,
+it reuses everything that finished (see run.py).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def run_info(plan: Plan) -> dict:
         if disc is not None:
             disc["score"] = (run.pmp or {}).get("score", "step")
         out[run.name] = {"preset": run.preset, "pmp": run.pmp,
-                         "short": run.name.split("__", 1)[1],
+                         "short": run.name.split("__", 1)[1], "seed": run.seed,
+                         "group": run.group.split("__", 1)[1],
                          "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
                          "discovery": disc}
     return out
@@ -49,8 +52,12 @@ def run_info(plan: Plan) -> dict:
 def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = True) -> dict:
     from tqdm import tqdm
     from . import run as r
-    from .claims import claims, variant_rows
+    from .claims import claims, control_rows, instability, variant_rows
     from .write import write_outputs
+    import os
+    import torch
+    if not torch.cuda.is_available():  # in-process work (grids, curvature): as the ranks get
+        torch.set_num_threads(int(os.environ.get("STUDY_OMP_THREADS", "1")))
     t0 = time.perf_counter()
     est = estimate(cfg, plan)
     ledger = r.Ledger()
@@ -69,9 +76,19 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
         r.pretrain(cfg, base_dir, plan, run, ledger)
         releases[run.name] = r.release(plan, run, ledger)
         advance(est["pretrain_s"][run.name], run.name)
+    if cfg.controls.reparam_alpha is not None:
+        for run in plan.runs:
+            if run.pmp is None:
+                r.reparam_release(cfg, plan, run, ledger)
     for run in plan.runs:
         if run.pmp is not None and cfg.secrecy.enabled:
             secrecy[run.name] = r.secrecy(cfg, plan, run, releases[run.name], ledger)
+    curv = {}
+    if cfg.curvature.enabled:
+        for preset in plan.presets:
+            bar.set_postfix_str(f"curvature {preset}")
+            curv.update({f"{preset} / {k}": v for k, v in
+                         r.curvature(cfg, plan, preset, ledger).items()})
     grids, docs = {}, {}
     for preset in plan.presets:
         for task in plan.tasks:
@@ -83,8 +100,11 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     bar.close()
     runs = run_info(plan)
     rows = variant_rows(docs, runs, secrecy, cfg)
+    controls = control_rows(docs, runs)
     doc = {"title": cfg.title, "config": cfg.model_dump(mode="json"), "runs": runs,
-           "grids": grids, "variants": rows, "claims": claims(rows, cfg),
+           "grids": grids, "variants": rows, "controls": controls, "curvature": curv,
+           "instability": instability(docs),
+           "claims": claims(rows, cfg, controls),
            "secrecy": secrecy,
            "secrecy_source": next((s.get("source") for s in secrecy.values()), None),
            "estimate": est, "wall_s": time.perf_counter() - t0,

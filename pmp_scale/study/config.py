@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from ..config import ConfigError, _Strict, apply_overrides, format_validation_error, read_yaml
 
@@ -44,6 +44,26 @@ class VariantBlock(_Strict):
     complement: list[Literal["frozen", "decay", "project"]] = Field(
         default_factory=lambda: ["frozen"])
     score: list[Literal["step", "ema", "accum"]] = Field(default_factory=lambda: ["step"])
+    # Further pmp.* keys for these variants only (over the study's `pmp`), e.g.
+    # {exclude: ["model.embed_tokens.weight"]}; `label` names them in the run names.
+    pmp: dict = Field(default_factory=dict)
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    pretrain_seeds: list[int] | None = None  # null: the study's `pretrain_seeds`
+
+    @model_validator(mode="after")
+    def _check(self) -> "VariantBlock":
+        if self.pmp and self.label is None:
+            raise ValueError("a variant block with its own `pmp` keys needs a `label` (it "
+                             "names its runs apart from the same settings without them)")
+        return self
+
+
+class ControlsSpec(_Strict):
+    """Controls built into the study (see stats.py and controls.py). The negative (A/A)
+    control is the second dense release: it needs >= 2 `pretrain_seeds`."""
+    # Positive control: each dense release reparameterised (Llama: v/up x alpha, o/down /
+    # alpha; same function, other effective step sizes). null: off.
+    reparam_alpha: float | None = Field(None, gt=1)
 
 
 TaskSpec = Union[str, dict]
@@ -58,6 +78,8 @@ class FinetuneSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     min_seeds: int = Field(3, ge=1)
     lora: bool = False  # also the cheap attacker (unauthorized-lora) on every PMP release
+    # Also fine-tune only lm_head / the new head on every release: body gain = full − head-only.
+    head_only: bool = False
     scratch: bool = True  # the from-scratch baseline (release architecture, fresh init)
 
 
@@ -75,6 +97,14 @@ class EstimateSpec(_Strict):
     finetune_cell_overhead_s: float = Field(4, ge=0)
 
 
+class CurvatureSpec(_Strict):
+    """The mechanism (curvature.py) on every release: Hessian top eigenvalue by power iteration
+    on the mask, the complement and all weights, on pre-training validation samples."""
+    enabled: bool = True
+    samples: int = Field(8, ge=1)  # validation sequences in the one batch
+    iters: int = Field(30, ge=1)  # power-iteration steps at most (stops at rel. change 1e-4)
+
+
 class ClaimsSpec(_Strict):
     base_tolerance: float = Field(0.05, gt=0)  # base preserved: val loss within this of dense
     secrecy_auc: float = Field(0.55, gt=0.5, le=1)  # an attack above this AUC reveals the mask
@@ -88,9 +118,14 @@ class StudyConfig(_Strict):
     presets: list[str] | None = None  # model presets; null: the pre-training config's
     variants: list[VariantBlock] = Field(min_length=1)
     pmp: dict = Field(default_factory=dict)  # further pmp.* keys for every PMP variant
+    # Pre-training seeds: one release per seed for dense and every variant (a block may give
+    # its own). null: one run each at the pre-training config's seed (not replicated).
+    pretrain_seeds: list[int] | None = None
+    controls: ControlsSpec = Field(default_factory=ControlsSpec)
     finetune: FinetuneSpec
     secrecy: SecrecySpec = Field(default_factory=SecrecySpec)
     estimate: EstimateSpec = Field(default_factory=EstimateSpec)
+    curvature: CurvatureSpec = Field(default_factory=CurvatureSpec)
     claims: ClaimsSpec = Field(default_factory=ClaimsSpec)
 
     def variant_settings(self) -> list[dict]:
@@ -99,10 +134,12 @@ class StudyConfig(_Strict):
         for b in self.variants:
             for r, src, comp, score in itertools.product(b.mask_ratio, b.mask_source,
                                                          b.complement, b.score):
-                key = (r, src, comp, score)
+                key = (r, src, comp, score, b.label)
                 if key not in seen:
                     seen.add(key)
-                    out.append(dict(mask_ratio=r, mask_source=src, complement=comp, score=score))
+                    out.append(dict(mask_ratio=r, mask_source=src, complement=comp, score=score,
+                                    label=b.label, extra=dict(b.pmp),
+                                    seeds=b.pretrain_seeds or self.pretrain_seeds))
         return out
 
 
@@ -128,6 +165,16 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
     for preset in cfg.presets or []:
         if preset not in PRESETS:
             raise StudyError(f"presets: {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    for seeds in [cfg.pretrain_seeds] + [v["seeds"] for v in cfg.variant_settings()]:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise StudyError(f"pretrain_seeds {seeds}: a seed is repeated (each release needs "
+                             "its own pre-training seed)")
+    if cfg.controls.reparam_alpha is not None:
+        from ..models import PRESETS
+        for preset in plan.presets:
+            if PRESETS.get(preset, {}).get("model_type") != "llama":
+                raise StudyError(f"controls.reparam_alpha: the reparameterised control is "
+                                 f"defined for Llama presets only, not {preset!r}; set it to null")
     for v in cfg.variant_settings():
         if not 0 < v["mask_ratio"] < 1:
             raise StudyError(f"variants: mask_ratio {v['mask_ratio']} is impossible for a PMP "
@@ -182,18 +229,32 @@ def task_config(cfg: StudyConfig, base_dir: Path, task: TaskSpec) -> dict:
     return {**keep, **spec}
 
 
+def short(name: str) -> str:
+    """A run's name in its grid (the preset dropped): dense__s0, r0.7_earlybird_frozen__s1."""
+    return name.split("__", 1)[1]
+
+
+def reparam_name(dense) -> str:
+    return dense.name.replace("__dense", "__reparam", 1)
+
+
 def report_config(cfg: StudyConfig, base_dir: Path, plan, preset: str, task) -> dict:
-    """The report grid for one (preset, task): dense, from scratch and every PMP variant."""
+    """The report grid for one (preset, task): every dense release, its reparameterised
+    control, from scratch and every PMP release."""
     f = cfg.finetune
     rel = plan.out / "releases"
-    dense = plan.dense(preset)
-    releases = [{"name": "dense", "release": str(rel / dense.name), "modes": ["unauthorized"]}]
+    head = ["head-only"] if f.head_only else []
+    releases = [{"name": short(d.name), "release": str(rel / d.name),
+                 "modes": ["unauthorized", *head]} for d in plan.denses(preset)]
+    if cfg.controls.reparam_alpha is not None:
+        releases += [{"name": short(reparam_name(d)), "release": str(rel / reparam_name(d)),
+                      "modes": ["unauthorized"]} for d in plan.denses(preset)]
     if f.scratch:
-        releases.append({"name": "scratch", "release": str(rel / dense.name), "reinit": True,
-                         "modes": ["unauthorized"]})
-    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else [])
+        releases.append({"name": "scratch", "release": str(rel / plan.dense(preset).name),
+                         "reinit": True, "modes": ["unauthorized"]})
+    modes = ["unauthorized", "authorized"] + (["unauthorized-lora"] if f.lora else []) + head
     for run in plan.variants(preset):
-        releases.append({"name": run.name.split("__", 1)[1], "release": str(rel / run.name),
+        releases.append({"name": short(run.name), "release": str(rel / run.name),
                          "mask": str(run.run_dir / "private" / "mask"), "modes": modes})
     task_cfg = task_config(cfg, base_dir, task)
     return {"title": f"{cfg.title}: {preset}, task {task_label(task)}",
@@ -201,7 +262,7 @@ def report_config(cfg: StudyConfig, base_dir: Path, plan, preset: str, task) -> 
             "finetune": str(resolve(base_dir, f.config).resolve()),
             "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
             "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
-            "min_seeds": f.min_seeds, "dense": "dense", "pmp": releases[-1]["name"],
+            "min_seeds": f.min_seeds, "dense": releases[0]["name"], "pmp": releases[-1]["name"],
             "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
 
 

@@ -18,6 +18,11 @@ class Run:
     preset: str
     pmp: dict | None  # None: the dense baseline
     sets: list[str] = field(default_factory=list)
+    group: str = ""  # the variant (name without the seed): its releases are replicates
+    seed: int | None = None  # the pre-training seed (recorded here, privately; null: config's)
+
+    def __post_init__(self):
+        self.group = self.group or self.name
 
     @property
     def run_dir(self) -> Path:
@@ -35,6 +40,9 @@ class Plan:
 
     def dense(self, preset: str) -> Run:
         return next(r for r in self.runs if r.pmp is None and r.preset == preset)
+
+    def denses(self, preset: str) -> list[Run]:
+        return [r for r in self.runs if r.pmp is None and r.preset == preset]
 
     def variants(self, preset: str) -> list[Run]:
         return [r for r in self.runs if r.pmp is not None and r.preset == preset]
@@ -55,7 +63,18 @@ def default_nproc() -> int:
 
 def variant_name(preset: str, v: dict) -> str:
     score = "" if v["score"] == "step" else f"_{v['score']}"
-    return f"{preset}__r{v['mask_ratio']:g}_{v['mask_source']}_{v['complement']}{score}"
+    label = f"_{v['label']}" if v.get("label") else ""
+    return f"{preset}__r{v['mask_ratio']:g}_{v['mask_source']}_{v['complement']}{score}{label}"
+
+
+def seeded(name: str, seeds: list[int] | None) -> list[tuple[str, int | None]]:
+    """(run name, pre-training seed) per release of a variant; unreplicated: the bare name."""
+    return [(name, None)] if not seeds else [(f"{name}__s{s}", s) for s in seeds]
+
+
+def replicate(seed: int | None) -> list[str]:
+    """A replicate release: its own init seed and its own data order."""
+    return [] if seed is None else [f"seed={seed}", f"data.shuffle_seed={seed}"]
 
 
 def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
@@ -67,14 +86,20 @@ def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
     runs = []
     for preset in presets:
         common = [*cfg.pretrain.overrides, *data, f"model.preset={preset}"]
-        runs.append(Run(f"{preset}__dense", preset, None,
-                        [f"run_dir={out / 'runs' / f'{preset}__dense'}", *common,
-                         "pmp.enabled=false"]))
+        for name, seed in seeded(f"{preset}__dense", cfg.pretrain_seeds):
+            runs.append(Run(name, preset, None,
+                            [f"run_dir={out / 'runs' / name}", *common, "pmp.enabled=false",
+                             *replicate(seed)], group=f"{preset}__dense", seed=seed))
         for v in cfg.variant_settings():
-            name = variant_name(preset, v)
-            pmp = {**cfg.pmp, **v, "enabled": True}
-            runs.append(Run(name, preset, v, [f"run_dir={out / 'runs' / name}", *common,
-                                              *(f"pmp.{k}={json.dumps(x)}" for k, x in pmp.items())]))
+            group = variant_name(preset, v)
+            core = {k: v[k] for k in ("mask_ratio", "mask_source", "complement", "score")}
+            pmp = {**cfg.pmp, **core, **v["extra"], "enabled": True}
+            info = {**core, "label": v["label"], "extra": v["extra"]}
+            for name, seed in seeded(group, v["seeds"]):
+                runs.append(Run(name, preset, info,
+                                [f"run_dir={out / 'runs' / name}", *common,
+                                 *(f"pmp.{k}={json.dumps(x)}" for k, x in pmp.items()),
+                                 *replicate(seed)], group=group, seed=seed))
     return Plan(out, cfg.pretrain.nproc or default_nproc(), runs, list(cfg.finetune.tasks),
                 presets, base)
 
@@ -112,8 +137,10 @@ def estimate(cfg: StudyConfig, plan: Plan) -> dict:
         tokens = run_steps(plan, run) * raw["train"]["global_batch_size"] * seq
         per_run[run.name] = e.launch_overhead_s + tokens / tps
     f = cfg.finetune
-    modes_pmp = 2 + int(f.lora)
-    per_lr_seed = 1 + int(f.scratch) + modes_pmp * (len(plan.runs) // len(plan.presets) - 1)
+    extra = int(f.head_only)
+    dense = len(plan.denses(plan.presets[0]))
+    per_lr_seed = ((1 + extra) * dense + dense * int(cfg.controls.reparam_alpha is not None)
+                   + int(f.scratch) + (2 + int(f.lora) + extra) * len(plan.variants(plan.presets[0])))
     cells = per_lr_seed * len(f.lrs) * len(f.seeds)
     grid = cells * (e.finetune_cell_overhead_s + max(f.steps) * e.finetune_step_s)
     return {"pretrain_s": per_run, "tokens_per_s": tps, "cells_per_grid": cells,
@@ -125,7 +152,8 @@ def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
     lines = [f"study {cfg.title!r} -> {plan.out} ({plan.nproc} ranks per pre-training run)",
              f"pre-training runs ({len(plan.runs)}):"]
     for run in plan.runs:
-        kind = "dense" if run.pmp is None else ", ".join(f"{k} {v}" for k, v in run.pmp.items())
+        kind = "dense" if run.pmp is None else ", ".join(f"{k} {v}" for k, v in run.pmp.items()
+                                                         if v not in (None, {}))
         lines.append(f"  {run.name:<48} {kind} | ≤ {run_steps(plan, run)} steps | "
                      f"~{est['pretrain_s'][run.name] / 60:.1f} min")
     f = cfg.finetune

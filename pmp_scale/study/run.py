@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import StudyConfig, StudyError, report_config, resolve, task_label
+from .config import StudyConfig, StudyError, reparam_name, report_config, resolve, short, task_label
 from ..launch import child_env, pretrain_command
 from .plan import Plan, Run
 
@@ -118,6 +118,23 @@ def release(plan: Plan, run: Run, ledger: Ledger) -> Path:
 
 
 # --- fine-tuning grids --------------------------------------------------------------------------
+def reparam_release(cfg: StudyConfig, plan: Plan, dense: Run, ledger: Ledger) -> Path:
+    """The positive control: the dense release reparameterised (controls.py)."""
+    from .controls import reparameterise
+    name = reparam_name(dense)
+    out = plan.out / "releases" / name
+    marker = plan.out / "releases" / f"{name}.done.json"
+    alpha = cfg.controls.reparam_alpha
+    done = read_json(marker)
+    if done is not None and done.get("alpha") == alpha and out.is_dir():
+        ledger.record(f"release {name}", True)
+        return out
+    reparameterise(plan.out / "releases" / dense.name, out, alpha)
+    write_json(marker, {"alpha": alpha, "source": dense.name})
+    ledger.record(f"release {name}", False)
+    return out
+
+
 def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, ledger: Ledger,
              progress: bool) -> dict:
     from ..nft.report import parse_report_config, run_report
@@ -130,6 +147,43 @@ def run_grid(cfg: StudyConfig, base_dir: Path, plan: Plan, preset: str, task, le
                   f"{doc['timing']['runs']} cells reused", doc["timing"]["cached"] == doc["timing"]["runs"])
     doc["cells_before"] = len(before)
     return doc
+
+
+# --- the mechanism ------------------------------------------------------------------------------
+def curvature(cfg: StudyConfig, plan: Plan, preset: str, ledger: Ledger) -> dict:
+    """Per release of `preset` (controls included): curvature on the mask, the complement and
+    all weights. Dense releases use the index sets of the first PMP run's mask (early-bird
+    preferred). Cached per release in <out>/curvature/."""
+    from ..data.prepare import read_prepared_tokens
+    from .curvature import release_curvature
+    pmp = sorted(plan.variants(preset), key=lambda r: r.pmp["mask_source"] != "earlybird")
+    if not pmp:
+        return {}
+    ref = pmp[0]
+    names = [(r.name, r, r) for r in pmp] + [(d.name, d, ref) for d in plan.denses(preset)]
+    if cfg.controls.reparam_alpha is not None:
+        names += [(reparam_name(d), d, ref) for d in plan.denses(preset)]
+    tokens = None
+    out = {}
+    for name, run, mask_run in names:
+        path = plan.out / "curvature" / f"{name}.json"
+        key = {"samples": cfg.curvature.samples, "iters": cfg.curvature.iters,
+               "mask_from": short(mask_run.name)}
+        cached = read_json(path)
+        if cached is not None and cached.get("key") == key:
+            out[short(name)] = cached["result"]
+            ledger.record(f"curvature {name}", True)
+            continue
+        if tokens is None:
+            tokens = read_prepared_tokens(cfg.data.path, "val", cfg.curvature.samples)
+        res = release_curvature(plan.out / "releases" / name,
+                                mask_run.run_dir / "private" / "mask", tokens,
+                                iters=cfg.curvature.iters)
+        res["mask_from"] = key["mask_from"]
+        write_json(path, {"key": key, "result": res})
+        out[short(name)] = res
+        ledger.record(f"curvature {name}", False)
+    return out
 
 
 # --- secrecy ------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import json
 import math
 from pathlib import Path
 
-from .claims import RULE, _fmt, _pct
+from .claims import _pct
+from .stats import RULE, fmt
 
 
 def write_outputs(out: Path, doc: dict) -> None:
@@ -18,10 +19,45 @@ def write_outputs(out: Path, doc: dict) -> None:
 
 
 def claims_table(doc: dict) -> str:
-    lines = ["| claim | where | measured | verdict |", "|---|---|---|---|"]
+    lines = ["| claim | where | measured (effect, 95% CI, test) | A/A noise floor | verdict |",
+             "|---|---|---|---|---|"]
     for c in doc["claims"]:
-        lines.append(f"| {c['claim']} | {c['where']} | {c['value']} | **{c['verdict']}** |")
+        noise = "—" if c.get("noise") is None else f"{c['noise']:.4f}"
+        lines.append(f"| {c['claim']} | {c['where']} | {c['value']} | {noise} | "
+                     f"**{c['verdict']}** |")
     return "\n".join(lines)
+
+
+def controls_table(doc: dict) -> list[str]:
+    rows = doc.get("controls") or []
+    if not rows:
+        return ["No controls ran (set `pretrain_seeds` with >= 2 seeds for the A/A control and "
+                "`controls.reparam_alpha` for the positive one).", ""]
+    lines = ["| control | where | releases | measured | reading |", "|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c['control']} | {c['where']} | {', '.join(c['releases'])} | "
+                     f"{c['value']} | **{c['verdict']}** |")
+    weak = [c for c in rows if c["control"].startswith("positive")
+            and not c["verdict"].startswith("detected")]
+    if weak:
+        lines += ["", "**The positive control was not detected: this fine-tuning grid is too weak "
+                      "to judge anything; every 'inconclusive' above says nothing about PMP.**"]
+    return lines + [""]
+
+
+def instability_table(doc: dict) -> list[str]:
+    lines = ["| grid / release | mode | selected LR | at grid edge | largest train-loss spike "
+             "(nats) | runs diverged / ended worse (all LRs × seeds) | largest LR not ending "
+             "worse |", "|---|---|---|---|---|---|---|"]
+    for grid, releases in (doc.get("instability") or {}).items():
+        for name, modes in releases.items():
+            for mode, x in modes.items():
+                edge = f"**{x['lr_edge']}**" if x["lr_edge"] else "no"
+                spike = "—" if x["max_spike"] is None else f"{x['max_spike']:.3f}"
+                lines.append(f"| {grid} / {name} | {mode} | {x['lr']:g} | {edge} | {spike} | "
+                             f"{x['diverged_runs']} / {x['worse_runs']} | "
+                             f"{x['largest_stable_lr']} |")
+    return lines + [""]
 
 
 def render(doc: dict) -> str:
@@ -30,22 +66,38 @@ def render(doc: dict) -> str:
              f"wall time of this invocation {doc['wall_s'] / 60:.1f} min "
              f"({len(doc['work']['done'])} steps done, {len(doc['work']['reused'])} reused).", "",
              "## Claims", "", claims_table(doc), "",
-             f"Rules. Fine-tuning comparisons: {RULE}. Gain = improvement of the test metric "
-             "from fine-tuning; the gain cut is the dense release's gain minus the PMP release's "
-             "(unauthorized), at the longest fine-tuning duration, LR selected on validation. "
-             "Each claim's row states its own criterion in study.json (`rule`).", "",
+             f"Rule. Fine-tuning comparisons: {RULE}. Multiplicity: the p values of all tested "
+             "rows above are Holm–Bonferroni adjusted together (family-wise error ≤ 0.05); the "
+             "controls are not part of that family. Gain = improvement of the test metric "
+             "from fine-tuning at the longest duration, LR selected on validation per release; "
+             "the gain cut is the dense releases' gain minus the PMP releases' (unauthorized); "
+             "body gain = full fine-tuning gain − head-only gain (only lm_head trains). "
+             "The A/A noise floor is the gain gap between two dense releases that differ only "
+             "in their pre-training seed. Each row states its criterion in study.json (`rule`).",
+             "", "## Controls", "", *controls_table(doc),
+             *curvature_section(doc),
              "## Variants", "",
-             "| preset / variant | task | base val loss (cost vs dense) | tokens/s | discovery "
-             "| gain cut | authorized − unauthorized | best attack AUC |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| preset / variant | releases (seeds) | task | base val loss (cost vs dense) | "
+             "tokens/s | discovery | gain cut | body-gain cut | authorized − unauthorized | "
+             "best attack AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["variants"]:
         d = r.get("discovery") or {}
         disc = (f"{d['steps']} steps, {d['stop_reason']}" if d.get("steps") is not None else "—")
         base = "n/a" if r["base_loss"] is None else f"{r['base_loss']:.3f} ({_pct(r['base_cost'])})"
         auc = "—" if r["max_auc"] is None else f"{r['max_auc']:.3f}"
         tps = "—" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        lines.append(f"| {r['preset']} / {r['variant']} | {r['task']} | {base} | {tps} | {disc} | "
-                     f"{_fmt(r['gain_cut'])} | {_fmt(r['recovery'])} | {auc} |")
+        body = "—" if not r.get("body_cut") else fmt(r["body_cut"], 3)
+        lines.append(f"| {r['preset']} / {r['variant']} | {len(r['releases'])} "
+                     f"({', '.join(str(s) for s in r['seeds'])}) | {r['task']} | {base} | {tps} | "
+                     f"{disc} | {fmt(r['gain_cut'], 3)} | {body} | {fmt(r['recovery'], 3)} | "
+                     f"{auc} |")
+    lines += ["", "## Fine-tuning instability", "",
+              "Per release and mode at the longest duration: the LR selected on validation "
+              "(flagged when it is the grid's lowest or highest: the best LR may lie outside), "
+              "the largest rise of the training loss above its running minimum at that LR, and "
+              "over the whole LR grid how many runs hit non-finite values (diverged) or ended "
+              "with a validation loss above their start.", "", *instability_table(doc)]
     lines += ["", "Dense runs: " + ", ".join(
         f"{n} {i['tokens_per_s']:,.0f} tok/s" for n, i in doc["runs"].items()
         if i["pmp"] is None and i.get("tokens_per_s")), ""]
@@ -70,23 +122,56 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curvature_section(doc: dict) -> list[str]:
+    """The mechanism next to the claims: Hessian top eigenvalue and gradient size per element
+    on the mask, on its complement and on all weights, per release (curvature.py)."""
+    rows = doc.get("curvature") or {}
+    if not rows:
+        return []
+    lines = ["## Mechanism: curvature on the mask and on its complement", "",
+             "Top Hessian eigenvalue (power iteration on Hessian-vector products) of the "
+             "pre-training validation loss restricted to the masked weights, to the complement "
+             "and to all weights, and the gradient's RMS per element on each, at the release. "
+             "Dense releases are measured on the index sets of the PMP mask named in the last "
+             "column. The paper's Proposition 1 reads, for a PMP release: the masked weights at a "
+             "conditional optimum (a small gradient on the mask) and sharp curvature along the "
+             "frozen complement, both against the dense release on the same index sets. One "
+             "batch, n = 1 per release: a description, not a test.",
+             "", "| release | λ mask | λ complement | λ all | grad RMS mask | grad RMS "
+             "complement | mask from |", "|---|---|---|---|---|---|---|"]
+    for name, c in rows.items():
+        if "error" in c:
+            lines.append(f"| {name} | {c['error']} | | | | | |")
+            continue
+        lines.append(f"| {name} | {c['mask']['eig']:.4g} | {c['complement']['eig']:.4g} | "
+                     f"{c['all']['eig']:.4g} | {c['mask']['grad_rms']:.3g} | "
+                     f"{c['complement']['grad_rms']:.3g} | {c['mask_from']} |")
+    return lines + [""]
+
+
 def make_plots(out: Path, doc: dict) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plots = {}
-    rows = [r for r in doc["variants"] if r["gain_cut"]["n"]]
+    rows = [r for r in doc["variants"] if math.isfinite(r["gain_cut"]["effect"])]
     if rows:
         fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(rows)), 4))
         xs = range(len(rows))
-        ax.bar(xs, [r["gain_cut"]["mean"] for r in rows],
-               yerr=[2 * r["gain_cut"]["std"] / math.sqrt(r["gain_cut"]["n"]) for r in rows],
-               capsize=3)
+        eff = [r["gain_cut"]["effect"] for r in rows]
+        lo = [e - r["gain_cut"]["ci"][0] if math.isfinite(r["gain_cut"]["ci"][0]) else 0
+              for e, r in zip(eff, rows)]
+        hi = [r["gain_cut"]["ci"][1] - e if math.isfinite(r["gain_cut"]["ci"][1]) else 0
+              for e, r in zip(eff, rows)]
+        ax.bar(xs, eff, yerr=[lo, hi], capsize=3)
+        for c in doc.get("controls") or []:
+            if c["control"].startswith("negative"):
+                ax.axhspan(-abs(c["gap"]), abs(c["gap"]), color="0.85", zorder=0)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(list(xs), [f"{r['variant']}\n{r['task']}" for r in rows], fontsize=7,
                       rotation=30, ha="right")
         ax.set_ylabel("gain cut (dense gain − PMP gain)")
-        ax.set_title("unauthorized gain cut, mean ± 2 SE")
+        ax.set_title("unauthorized gain cut, release means, 95% CI (grey: A/A noise floor)")
         fig.tight_layout()
         fig.savefig(out / "gain_cut.png", dpi=110)
         plt.close(fig)
@@ -94,9 +179,9 @@ def make_plots(out: Path, doc: dict) -> dict:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for r in rows:
             if r["base_cost"] is not None:
-                ax.scatter(r["base_cost"] * 100, r["gain_cut"]["mean"])
+                ax.scatter(r["base_cost"] * 100, r["gain_cut"]["effect"])
                 ax.annotate(f"ρ{r['mask_ratio']:g} {r['mask_source'][:2]} {r['complement'][:4]}",
-                            (r["base_cost"] * 100, r["gain_cut"]["mean"]), fontsize=7)
+                            (r["base_cost"] * 100, r["gain_cut"]["effect"]), fontsize=7)
         ax.set_xlabel("base cost: val loss vs dense (%)")
         ax.set_ylabel("gain cut")
         ax.set_title("trade-off")

@@ -598,7 +598,8 @@ def pmp_project(args):
                  optim={"grad_clip": 0.0},
                  pmp={"enabled": True, "mask_source": "random", "mask_ratio": 0.5,
                       "mask_seed": 5, "complement": "project", "project_every": EVERY,
-                      "project_radius": RADIUS, "save_init": True})
+                      "project_radius": RADIUS, "project_radius_mode": "absolute",
+                      "save_init": True})
     rec = _GradRecorder()
     t = Trainer(cfg, hooks=[rec])
     before = gathered(t.model)
