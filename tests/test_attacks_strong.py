@@ -3,7 +3,6 @@ whose masked elements were really trained (AdamW with weight decay, complement f
 aggregates of the shadow features, constant-init tensors as known trained."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest

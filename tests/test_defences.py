@@ -9,8 +9,7 @@ import torch
 
 from helpers import run_distributed
 from pmp_scale.mask.discovery import MaskSelector, _NOISE_SALT, _PLACEMENT_SALT
-from pmp_scale.mask.select import LocalSlice
-from pmp_scale.zero3.layout import ParamEntry, PartitionLayout
+from pmp_scale.zero3.layout import LocalSlice, ParamEntry, PartitionLayout
 from test_mask_select import _splitmix64_numpy
 
 SHAPES = {"embed": (64, 16), "up": (32, 16), "tiny": (3,), "down": (16, 32)}

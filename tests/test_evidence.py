@@ -3,7 +3,6 @@ computation, the Hessian probe against a quadratic with known eigenvalues, the p
 control's reparameterisation against its source's logits."""
 from __future__ import annotations
 
-import json
 import math
 import sys
 

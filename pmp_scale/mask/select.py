@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .bits import popcount_tensor
+from ..zero3.layout import LocalSlice
 
 # 31 bits: scores are made non-negative first, so the sign bit is always 0.
 # Non-negative float32 bit patterns read as int32 are ordered like the floats.
