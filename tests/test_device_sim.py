@@ -183,3 +183,19 @@ print(transformers.__version__, model.generate(ids, max_new_tokens=3, do_sample=
                 "tests/test_tokenizer_guard.py"], 900, cwd=REPO, env=env)
     assert kit.returncode == 0, kit.stdout[-4000:] + kit.stderr[-2000:]
     assert re.search(r"\b9 passed\b", kit.stdout), kit.stdout[-2000:]
+
+
+@pytest.mark.timeout(600)
+def test_without_the_wheel_set_the_check_names_what_is_missing(device, tmp_path):
+    """The image alone lacks DeepSpeed, streaming, datasets ...: one line before anything runs."""
+    env = {**device["env"], "PYTHON": device["python"], "GPU_CHECK_WORK": str(tmp_path / "w")}
+    proc = _run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path / "out"), "--tiny"],
+                500, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: missing "), proc.stderr
+    for name in ("deepspeed (deepspeed)", "mosaicml-streaming (streaming)", "datasets (datasets)",
+                 "zstd (zstd)", "python-snappy (snappy)", "tools/gpu_wheels.sh"):
+        assert name in lines[0], lines[0]
+    table = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| imports | failed |" in table and "| bench |" not in table

@@ -55,8 +55,9 @@ if [ -n "$WHEELS" ]; then
         echo "error: no wheels in $WHEELS (build them with: bash tools/gpu_wheels.sh $WHEELS)" >&2
         exit 2
     fi
-    tag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-    foreign=$(ls "$WHEELS"/*.whl | grep -E -- '-cp3[0-9]+-' | grep -v -- "-$tag-" | head -n1 || true)
+    tag=$("$PY" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+    foreign=$(ls "$WHEELS"/*.whl | grep -E -- '-(cp|py)3[0-9]+-' | grep -v -E -- "-(cp|py)$tag-" \
+        | head -n1 || true)
     if [ -n "$foreign" ]; then
         py=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
         echo "error: $(basename "$foreign") is not for this python ($py): build the set for it with bash tools/gpu_wheels.sh DIR --python $py" >&2
