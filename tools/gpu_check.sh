@@ -14,6 +14,8 @@
 # runs the same stages at tiny size on a CPU rank (DS_ACCELERATOR=cpu): the simulated-device
 # test. --stage runs one of the two. Work files go to GPU_CHECK_WORK (default
 # $TMPDIR/pmp_gpu_check); rerunning resumes the study (finished runs are reused).
+# (one function, parsed whole before it runs: editing the file mid-run cannot derail it)
+main() {
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -152,3 +154,5 @@ fi
 say "table: $OUT/gpu_check.md"
 cat "$OUT/gpu_check.md"
 exit $status
+}
+main "$@"
