@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a bare GPU machine (no package index): install the carried
 # wheels, check every import, then the bench (llama-1.1b, bf16, ZeRO-3: dense and PMP tokens/s,
-# MFU, peak memory) and a reduced study (configs/study/gpu_small.yaml). About 7 minutes on
-# one H100/H200 by the estimate in the README (unmeasured there). OUT_DIR/gpu_check.md, the
-# table, is rewritten after every stage; bench.json, study.md and gpu_check.log beside it.
+# MFU, peak memory) and a reduced study (configs/study/gpu_small.yaml). Its time on one
+# H100/H200 is unmeasured; the README derives an estimate from the tiny run's stages.
+# OUT_DIR/gpu_check.md, the table, is rewritten after every stage; bench.json, study.md and
+# gpu_check.log beside it.
 #
 #   bash tools/gpu_check.sh OUT_DIR [WHEEL_DIR] [--tiny] [--stage bench|study]
 #
