@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata as md
 import os
 import re
+import signal
 import subprocess
 import sys
 import venv
@@ -42,7 +43,16 @@ def _norm(name: str) -> str:
 
 
 def _run(cmd, timeout, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    """subprocess.run in its own session: on a timeout every process it started is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _image_wheels() -> Path:
@@ -106,7 +116,10 @@ def device(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PIP_FIND_LINKS")}
-    env.update({"PIP_NO_INDEX": "1", "DS_ACCELERATOR": "cpu", "TMPDIR": str(root)})
+    # DeepSpeed JIT-builds its CPU ops (shm comm) from the carried copy: into a cache of its
+    # own, never the one this venv's DeepSpeed builds into, at a fixed path so reruns reuse it.
+    env.update({"PIP_NO_INDEX": "1", "DS_ACCELERATOR": "cpu", "TMPDIR": str(root),
+                "TORCH_EXTENSIONS_DIR": str(CACHE / f"sim-torch-extensions-py{PY}")})
     probe = _run([str(python), "-c", "import transformers, numpy; "
                   "print(transformers.__version__, numpy.__version__)"], 120, env=env)
     assert probe.stdout.split()[0].startswith("5.") and probe.stdout.split()[1].startswith("2.")
@@ -119,11 +132,12 @@ def device(tmp_path_factory):
 def check(device):
     """One tiny run of the device script in the simulated image."""
     out, root = device["root"] / "out", device["root"]
-    env = {**device["env"], "PYTHON": device["python"], "GPU_CHECK_SITE": str(root / "site"),
+    site = CACHE / f"sim-site-py{PY}"  # fixed: the JIT-built ops' cache stays valid
+    env = {**device["env"], "PYTHON": device["python"], "GPU_CHECK_SITE": str(site),
            "GPU_CHECK_WORK": str(root / "work")}
     proc = _run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), str(device["wheels"]),
                  "--tiny"], 1500, cwd=REPO, env=env)
-    return {"proc": proc, "out": out, "site": root / "site", "work": root / "work",
+    return {"proc": proc, "out": out, "site": site, "work": root / "work",
             "python": device["python"], "env": device["env"]}
 
 
