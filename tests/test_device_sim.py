@@ -109,8 +109,10 @@ def device(tmp_path_factory):
     python = root / "venv" / "bin" / "python"
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                    60).stdout.strip()
-    _link_farm(root / "image")
-    (Path(purelib) / "image.pth").write_text(str(root / "image") + "\n")
+    # named site-packages like any installed library folder: dill (datasets' hashing) pickles
+    # functions of modules elsewhere by value, and fails on pyarrow's types
+    _link_farm(root / "image" / "site-packages")
+    (Path(purelib) / "image.pth").write_text(str(root / "image" / "site-packages") + "\n")
     proc = _run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                  "--no-index", "--find-links", str(image_wheels), *IMAGE_PACKAGES], 600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,7 +134,7 @@ def device(tmp_path_factory):
 def check(device):
     """One tiny run of the device script in the simulated image."""
     out, root = device["root"] / "out", device["root"]
-    site = CACHE / f"sim-site-py{PY}"  # fixed: the JIT-built ops' cache stays valid
+    site = CACHE / f"sim-py{PY}" / "site-packages"  # fixed: the JIT-built ops' cache stays valid
     env = {**device["env"], "PYTHON": device["python"], "GPU_CHECK_SITE": str(site),
            "GPU_CHECK_WORK": str(root / "work")}
     proc = _run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(out), str(device["wheels"]),

@@ -11,7 +11,7 @@
 # It uses the machine's own python (PYTHON, default python3) and its torch, transformers and
 # numpy, untouched: the wheels of WHEEL_DIR (tools/gpu_wheels.sh) are installed with
 # `pip install --no-index --no-deps --no-compile --target SITE` and SITE goes first on
-# PYTHONPATH (SITE: GPU_CHECK_SITE, default $TMPDIR/pmp_gpu_site). --tiny (or GPU_CHECK_TINY=1)
+# PYTHONPATH (SITE: GPU_CHECK_SITE, default $TMPDIR/pmp_gpu/site-packages). --tiny (or GPU_CHECK_TINY=1)
 # runs the same stages at tiny size on a CPU rank (DS_ACCELERATOR=cpu): the simulated-device
 # test. --stage runs one of the two. Work files go to GPU_CHECK_WORK (default
 # $TMPDIR/pmp_gpu_check); rerunning resumes the study (finished runs are reused).
@@ -40,7 +40,9 @@ case "$ONLY" in ""|bench|study) ;; *) echo "error: --stage must be bench or stud
 OUT=$(mkdir -p "${POS[0]}" && cd "${POS[0]}" && pwd)
 WHEELS=${POS[1]:-}
 TMP=${TMPDIR:-/tmp}
-SITE=${GPU_CHECK_SITE:-$TMP/pmp_gpu_site}
+# A folder named site-packages: dill (datasets' hashing) pickles functions of modules outside
+# sys.prefix by value unless their path names site-packages, and fails on pyarrow's types.
+SITE=${GPU_CHECK_SITE:-$TMP/pmp_gpu/site-packages}
 WORK=${GPU_CHECK_WORK:-$TMP/pmp_gpu_check}
 LOG=$OUT/gpu_check.log
 mkdir -p "$WORK"
