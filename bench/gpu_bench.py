@@ -89,7 +89,9 @@ def main(argv=None) -> dict:
         dist.broadcast_object_list(shared, src=0)
         data, tok = shared
     world = dist.get_world_size()
-    run_dir = [tempfile.mkdtemp(prefix="pmp_gpu_bench_") if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:  # the run's checkpoint dir under --work, not loose in TMPDIR
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    run_dir = [tempfile.mkdtemp(prefix="run_", dir=args.work) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(run_dir, src=0)  # one run_dir for all ranks (it is checked)
     cfg = parse_config({
         "run_dir": run_dir[0], "seed": 1,
