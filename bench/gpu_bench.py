@@ -8,7 +8,8 @@ Dense and PMP blocks alternate on one engine (as bench/pmp_step_bench.py), so no
 alike. Reports tokens/s, MFU (against the device's dense bf16 peak), peak device memory and
 the PMP/dense step-time ratio. Without --data it prepares its own from the embedded corpus: a
 4k SentencePiece vocabulary and MDS shards of --seq-len tokens, under --work.
-The same script runs at tiny size on CPU ranks (--preset llama-tiny): that is its test.
+tools/gpu_check.sh runs it on the GPU machine, and at tiny size on a CPU rank (--preset
+llama-tiny) in the simulated-device test.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,16 +29,25 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
-def prepare(work: Path, seq_len: int) -> tuple[str, str]:
-    """A 4k SentencePiece model and MDS shards from two embedded books (rank 0 writes)."""
-    from pmp_scale.data import prepare_dataset, train_sentencepiece
+def prepare(work: Path, seq_len: int, vocab_size: int, min_val_samples: int) -> tuple[str, str]:
+    """A SentencePiece model and MDS shards from two embedded books (rank 0 writes).
+
+    The validation split must hold at least one micro-batch per rank (the trainer reads one
+    held-out batch): at 2048 tokens the books' 2 % gave 2 samples, fewer than a micro-batch
+    of 4. 10 % of two books is ~12 samples of 2048 tokens; fewer is refused here, by name."""
+    from pmp_scale.data import DataError, prepare_dataset, read_meta, train_sentencepiece
     books = [str(REPO / "data" / "corpus" / b) for b in ("persuasion.txt.gz",
                                                          "northangerabbey.txt.gz")]
-    tok, data = work / "spm4k", work / f"mds{seq_len}"
+    tok, data = work / f"spm{vocab_size}", work / f"mds{seq_len}_v{vocab_size}"
     if not (data / "meta.json").is_file():
         work.mkdir(parents=True, exist_ok=True)
-        model = train_sentencepiece(books, str(tok), vocab_size=4000)
-        prepare_dataset(books, model, data, seq_len=seq_len, val_fraction=0.02, progress=False)
+        model = train_sentencepiece(books, str(tok), vocab_size=vocab_size)
+        prepare_dataset(books, model, data, seq_len=seq_len, val_fraction=0.1, progress=False)
+    n_val = read_meta(data)["num_val_samples"]
+    if n_val < min_val_samples:
+        raise DataError(f"the bench's validation split has {n_val} samples of {seq_len} tokens, "
+                        f"fewer than one micro-batch per rank ({min_val_samples}): lower "
+                        f"--seq-len or --micro-batch")
     return str(data), str(tok) + ".model"
 
 
@@ -53,6 +64,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="steps per block")
     p.add_argument("--data", help="prepared MDS directory (default: prepared under --work)")
     p.add_argument("--tokenizer")
+    p.add_argument("--vocab-size", type=int, default=4000,
+                   help="of the SentencePiece model trained when there is no --data")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "pmp_gpu_bench"))
     p.add_argument("--out", help="also write the result as JSON here")
     p.add_argument("--local_rank", type=int, default=None)
@@ -66,15 +79,20 @@ def main(argv=None) -> dict:
     from pmp_scale.telemetry import peak_tflops
 
     init_distributed()
+    seconds = {}  # where the bench's own time goes (the estimate of tools/gpu_check.sh)
+    t0 = time.perf_counter()
     data, tok = args.data, args.tokenizer
     if data is None:
         if dist.get_rank() == 0:
-            data, tok = prepare(Path(args.work), args.seq_len)
+            data, tok = prepare(Path(args.work), args.seq_len, args.vocab_size,
+                                args.micro_batch * dist.get_world_size())
         shared = [data, tok]
         dist.broadcast_object_list(shared, src=0)
         data, tok = shared
     world = dist.get_world_size()
-    run_dir = [tempfile.mkdtemp(prefix="pmp_gpu_bench_") if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:  # the run's checkpoint dir under --work, not loose in TMPDIR
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+    run_dir = [tempfile.mkdtemp(prefix="run_", dir=args.work) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(run_dir, src=0)  # one run_dir for all ranks (it is checked)
     cfg = parse_config({
         "run_dir": run_dir[0], "seed": 1,
@@ -88,16 +106,21 @@ def main(argv=None) -> dict:
         "pmp": {"enabled": True, "mask_source": "random", "mask_ratio": 0.7,
                 "drift_every": 10**9},
     })
+    seconds["prepare_data_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     t = Trainer(cfg)
     if not args.no_activation_checkpointing:
         t.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     pmp, batches = t.pmp, t._batches()
+    seconds["build_engine_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     timed_steps(t, batches, 2)  # warm-up: allocations, optimizer state, kernels
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
     dense, masked = dense_vs_masked(t, batches, args.blocks, args.steps)
+    seconds["steps_s"] = time.perf_counter() - t0
 
     d, m = statistics.median(dense), statistics.median(masked)
     tokens = cfg.train.global_batch_size * t.seq_len
@@ -114,7 +137,8 @@ def main(argv=None) -> dict:
         "pmp_mfu": (tokens / m * t.flops_per_token / world / (peak * 1e12)) if peak else None,
         "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                          else None),
-        "mask_bits_per_param": 8 * pmp.mask_state_bytes() / sum(pmp.layout.sub_group_sizes)}
+        "mask_bits_per_param": 8 * pmp.mask_state_bytes() / sum(pmp.layout.sub_group_sizes),
+        "steps_timed": 2 * args.blocks * args.steps, **seconds}
     if dist.get_rank() == 0:
         print(f"\n{args.preset} ({t.n_params / 1e9:.3f}B params) on {result['device']} x{world}, "
               f"{t.precision}, {result['attn']}, activation checkpointing "
@@ -131,4 +155,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pmp_scale.cli import fail_cleanly
+    outcome = fail_cleanly(main)()  # bad input: one line, exit status 2
+    sys.exit(outcome if isinstance(outcome, int) else 0)

@@ -107,14 +107,15 @@ def test_dry_run_prints_the_plan_and_its_time(tiny_data, tmp_path):
 @pytest.mark.extended  # three end-to-end study runs; the default tier keeps the reuse rule below
 @pytest.mark.timeout(3600)
 def test_sigkill_mid_study_then_rerun_reuses_finished_work(tmp_path):
-    """The GPU recipe at CPU size (`tools/gpu_study.sh --tiny`: data prepared, dense + one PMP
-    run, grid, attacks, claims), killed with SIGKILL right after the dense run finished, then
-    run again (it completes, reusing the dense run untouched) and a third time (nothing
-    redone, no cell rewritten)."""
-    out = tmp_path / "out"
+    """The GPU check's study at CPU size (`tools/gpu_check.sh --tiny --stage study`: data
+    prepared, dense + one PMP run, grid, attacks, claims), killed with SIGKILL right after the
+    dense run finished, then run again (it completes, reusing the dense run untouched) and a
+    third time (nothing redone, no cell rewritten)."""
+    out = tmp_path / "work" / "study"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHON": sys.executable,
-           "STUDY_OUT": str(out)}
-    cmd = ["bash", str(REPO / "tools" / "gpu_study.sh"), "--tiny"]
+           "GPU_CHECK_WORK": str(tmp_path / "work")}
+    cmd = ["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path / "check"), "--tiny",
+           "--stage", "study"]
     dense = out / "runs" / "gpt2-tiny__dense" / "study_done.json"
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

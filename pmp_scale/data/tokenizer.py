@@ -84,16 +84,47 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
     def save_hf(self, out_dir) -> None:
-        # Llama's fast tokenizer (legacy dummy-prefix handling) reproduces SentencePiece's ids
-        # for Llama-style models such as `train_sentencepiece` makes. No BOS/EOS on encode: the
-        # model saw text that way in pre-training. One difference remains: HF parses a literal
-        # "</s>" in text as the special token, SentencePiece encodes it as characters.
-        from transformers import LlamaTokenizerFast
+        """A tokenizer.json with SentencePiece's exact pipeline, loaded as it is written by
+        transformers 4 and 5 (`PreTrainedTokenizerFast`, no model-specific class).
 
-        pad = self._sp.id_to_piece(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
-        tok = LlamaTokenizerFast(vocab_file=str(self.path), legacy=True, add_prefix_space=True,
-                                 add_bos_token=False, add_eos_token=False, pad_token=pad,
-                                 from_slow=True)
+        Llama's fast tokenizer supplies the vocabulary and merges (read from a directory
+        holding `tokenizer.model`: transformers 5 ignores a bare `vocab_file=`, giving a
+        3-token vocabulary). Its text pipeline is then set to SentencePiece's own
+        (add_dummy_prefix: always one "▁" before the text, spaces as "▁"): transformers 5's
+        Llama class prepends "▁" only when the text does not already start with a space, so
+        "  two" would lose a piece. No BOS/EOS on encode: the model saw text that way in
+        pre-training. One difference remains: HF parses a literal "</s>" in text as the
+        special token, SentencePiece encodes it as characters.
+        """
+        import shutil
+        import tempfile
+
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, normalizers
+        from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
+
+        with tempfile.TemporaryDirectory(prefix="pmp_spm_") as tmp:
+            shutil.copyfile(self.path, Path(tmp) / "tokenizer.model")
+            llama = LlamaTokenizerFast.from_pretrained(
+                tmp, local_files_only=True, legacy=True, add_prefix_space=True,
+                add_bos_token=False, add_eos_token=False, from_slow=True)
+        backend = Backend.from_str(llama.backend_tokenizer.to_str())
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                                   normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+        backend.post_processor = None  # no BOS/EOS added
+        backend.decoder = decoders.Sequence([
+            decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0)])
+        piece = self._sp.id_to_piece
+        special = {"unk_token": piece(self._sp.unk_id()), "eos_token": piece(self.eos_id)}
+        if self.bos_id is not None:
+            special["bos_token"] = piece(self.bos_id)
+        if self._sp.pad_id() >= 0:
+            special["pad_token"] = piece(self._sp.pad_id())
+        tok = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                      **special)
+        check_usable(HFTokenizer(self.path, tok, self._files), self.path)
         tok.save_pretrained(str(out_dir))
 
 
@@ -121,6 +152,25 @@ class HFTokenizer(Tokenizer):
     def save_hf(self, out_dir) -> None:
         self._tok.save_pretrained(str(out_dir))
 
+# A real tokenizer has at least the 256 byte-level symbols; fewer, or a text that encodes to
+# nothing, means the files were read wrongly (transformers 5 builds a 1-token GPT-2 vocabulary
+# from vocab_file=/merges_file= arguments without complaint) and data prepared with it would
+# fail far away ("no complete sample"). Checked at load time, with one line.
+MIN_VOCAB = 256
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def check_usable(tok: "Tokenizer", path) -> "Tokenizer":
+    """`tok` if it is a working tokenizer, else a DataError naming what is wrong."""
+    if tok.vocab_size < MIN_VOCAB:
+        raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens (fewer than {MIN_VOCAB}): "
+                        f"its files were not read as a tokenizer; load it with "
+                        f"AutoTokenizer.from_pretrained(dir) or give its tokenizer.json")
+    if not tok.encode(PROBE_TEXT):
+        raise DataError(f"tokenizer {path} encodes the text {PROBE_TEXT!r} to no tokens: its "
+                        f"vocabulary or merges were not loaded")
+    return tok
+
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a SentencePiece `.model` file, an HF tokenizer directory (offline), or a GPT-2 style
@@ -131,20 +181,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if p.is_file():
         if p.suffix != ".model":
             raise DataError(f"expected a SentencePiece .model file or a tokenizer directory: {p}")
-        return SentencePieceTokenizer(p)
+        return check_usable(SentencePieceTokenizer(p), p)
 
     files = [p / name for name in _HF_TOKENIZER_FILES if (p / name).is_file()]
     names = {f.name for f in files}
     if "tokenizer_config.json" in names or "tokenizer.json" in names:
         from transformers import AutoTokenizer
 
-        return HFTokenizer(p, AutoTokenizer.from_pretrained(str(p), local_files_only=True), files)
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        return check_usable(HFTokenizer(p, tok, files), p)
     if {"vocab.json", "merges.txt"} <= names:
+        # from_pretrained, not GPT2TokenizerFast(vocab_file=, merges_file=): transformers 5
+        # builds a 1-token vocabulary from those arguments and encodes every text to [].
         from transformers import GPT2TokenizerFast
 
-        tok = GPT2TokenizerFast(vocab_file=str(p / "vocab.json"),
-                                merges_file=str(p / "merges.txt"))
-        return HFTokenizer(p, tok, files)
+        tok = GPT2TokenizerFast.from_pretrained(str(p), local_files_only=True)
+        return check_usable(HFTokenizer(p, tok, files), p)
     raise DataError(f"no tokenizer in {p}: expected tokenizer.json/tokenizer_config.json "
                      f"(Hugging Face) or vocab.json + merges.txt (GPT-2 BPE)")
 
