@@ -26,7 +26,8 @@ import torch.distributed as dist  # noqa: E402
 from pmp_scale.config import parse_config  # noqa: E402
 from pmp_scale.engine import Trainer  # noqa: E402
 from pmp_scale.mask.discovery import EarlyBird  # noqa: E402
-from pmp_scale.mask.update import CHUNK, MaskedUpdate  # noqa: E402
+from pmp_scale.chunking import CHUNK  # noqa: E402
+from pmp_scale.mask.update import MaskedUpdate  # noqa: E402
 from pmp_scale.zero3 import init_distributed  # noqa: E402
 
 

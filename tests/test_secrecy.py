@@ -354,7 +354,7 @@ def test_claims_fold_an_inverted_attack(monkeypatch):
     """An attack at AUC 0.3 is a 0.7 attack: it must fail "≤ 0.55", not pass it."""
     from types import SimpleNamespace
     from pmp_scale.study import claims as C
-    monkeypatch.setattr(C, "_gaps_for", lambda doc, v: {})  # no fine-tuning grid needed here
+    monkeypatch.setattr(C, "release_results", lambda doc: {})  # no fine-tuning grid needed here
     pmp = {"mask_ratio": 0.7, "mask_source": "earlybird", "complement": "frozen",
            "score": "step"}
     rows = C.variant_rows({("p", "t"): {"base": {}}},

@@ -128,7 +128,7 @@ if [ -z "$ONLY" ] || [ "$ONLY" = study ]; then
     if [ "$TINY" = 1 ]; then
         SETS+=(--set "data.seq_len=64" --set "data.corpus=data/corpus/persuasion.txt.gz"
             --set "presets=[gpt2-tiny]" --set "pretrain.nproc=1"
-            --set "secrecy.attacks=[bits, magnitude]"
+            --set "secrecy.attacks=[bits, magnitude]" --set "curvature.samples=1" --set "curvature.iters=2"
             --set "pretrain.overrides=[seed=3, train.micro_batch_size=2, train.global_batch_size=4, train.max_steps=3, train.log_every=1, train.eval_every=3, train.eval_batches=1, optim.warmup_steps=1, checkpoint.every=3, train.precision=auto, logging.tensorboard=false]"
             --set "variants=[{mask_ratio: [0.5], mask_source: [random]}]"
             --set "pmp={mask_seed: 3}"

@@ -123,6 +123,8 @@ class SentencePieceTokenizer(Tokenizer):
         if self._sp.pad_id() >= 0:
             special["pad_token"] = piece(self._sp.pad_id())
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                      # no token_type_ids: a causal LM's generate() refuses them
+                                      model_input_names=["input_ids", "attention_mask"],
                                       **special)
         check_usable(HFTokenizer(self.path, tok, self._files), self.path)
         tok.save_pretrained(str(out_dir))

@@ -310,9 +310,9 @@ class PMPController:
             "excluded_params": self.excluded,
             "init_seed": self.init_seed, "mask_seed": self.mask_seed,
             "shuffle_seed": self.shuffle_seed, "secret_order": self.cfg.secret_order,
-            "placement": self.cfg.placement, "core_fraction": self.selector.core_fraction,
-            "noise_epsilon": self.cfg.noise_epsilon,
-            **({"noise_clip": self.cfg.noise_clip} if self.cfg.noise_epsilon else {}),
+            "placement": self.cfg.placement, "core_fraction": self.cfg.core_fraction,
+            # the settings as configured, the same as the checkpoint descriptor's (export merges both)
+            "noise_epsilon": self.cfg.noise_epsilon, "noise_clip": self.cfg.noise_clip,
             "world_size": self.layout.world_size,
             "discovery": None if d is None else {
                 "steps": d.steps, "stop_reason": d.stop_reason, "trace": d.trace,

@@ -76,8 +76,10 @@ def build_attacks(target: A.Target, names=None, public=None, seeds=None, ks=(1, 
             out.append(A.displacement(target, batches))
         if want("structural"):
             out.append(A.structural(target, counts))
-    known = A.constant_init_names(target)  # always trained by default: every attack knows it
-    out = [A.with_known_trained(a, known) for a in out]
+    # Always trained by default (pmp.exclude_constant_init): every attack knows it, except the
+    # exact channels, whose evidence (a frozen constant, zero low bits) overrides that default.
+    known = A.constant_init_names(target)
+    out = [a if a.name in ("constant", "bits") else A.with_known_trained(a, known) for a in out]
     if shadow is not None and want("shadow"):
         if shadow.get("release") is None:
             run = train_shadow_run(Path(shadow["config"]), Path(shadow["workdir"]),
