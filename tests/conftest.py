@@ -80,6 +80,16 @@ def pytest_sessionstart(session):
     _track_streaming_shared_memory()
 
 
+def _remove_killed_ranks_buffers() -> None:
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm/deepspeed_allreduce_buffer_*) of ranks that
+    the crash tests SIGKILLed: a killed process cannot unlink its own, so the session that
+    killed it does (only those that appeared during this session)."""
+    shm = Path("/dev/shm")
+    for name in _listing(shm) - _found.get(shm, set()):
+        if name.startswith("deepspeed_allreduce_buffer_"):
+            (shm / name).unlink(missing_ok=True)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Leftovers in /tmp or /dev/shm fail the session under PMP_TEST_LEFTOVERS=fail (CI: the
     machine is the run's alone), otherwise they are reported: on a shared machine other
@@ -90,6 +100,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     if exitstatus == 0:
         shutil.rmtree(SESSION_TMP, ignore_errors=True)
+    _remove_killed_ranks_buffers()
     left = sorted(str(path / name) for path in WATCHED
                   for name in _listing(path) - _found.get(path, set())
                   if path / name != SESSION_TMP)
