@@ -22,7 +22,11 @@ cert=()
 "$VENV/bin/pip" install -q --disable-pip-version-check --isolated "${cert[@]}" \
     -c constraints.txt "$(pin torch)" "$(pin torchvision)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[dev,eval]'
-"$VENV/bin/python" - "$(pin torch | cut -d= -f3)" <<'PY'
+# The import check writes torch's caches (torchinductor_<user>) to TMPDIR: give it its own, so
+# an install leaves /tmp as it found it.
+check_tmp=$(mktemp -d)
+trap 'rm -rf "$check_tmp"' EXIT
+TMPDIR="$check_tmp" "$VENV/bin/python" - "$(pin torch | cut -d= -f3)" <<'PY'
 import sys
 import streaming, transformers, deepspeed, torch  # noqa: F401  (the import that the torchvision trap breaks)
 if torch.__version__.split("+")[0] != sys.argv[1]:
