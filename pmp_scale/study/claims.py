@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from .stats import RULE, compare, fmt, holm, release_means, verdict  # noqa: F401 (RULE: write.py)
+from .stats import compare, fmt, holm, release_means, verdict
 
 
 # --- per release, from one grid's summary ----------------------------------------------------------
