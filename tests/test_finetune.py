@@ -323,6 +323,17 @@ def test_report_grid_runs_caches_and_writes(tiny_release, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["timing"]["cached"] == 5
     assert json.loads(cell.read_text())["cell"] == cell.stem
     assert not list((out / "cells").glob(".*.tmp"))
+    # the same grid in two worker processes: the same cells, the same curves
+    spec = yaml.safe_load(report.read_text())
+    report.write_text(yaml.safe_dump({**spec, "out_dir": str(tmp_path / "side"), "workers": 2}))
+    assert main(["--config", str(report), "--quiet"]) == 0
+    side = {p.name: json.loads(p.read_text()) for p in (tmp_path / "side" / "cells").glob("*.json")}
+    assert side.keys() == {p.name for p in (out / "cells").glob("*.json")}
+    for name, cell in side.items():
+        ref = json.loads((out / "cells" / name).read_text())
+        for key in ("at", "backbone"):
+            assert cell[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7) \
+                if key == "at" else cell[key] == ref[key], (name, key)
 
 
 def test_step0_is_shared_per_release_but_not_for_reinit(tiny_release):

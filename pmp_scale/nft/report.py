@@ -9,8 +9,10 @@ steps of the longest run is exactly the k-step run (same data prefix, same LR), 
 Selection is by validation, reporting is on test: for each (release, mode, duration) the LR
 with the best mean validation metric over seeds is chosen and its test metric reported as
 mean ± std over seeds. Gaps between releases are paired by seed (same data order).
-Every cell runs in this process on one W=1 ZeRO-3 engine setup; finished cells are cached as
-`<out_dir>/cells/<cell>.json`, so a rerun resumes where it stopped.
+Every cell runs on a W=1 ZeRO-3 engine, in this process or, with `workers: N` on a CPU, in N
+spawned processes of one thread each (a small model's matmuls do not use a second core, a
+second cell does; a cell's result does not depend on where it ran). Finished cells are cached
+as `<out_dir>/cells/<cell>.json`, so a rerun resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ class ReportConfig(_Strict):
     pretrain_data: str | None = None
     pretrain_eval_samples: int = Field(64, ge=1)
     title: str = "Non-fine-tunability report"
+    # Cells run side by side in this many processes (one thread each; CPU only, a GPU runs
+    # one cell at a time). 1: in this process.
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "ReportConfig":
@@ -170,7 +175,7 @@ def _read_cell(path: Path) -> dict | None:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Temp file + rename: a crash never leaves a half-written file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a worker left by a killed run
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -199,7 +204,6 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
     """Run (or load from the cache) every cell; returns the cell results in plan order."""
     from tqdm import tqdm
     from ..finetune.release_check import Release, check_mask
-    from ..finetune.train import finetune
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     base_raw = base_finetune_config(cfg, base_dir)
@@ -235,28 +239,83 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
                disable=not progress or not todo, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     try:
-        for cell in todo:
-            entry, rel = cell["entry"], releases[cell["entry"].name]
-            bar.set_postfix_str(f"{entry.name} {cell['mode']} lr {cell['lr']:g} seed {cell['seed']}")
-            tok_key = rel.path
-            if tok_key not in tasks:
-                tasks[tok_key] = build_task(cell["config"].task, load_hf_tokenizer(rel.path))
-            t0 = time.perf_counter()
-            try:
-                result = finetune(cell["config"], task=tasks[tok_key], release=rel,
-                                  progress=lambda s: bar.update(1))
-            except Exception as err:  # noqa: BLE001 - one cell's failure is reported, not fatal
-                failures.append(cell_failure(cell["name"], err))
-                continue
-            result.update(cell=cell["name"], release_name=entry.name,
-                          fingerprint=cell["fingerprint"], durations=cell["durations"],
-                          wall_s=time.perf_counter() - t0)
-            _write_atomic(out / "cells" / f"{cell['name']}.json", json.dumps(result, indent=1))
-            results[cell["name"]] = result
+        if cfg.workers > 1 and len(todo) > 1 and not _on_gpu():
+            _run_in_workers(todo, cfg.workers, out, bar, results, failures)
+        else:
+            for cell in todo:
+                entry = cell["entry"]
+                bar.set_postfix_str(f"{entry.name} {cell['mode']} lr {cell['lr']:g} seed {cell['seed']}")
+                name, result, failure = _run_cell(cell, releases[entry.name], tasks, out,
+                                                  progress=lambda s: bar.update(1))
+                if failure is not None:
+                    failures.append(failure)
+                else:
+                    results[name] = result
     finally:
         bar.close()
     return drop_failed(_share_step0, [results[c["name"]] for c in cells if c["name"] in results],
                        failures)
+
+
+def _run_cell(cell: dict, rel, tasks: dict, out: Path, progress=None):
+    """One cell: fine-tune, then write its result atomically. Returns (name, result, failure):
+    one cell's failure is reported, not fatal."""
+    from ..finetune.train import finetune
+    if rel.path not in tasks:
+        tasks[rel.path] = build_task(cell["config"].task, load_hf_tokenizer(rel.path))
+    t0 = time.perf_counter()
+    try:
+        result = finetune(cell["config"], task=tasks[rel.path], release=rel, progress=progress)
+    except Exception as err:  # noqa: BLE001
+        return cell["name"], None, cell_failure(cell["name"], err)
+    result.update(cell=cell["name"], release_name=cell["entry"].name,
+                  fingerprint=cell["fingerprint"], durations=cell["durations"],
+                  wall_s=time.perf_counter() - t0)
+    _write_atomic(out / "cells" / f"{cell['name']}.json", json.dumps(result, indent=1))
+    return cell["name"], result, None
+
+
+def _on_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+_WORKER: dict = {}  # per worker process: opened releases and built tasks
+
+
+def _worker_start() -> None:
+    import torch
+    from ..zero3 import ensure_process_group
+    torch.set_num_threads(1)
+    ensure_process_group()
+
+
+def _worker_cell(cell: dict, out: str):
+    from ..finetune.release_check import Release
+    releases = _WORKER.setdefault("releases", {})
+    path = cell["entry"].release
+    if path not in releases:
+        releases[path] = Release.open(path)
+    return _run_cell(cell, releases[path], _WORKER.setdefault("tasks", {}), Path(out))
+
+
+def _run_in_workers(todo: list[dict], workers: int, out: Path, bar, results: dict,
+                    failures: list) -> None:
+    """The cells in `workers` spawned processes (spawn: a forked DeepSpeed/gloo state is not
+    safe to reuse); results are gathered as they finish, each already written to its file."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                             initializer=_worker_start) as pool:
+        futures = {pool.submit(_worker_cell, cell, str(out)): cell for cell in todo}
+        for fut in as_completed(futures):
+            name, result, failure = fut.result()
+            bar.update(futures[fut]["run_steps"])
+            if failure is not None:
+                failures.append(failure)
+            else:
+                results[name] = result
 
 
 def _share_step0(results: list[dict]) -> list[dict]:

@@ -81,6 +81,9 @@ class FinetuneSpec(_Strict):
     # Also fine-tune only lm_head / the new head on every release: body gain = full − head-only.
     head_only: bool = False
     scratch: bool = True  # the from-scratch baseline (release architecture, fresh init)
+    # Cells side by side, one process and one thread each, on a CPU; null: as many as the
+    # pre-training ranks (a GPU runs one cell at a time).
+    workers: int | None = Field(None, ge=1)
 
 
 class SecrecySpec(_Strict):
@@ -263,7 +266,8 @@ def report_config(cfg: StudyConfig, base_dir: Path, plan, preset: str, task) -> 
             "overrides": [*f.overrides, f"task={json.dumps(task_cfg)}"],
             "releases": releases, "lrs": f.lrs, "steps": f.steps, "seeds": f.seeds,
             "min_seeds": f.min_seeds, "dense": releases[0]["name"], "pmp": releases[-1]["name"],
-            "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path}
+            "scratch": "scratch" if f.scratch else None, "pretrain_data": cfg.data.path,
+            "workers": f.workers or plan.nproc}
 
 
 def task_label(task: TaskSpec) -> str:

@@ -52,12 +52,9 @@ class Plan:
 
 
 def default_nproc() -> int:
-    try:
+    if _has_cuda():
         import torch
-        if torch.cuda.is_available():
-            return torch.cuda.device_count()
-    except ImportError:
-        pass
+        return torch.cuda.device_count()
     return 2
 
 
@@ -125,6 +122,19 @@ def measured_tokens_per_s(plan: Plan) -> float | None:
     return sorted(values)[len(values) // 2] if values else None
 
 
+def grid_workers(cfg: StudyConfig, plan: Plan) -> int:
+    """Fine-tuning cells side by side (nft/report.py `workers`): a GPU runs one at a time."""
+    return 1 if _has_cuda() else (cfg.finetune.workers or plan.nproc)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def estimate(cfg: StudyConfig, plan: Plan) -> dict:
     """Seconds per stage: pre-training from tokens / throughput (measured when this study has
     run before, else `estimate.pretrain_tokens_per_s`), fine-tuning from cells × steps."""
@@ -142,7 +152,8 @@ def estimate(cfg: StudyConfig, plan: Plan) -> dict:
     per_lr_seed = ((1 + extra) * dense + dense * int(cfg.controls.reparam_alpha is not None)
                    + int(f.scratch) + (2 + int(f.lora) + extra) * len(plan.variants(plan.presets[0])))
     cells = per_lr_seed * len(f.lrs) * len(f.seeds)
-    grid = cells * (e.finetune_cell_overhead_s + max(f.steps) * e.finetune_step_s)
+    grid = cells * (e.finetune_cell_overhead_s + max(f.steps) * e.finetune_step_s) \
+        / grid_workers(cfg, plan)
     return {"pretrain_s": per_run, "tokens_per_s": tps, "cells_per_grid": cells,
             "grid_s": grid, "grids": len(plan.presets) * len(plan.tasks),
             "total_s": sum(per_run.values()) + grid * len(plan.presets) * len(plan.tasks)}
@@ -159,7 +170,8 @@ def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
     f = cfg.finetune
     lines.append(f"fine-tuning grids: {est['grids']} (presets × tasks {[task_label(t) for t in plan.tasks]}), "
                  f"{est['cells_per_grid']} cells each (LRs {f.lrs} × seeds {f.seeds}, up to "
-                 f"{max(f.steps)} steps), ~{est['grid_s'] / 60:.1f} min each")
+                 f"{max(f.steps)} steps, {grid_workers(cfg, plan)} side by side), "
+                 f"~{est['grid_s'] / 60:.1f} min each")
     lines.append(f"secrecy attacks: {', '.join(cfg.secrecy.attacks) if cfg.secrecy.enabled else 'off'}")
     lines.append(f"estimated time: {est['total_s'] / 60:.0f} min (throughput "
                  f"{est['tokens_per_s']:,.0f} tok/s; finished work is reused)")
