@@ -11,48 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import REPO
+from helpers import REPO, write_study
 
 sys.path.insert(0, str(REPO))
-
-PRETRAIN = {"run_dir": "unused", "seed": 3, "model": {"preset": "llama-tiny"},
-            "data": {"path": "set-by-the-study", "tokenizer": "set-by-the-study"},
-            "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": 4,
-                      "log_every": 2, "eval_every": 4, "eval_batches": 2},
-            "optim": {"lr": 3e-3, "warmup_steps": 1},
-            "checkpoint": {"every": 2, "keep": 1}, "logging": {"tensorboard": False}}
-FINETUNE = {"release": "set-by-the-study", "mode": "unauthorized",
-            "task": {"name": "review_lm", "max_length": 32, "max_train_examples": 32,
-                     "max_eval_examples": 8},
-            "train": {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 1,
-                      "eval_batch_size": 8},
-            "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 0,
-                      "weight_decay": 0.0}}
-
-
-def write_study(root: Path, tiny: dict, **over) -> Path:
-    (root / "pre.yaml").write_text(yaml.safe_dump(PRETRAIN))
-    (root / "ft.yaml").write_text(yaml.safe_dump(FINETUNE))
-    study = {"title": "tiny", "out_dir": str(root / "out"),
-             "data": {"path": tiny["data"], "tokenizer": tiny["tokenizer"]},
-             "pretrain": {"config": "pre.yaml"},
-             "variants": [{"mask_ratio": [0.5], "mask_source": ["random"],
-                           "complement": ["project"]}],
-             "pmp": {"mask_seed": 3, "project_every": 2},
-             "finetune": {"config": "ft.yaml", "lrs": [1e-3], "steps": [1], "seeds": [0, 1],
-                          "min_seeds": 2}}
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if leaf:
-            study[section][leaf] = value
-        else:
-            study[section] = value
-    path = root / "study.yaml"
-    path.write_text(yaml.safe_dump(study))
-    return path
-
 
 def study_cmd(path: Path, *extra) -> list[str]:
     return [sys.executable, str(REPO / "tools" / "study.py"), "--config", str(path), "--quiet",

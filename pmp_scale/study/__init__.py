@@ -2,10 +2,11 @@
 
 Data → dense + every PMP variant pre-trained through the launcher, one release per
 pre-training seed → releases (+ the reparameterised dense releases, the positive control) →
-secrecy attacks → curvature on the mask and its complement per release → the
-non-fine-tunability grid per (preset, task) → the claims table, releases as the unit
-(stats.py), beside the controls (study.md, study.json, plots). Killed at any point and rerun,
-it reuses everything that finished (see run.py).
+secrecy attacks (with the attacker's own shadow run per variant when asked) → curvature on the
+mask and its complement per release → the non-fine-tunability grid per (preset, task) → the
+claims table, releases as the unit (stats.py), beside the controls and the secrecy table
+(study.md, study.json, plots). Killed at any point and rerun, it reuses everything that
+finished (see run.py).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
     from tqdm import tqdm
     from . import run as r
     from .claims import claims, control_rows, instability, variant_rows
+    from .secrecy import secrecy_rows
     from .write import write_outputs
     import os
     import torch
@@ -80,9 +82,17 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
         for run in plan.runs:
             if run.pmp is None:
                 r.reparam_release(cfg, plan, run, ledger)
+    shadows = {}  # variant group -> the attacker's shadow run, released
     for run in plan.runs:
         if run.pmp is not None and cfg.secrecy.enabled:
-            secrecy[run.name] = r.secrecy(cfg, plan, run, releases[run.name], ledger)
+            if run.group in plan.shadows and run.group not in shadows:
+                bar.set_postfix_str(f"shadow run for {run.group}")
+                shadows[run.group] = r.shadow(cfg, base_dir, plan, run.group, ledger)
+                advance(est["shadow_s"][plan.shadows[run.group].name], "shadow run")
+            bar.set_postfix_str(f"attacks on {run.name}")
+            secrecy[run.name] = r.secrecy(cfg, plan, run, releases[run.name], ledger,
+                                          shadows.get(run.group))
+            advance(est["attack_s"], run.name)
     curv = {}
     if cfg.curvature.enabled:
         for preset in plan.presets:
@@ -106,6 +116,8 @@ def run_study(cfg: StudyConfig, base_dir: Path, plan: Plan, progress: bool = Tru
            "instability": instability(docs),
            "claims": claims(rows, cfg, controls),
            "secrecy": secrecy,
+           "secrecy_table": secrecy_rows(rows, runs, secrecy, cfg.pmp),
+           "shadows": shadows,
            "secrecy_source": next((s.get("source") for s in secrecy.values()), None),
            "estimate": est, "wall_s": time.perf_counter() - t0,
            "work": {"done": ledger.done, "reused": ledger.reused}}

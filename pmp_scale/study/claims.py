@@ -88,9 +88,9 @@ def variant_rows(grids: dict, runs: dict, secrecy: dict, cfg) -> list[dict]:
             gains = _by_release(res, names, "unauthorized")
             pair = _pair(dense, names, seeds)
             body = _within(res, names, "unauthorized", "head-only", "gain")
-            aucs = [a.get("auc") for n, i in mine.items() if i["short"] in names
-                    for a in (secrecy.get(n) or {}).get("attacks", {}).values()]
-            aucs = [folded(a) for a in aucs if a is not None and not math.isnan(a)]
+            aucs = [(folded(a["auc"]), k) for n, i in mine.items() if i["short"] in names
+                    for k, a in (secrecy.get(n) or {}).get("attacks", {}).items()
+                    if a.get("auc") is not None and not math.isnan(a["auc"])]
             rows.append({
                 "preset": preset, "task": task, "variant": group, "releases": names,
                 "seeds": [seeds.get(n) for n in names], **info["pmp"],
@@ -104,11 +104,20 @@ def variant_rows(grids: dict, runs: dict, secrecy: dict, cfg) -> list[dict]:
                 "instability": {n: {m: _instab(res.get((n, m))) for m in
                                     ("unauthorized", "authorized", "head-only")
                                     if (n, m) in res} for n in names},
-                "max_auc": max(aucs) if aucs else None,
+                "max_auc": max(aucs)[0] if aucs else None,
+                "max_auc_attack": max(aucs)[1] if aucs else None,
                 "tokens_per_s": _mean([i.get("tokens_per_s") for i in mine.values()
                                        if i["short"] in names]),
                 "discovery": info.get("discovery")})
     return rows
+
+
+def vs_random(a: dict, b: dict) -> dict:
+    """The early-bird benefit: random variant b's unauthorized gain − variant a's (> 0: a cuts
+    more than a random mask), over release means, paired by seed when both ran the same seeds."""
+    pair = {n: m for n, m in zip(sorted(b["releases"]), sorted(a["releases"]))
+            } if b["seeds"] == a["seeds"] else {}
+    return compare(b["gains"], a["gains"], pair)
 
 
 def control_rows(grids: dict, runs: dict) -> list[dict]:
@@ -207,9 +216,7 @@ def claims(rows: list[dict], cfg, controls: list[dict] = ()) -> list[dict]:
             if (b["mask_source"] == "random" and b["preset"] == a["preset"]
                     and b["task"] == a["task"] and b.get("label") == a.get("label")
                     and all(b[k] == a[k] for k in ("mask_ratio", "complement", "score"))):
-                pair = {n: m for n, m in zip(sorted(b["releases"]), sorted(a["releases"]))
-                        } if b["seeds"] == a["seeds"] else {}
-                test = compare(b["gains"], a["gains"], pair)
+                test = vs_random(a, b)
                 out.append({"claim": "early-bird better than random",
                             "where": f"{a['preset']} / {a['task']} / ρ {a['mask_ratio']:g} "
                                      f"{a['complement']}", "test": test, "noise": None,
@@ -242,10 +249,12 @@ def claims(rows: list[dict], cfg, controls: list[dict] = ()) -> list[dict]:
         if r["task"] != rows[0]["task"] or r["max_auc"] is None:
             continue
         out.append({"claim": "mask secrecy", "where": f"{r['preset']} / {r['variant']}",
-                    "value": f"best data-free attack AUC {r['max_auc']:.3f} over "
-                             f"{len(r['releases'])} release(s)",
+                    "value": f"best attack folded AUC {r['max_auc']:.3f}"
+                             + (f" ({r['max_auc_attack']})" if r.get("max_auc_attack") else "")
+                             + f" over {len(r['releases'])} release(s)",
                     "verdict": "supported" if r["max_auc"] <= auc_max else "contradicted",
-                    "rule": f"every attack's ROC AUC ≤ {auc_max:g} (0.5 = chance)"})
+                    "rule": f"every attack's folded ROC AUC max(AUC, 1 − AUC) ≤ {auc_max:g} "
+                            "(0.5 = chance)"})
     return out
 
 

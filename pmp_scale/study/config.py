@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal, Union
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from ..config import ConfigError, _Strict, apply_overrides, format_validation_error, read_yaml
 
@@ -86,10 +86,48 @@ class FinetuneSpec(_Strict):
     workers: int | None = Field(None, ge=1)
 
 
+# The attack families of pmp_scale.secrecy (a name may also be one member, e.g. grad_abs@K4).
+DATA_FREE_ATTACKS = ("bits", "constant", "magnitude", "magnitude_tensor", "magnitude_row",
+                     "magnitude_col", "init_likelihood", "seed_guess")
+PUBLIC_TEXT_ATTACKS = ("grad_abs", "fisher", "grad_sign", "grad_snr", "displacement",
+                       "structural")
+ATTACKS = (*DATA_FREE_ATTACKS, *PUBLIC_TEXT_ATTACKS, "shadow")
+
+
+class ShadowSpec(_Strict):
+    """The attacker's own PMP run (attack `shadow`). Kerckhoffs: the attacker runs our public
+    code with the target variant's public settings (preset, recipe, every `pmp.*` defence knob)
+    but its own seeds: init, data order and mask are never the target's."""
+    seed: int | None = None  # the attacker's init seed; null: drawn from the OS (a PMP default)
+    # Stage II length; null: the target's train.max_steps (a release records none: the
+    # strongest attacker matches it, so its masked weights drift as far as the target's)
+    stage2_steps: int | None = Field(None, ge=1)
+    overrides: list[str] = Field(default_factory=list)  # further settings of the attacker's run
+
+
 class SecrecySpec(_Strict):
+    """The attack suite per PMP release (pmp_scale.secrecy.run_attacks), scored against the
+    private mask. The data-free attacks need the release only; the public-text ones and the
+    shadow need public text."""
     enabled: bool = True
     attacks: list[str] = Field(default_factory=lambda: [
         "bits", "constant", "magnitude", "magnitude_row", "init_likelihood"])
+    # Public text: a prepared MDS dir or a .txt/.jsonl[.gz] glob. null: the study's own
+    # data.path, the training text itself: the strongest realistic attacker has public text
+    # like the training text (a web crawl, the same books), so this is the upper bound.
+    public: str | None = None
+    # numbers of public batches K for the gradient attacks (grad_abs@K, grad_sign@K, ...)
+    ks: list[PositiveInt] = Field(default_factory=lambda: [1, 4, 16, 64], min_length=1)
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec)
+
+    def families(self) -> set[str]:
+        return {a.split("@")[0] for a in self.attacks}
+
+    def needs_public(self) -> bool:
+        return bool(self.families() & {*PUBLIC_TEXT_ATTACKS, "shadow"})
+
+    def wants_shadow(self) -> bool:
+        return self.enabled and "shadow" in self.families()
 
 
 class EstimateSpec(_Strict):
@@ -98,6 +136,7 @@ class EstimateSpec(_Strict):
     launch_overhead_s: float = Field(40, ge=0)
     finetune_step_s: float = Field(0.3, gt=0)
     finetune_cell_overhead_s: float = Field(4, ge=0)
+    attack_s: float = Field(30, ge=0)  # the attack suite on one release (a shadow run apart)
 
 
 class CurvatureSpec(_Strict):
@@ -144,6 +183,11 @@ class StudyConfig(_Strict):
                                     label=b.label, extra=dict(b.pmp),
                                     seeds=b.pretrain_seeds or self.pretrain_seeds))
         return out
+
+
+def public_text(cfg: StudyConfig) -> str:
+    """The attacker's public text: `secrecy.public`, else the study's own prepared data."""
+    return cfg.secrecy.public or cfg.data.path
 
 
 def load_study(path, overrides: list[str] = ()) -> tuple[StudyConfig, Path]:
@@ -199,8 +243,9 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
     for f in (cfg.pretrain.config, cfg.finetune.config):
         if not resolve(base_dir, f).is_file():
             raise StudyError(f"config file not found: {f} (relative to {base_dir})")
+    check_secrecy(cfg, plan)
     from ..config import grad_accum_steps, parse_config
-    for run in plan.runs:
+    for run in [*plan.runs, *plan.shadows.values()]:
         try:
             rc = parse_config(apply_overrides(read_yaml(resolve(base_dir, cfg.pretrain.config)),
                                               run.sets))
@@ -210,6 +255,39 @@ def validate(cfg: StudyConfig, base_dir: Path, plan) -> None:
     for task in plan.tasks:
         check_task(cfg, base_dir, task)
         check_grid(cfg, base_dir, plan, task)
+
+
+def check_secrecy(cfg: StudyConfig, plan) -> None:
+    """Attack names, the public text (present, and prepared data for a shadow to train on),
+    and a shadow seed that is not one of the targets' (it would share their θ(0))."""
+    sec = cfg.secrecy
+    if not sec.enabled:
+        return
+    for name in sec.attacks:
+        family, _, member = name.partition("@")
+        if family not in ATTACKS:
+            raise StudyError(f"secrecy.attacks: {name!r} is unknown; choose from "
+                             f"{', '.join(ATTACKS)} (or one K of a gradient attack, e.g. "
+                             "grad_abs@K4)")
+        if member and (family not in PUBLIC_TEXT_ATTACKS or not member.startswith("K")
+                       or not member[1:].isdigit() or int(member[1:]) not in sec.ks):
+            raise StudyError(f"secrecy.attacks: {name!r} is never run: a member is a "
+                             f"gradient attack at one of secrecy.ks {sec.ks} (e.g. "
+                             f"grad_abs@K{sec.ks[0]})")
+    if sec.public is not None and sec.needs_public():
+        if not (Path(sec.public) / "meta.json").is_file() and not glob.glob(sec.public):
+            raise StudyError(f"secrecy.public {sec.public}: neither prepared data (no "
+                             "meta.json) nor any .txt/.jsonl file matching it")
+    if not sec.wants_shadow():
+        return
+    if sec.public is not None and not (Path(sec.public) / "meta.json").is_file():
+        raise StudyError(f"secrecy.public {sec.public}: the shadow attack pre-trains on the "
+                         "public text, so it must be prepared data (an MDS dir with meta.json; "
+                         "tools/prepare_data.py), or null for the study's data.path")
+    target_seeds = {r.seed for r in plan.runs} | {plan.base.get("seed")}
+    if sec.shadow.seed is not None and sec.shadow.seed in target_seeds:
+        raise StudyError(f"secrecy.shadow.seed {sec.shadow.seed} is a target's init seed: the "
+                         "attacker's run must have its own (null: drawn from the OS)")
 
 
 def check_grid(cfg: StudyConfig, base_dir: Path, plan, task) -> None:

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import apply_overrides, read_yaml
-from .config import StudyConfig, resolve, task_label
+from ..config import DataConfig, PMPConfig, apply_overrides, read_yaml
+from .config import StudyConfig, public_text, resolve, task_label
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Plan:
     tasks: list
     presets: list[str]
     base: dict  # the pre-training config as every run starts from it
+    shadows: dict[str, Run] = field(default_factory=dict)  # variant group -> attacker's run
 
     def dense(self, preset: str) -> Run:
         return next(r for r in self.runs if r.pmp is None and r.preset == preset)
@@ -49,6 +50,9 @@ class Plan:
 
     def grid_dir(self, preset: str, task) -> Path:
         return self.out / "nft" / f"{preset}__{task_label(task)}"
+
+    def shadow_release(self, shadow: Run) -> Path:
+        return self.out / "secrecy" / "shadows" / f"{shadow.name}-release"
 
 
 def default_nproc() -> int:
@@ -97,8 +101,37 @@ def make_plan(cfg: StudyConfig, base_dir: Path) -> Plan:
                                 [f"run_dir={out / 'runs' / name}", *common,
                                  *(f"pmp.{k}={json.dumps(x)}" for k, x in pmp.items()),
                                  *replicate(seed)], group=group, seed=seed))
-    return Plan(out, cfg.pretrain.nproc or default_nproc(), runs, list(cfg.finetune.tasks),
+    plan = Plan(out, cfg.pretrain.nproc or default_nproc(), runs, list(cfg.finetune.tasks),
                 presets, base)
+    if cfg.secrecy.wants_shadow():
+        for run in runs:
+            if run.pmp is not None and run.group not in plan.shadows:
+                plan.shadows[run.group] = shadow_run(cfg, plan, run)
+    return plan
+
+
+# Settings that hold a run's secrets (or its place): a shadow run never copies them.
+SECRET_SETS = ("run_dir", "seed", "data.shuffle_seed", "data.path", "pmp.mask_seed")
+
+
+def shadow_run(cfg: StudyConfig, plan: Plan, target: Run) -> Run:
+    """The attacker's run for `target`'s variant (one per variant: replicates differ only in
+    their secrets). Kerckhoffs: every public setting of the target (preset, recipe, each
+    `pmp.*` knob) but its own seeds: init `secrecy.shadow.seed`; data order and mask drawn as
+    the public code draws them (with `secret_order: false` the order is the public default,
+    which hands the shadow the target's batches: what D1 closes); trained on the public text."""
+    spec = cfg.secrecy.shadow
+    secret_order = apply_overrides(plan.base, target.sets).get("pmp", {}).get(
+        "secret_order", PMPConfig.model_fields["secret_order"].default)
+    order = None if secret_order else DataConfig.model_fields["shuffle_seed"].default
+    name = f"{target.group}__shadow"
+    sets = [f"run_dir={plan.out / 'secrecy' / 'shadows' / name}",
+            *(x for x in target.sets if x.partition("=")[0] not in SECRET_SETS),
+            f"data.path={public_text(cfg)}", f"seed={json.dumps(spec.seed)}",
+            f"data.shuffle_seed={json.dumps(order)}", "pmp.mask_seed=null",
+            *([f"train.max_steps={spec.stage2_steps}"] if spec.stage2_steps else []),
+            *spec.overrides]
+    return Run(name, target.preset, target.pmp, sets, seed=spec.seed)
 
 
 # --- time estimate ------------------------------------------------------------------------------
@@ -141,11 +174,14 @@ def estimate(cfg: StudyConfig, plan: Plan) -> dict:
     e = cfg.estimate
     tps = measured_tokens_per_s(plan) or e.pretrain_tokens_per_s
     seq = cfg.data.seq_len
-    per_run = {}
-    for run in plan.runs:
+
+    def pretrain_s(run: Run) -> float:
         raw = apply_overrides(plan.base, run.sets)
-        tokens = run_steps(plan, run) * raw["train"]["global_batch_size"] * seq
-        per_run[run.name] = e.launch_overhead_s + tokens / tps
+        return e.launch_overhead_s + run_steps(plan, run) * raw["train"]["global_batch_size"] \
+            * seq / tps
+    per_run = {run.name: pretrain_s(run) for run in plan.runs}
+    shadows = {run.name: pretrain_s(run) for run in plan.shadows.values()}
+    attacked = sum(run.pmp is not None for run in plan.runs) if cfg.secrecy.enabled else 0
     f = cfg.finetune
     extra = int(f.head_only)
     dense = len(plan.denses(plan.presets[0]))
@@ -156,7 +192,9 @@ def estimate(cfg: StudyConfig, plan: Plan) -> dict:
         / grid_workers(cfg, plan)
     return {"pretrain_s": per_run, "tokens_per_s": tps, "cells_per_grid": cells,
             "grid_s": grid, "grids": len(plan.presets) * len(plan.tasks),
-            "total_s": sum(per_run.values()) + grid * len(plan.presets) * len(plan.tasks)}
+            "shadow_s": shadows, "attack_s": e.attack_s, "attacked_releases": attacked,
+            "total_s": sum(per_run.values()) + grid * len(plan.presets) * len(plan.tasks)
+            + sum(shadows.values()) + e.attack_s * attacked}
 
 
 def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
@@ -172,7 +210,18 @@ def describe(cfg: StudyConfig, plan: Plan, est: dict) -> str:
                  f"{est['cells_per_grid']} cells each (LRs {f.lrs} × seeds {f.seeds}, up to "
                  f"{max(f.steps)} steps, {grid_workers(cfg, plan)} side by side), "
                  f"~{est['grid_s'] / 60:.1f} min each")
-    lines.append(f"secrecy attacks: {', '.join(cfg.secrecy.attacks) if cfg.secrecy.enabled else 'off'}")
+    sec = cfg.secrecy
+    if sec.enabled:
+        lines.append(f"secrecy attacks on {est['attacked_releases']} PMP releases: "
+                     f"{', '.join(sec.attacks)}"
+                     + (f" | public text {public_text(cfg)}, K {sec.ks}" if sec.needs_public()
+                        else "")
+                     + f" | ~{est['attack_s'] / 60:.1f} min per release")
+        for run in plan.shadows.values():
+            lines.append(f"  shadow run {run.name:<40} ≤ {run_steps(plan, run)} steps | "
+                         f"~{est['shadow_s'][run.name] / 60:.1f} min")
+    else:
+        lines.append("secrecy attacks: off")
     lines.append(f"estimated time: {est['total_s'] / 60:.0f} min (throughput "
                  f"{est['tokens_per_s']:,.0f} tok/s; finished work is reused)")
     return "\n".join(lines)

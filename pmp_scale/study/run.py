@@ -15,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .config import StudyConfig, StudyError, reparam_name, report_config, resolve, short, task_label
+from .config import (StudyConfig, StudyError, public_text, reparam_name, report_config, resolve,
+                     short, task_label)
 from ..launch import child_env, pretrain_command
 from .plan import Plan, Run
 
@@ -102,10 +103,11 @@ def pretrain(cfg: StudyConfig, base_dir: Path, plan: Plan, run: Run, ledger: Led
     ledger.record(f"pre-training {run.name}", False)
 
 
-def release(plan: Plan, run: Run, ledger: Ledger) -> Path:
+def release(plan: Plan, run: Run, ledger: Ledger, out: Path | None = None) -> Path:
+    """The run's release (default <out_dir>/releases/<run>), its record written after it."""
     from ..release import release_checkpoint, resolve_checkpoint
-    out = plan.out / "releases" / run.name
-    marker = plan.out / "releases" / f"{run.name}.done.json"
+    out = out or plan.out / "releases" / run.name
+    marker = out.with_name(f"{out.name}.done.json")
     if read_json(marker) is not None and out.is_dir():
         ledger.record(f"release {run.name}", True)
         return out
@@ -187,16 +189,46 @@ def curvature(cfg: StudyConfig, plan: Plan, preset: str, ledger: Ledger) -> dict
 
 
 # --- secrecy ------------------------------------------------------------------------------------
-def secrecy(cfg: StudyConfig, plan: Plan, run: Run, release_dir: Path, ledger: Ledger) -> dict:
+def shadow(cfg: StudyConfig, base_dir: Path, plan: Plan, group: str, ledger: Ledger) -> dict:
+    """The attacker's own PMP run for a variant (plan.shadow_run), pre-trained and released
+    like the study's runs: recorded only once complete, reused by a rerun."""
+    run = plan.shadows[group]
+    pretrain(cfg, base_dir, plan, run, ledger)
+    out = release(plan, run, ledger, plan.shadow_release(run))
+    return {"name": run.name, "sets": run.sets, "release": str(out),
+            "mask": str(run.run_dir / "private" / "mask"),
+            "release_sha256": (read_json(out.with_name(f"{out.name}.done.json")) or {}).get("sha256")}
+
+
+def secrecy_key(cfg: StudyConfig, plan: Plan, run: Run, shadow_info: dict | None) -> dict:
+    """Everything a secrecy result depends on: a cached one is reused only under the same key
+    (attacks, K, public text, the release and the shadow run, by their sha256)."""
+    sec = cfg.secrecy
+    marker = read_json(plan.out / "releases" / f"{run.name}.done.json") or {}
+    return {"attacks": list(sec.attacks), "ks": list(sec.ks),
+            "public": public_text(cfg) if sec.needs_public() else None,
+            "release_sha256": marker.get("sha256"),
+            "shadow": None if shadow_info is None else
+            {k: shadow_info[k] for k in ("name", "sets", "release_sha256")}}
+
+
+def secrecy(cfg: StudyConfig, plan: Plan, run: Run, release_dir: Path, ledger: Ledger,
+            shadow_info: dict | None = None) -> dict:
+    """The attack suite on one PMP release, cached in <out_dir>/secrecy/<run>.json with its key
+    (the full report in <out_dir>/secrecy/<run>/attack.md)."""
     from .secrecy import mask_secrecy
     path = plan.out / "secrecy" / f"{run.name}.json"
+    key = secrecy_key(cfg, plan, run, shadow_info)
     cached = read_json(path)
-    if cached is not None:
+    if cached is not None and cached.get("key") == key:
         ledger.record(f"secrecy {run.name}", True)
-        return cached
+        return cached["result"]
     work = plan.out / "secrecy" / run.name
     shutil.rmtree(work, ignore_errors=True)
-    doc = mask_secrecy(release_dir, work, run.run_dir / "private" / "mask", cfg.secrecy.attacks)
-    write_json(path, doc)
+    doc = mask_secrecy(release_dir, work, run.run_dir / "private" / "mask", cfg.secrecy.attacks,
+                       public=key["public"], ks=cfg.secrecy.ks,
+                       shadow=None if shadow_info is None else
+                       {"release": shadow_info["release"], "mask": shadow_info["mask"]})
+    write_json(path, {"key": key, "result": doc})
     ledger.record(f"secrecy {run.name}", False)
     return doc

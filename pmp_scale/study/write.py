@@ -60,6 +60,46 @@ def instability_table(doc: dict) -> list[str]:
     return lines + [""]
 
 
+def secrecy_table(doc: dict) -> list[str]:
+    """Per PMP variant: its defences, the best attack and the worst layer group by folded AUC,
+    beside what the defence costs (base) and what the mask buys (early-bird benefit)."""
+    rows = doc.get("secrecy_table") or []
+    if not rows or not any(r["best_auc"] is not None for r in rows):
+        return []
+    attacks = sorted({a for s in (doc.get("secrecy") or {}).values()
+                      for a in (s.get("attacks") or {})})
+    lines = ["## Secrecy", "",
+             f"Attacks on every PMP release: {', '.join(attacks)}. Every AUC is *folded*, "
+             "max(AUC, 1 − AUC) (an attack ranking the mask backwards is as useful: 0.3 counts "
+             "as 0.7), and averaged over the variant's releases per attack; the best attack is "
+             "the one with the highest mean. q-AUC: the best attack's folded AUC on "
+             "within-tensor quantiles; P@10 %: the share of trained elements in its most "
+             "confident tenth (chance: the mask's share); worst group: the layer group (≥ 1 % "
+             "of the elements) where some attack does best. Base cost: val loss vs the dense "
+             "releases. Early-bird benefit: the random-mask variant's unauthorized gain minus "
+             "this variant's (> 0: this mask cuts more than a random one), blank where the grid "
+             "did not measure it.", "",
+             "| preset / variant | defences | releases | best folded AUC (attack) | worst group "
+             "(attack) | q-AUC | P@10 % (chance) | base cost vs dense | early-bird benefit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def num(x, f="{:.3f}"):
+        return "—" if x is None else f.format(x)
+    for r in rows:
+        best = "—" if r["best_auc"] is None else f"{r['best_auc']:.3f} ({r['best_attack']})"
+        w = r.get("worst_group")
+        worst = "—" if w is None else f"{w['group']} {w['auc']:.3f} ({w['attack']})"
+        p10 = ("—" if r["best_precision_at_top10"] is None else
+               f"{r['best_precision_at_top10']:.2f} ({num(r['mask_share'], '{:.2f}')})")
+        benefit = "; ".join((f"{b['task']}: " if len(r["earlybird_benefit"]) > 1 else "")
+                            + b["text"] for b in r["earlybird_benefit"] if b["text"])
+        lines.append(f"| {r['preset']} / {r['variant']} | {r['knobs_text']} | "
+                     f"{r['measured']} of {r['releases']} | {best} | {worst} | "
+                     f"{num(r['best_auc_quantile'])} | {p10} | {_pct(r['base_cost'])} | "
+                     f"{benefit} |")
+    return lines + [""]
+
+
 def render(doc: dict) -> str:
     lines = [f"# {doc['title']}", "",
              f"{len(doc['runs'])} pre-training runs, {len(doc['grids'])} fine-tuning grids; "
@@ -74,7 +114,7 @@ def render(doc: dict) -> str:
              "body gain = full fine-tuning gain − head-only gain (only lm_head trains). "
              "The A/A noise floor is the gain gap between two dense releases that differ only "
              "in their pre-training seed. Each row states its criterion in study.json (`rule`).",
-             "", "## Controls", "", *controls_table(doc),
+             "", "## Controls", "", *controls_table(doc), *secrecy_table(doc),
              *curvature_section(doc),
              "## Variants", "",
              "| preset / variant | releases (seeds) | task | base val loss (cost vs dense) | "
@@ -190,6 +230,8 @@ def make_plots(out: Path, doc: dict) -> dict:
         fig.savefig(out / "tradeoff.png", dpi=110)
         plt.close(fig)
         plots["base cost vs gain cut"] = "tradeoff.png"
+    if pareto_plot(plt, out, doc.get("secrecy_table") or []):
+        plots["secrecy vs base cost"] = "secrecy_pareto.png"
     disc = [(n, i["discovery"]) for n, i in doc["runs"].items() if i.get("discovery")]
     if disc:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -207,6 +249,32 @@ def make_plots(out: Path, doc: dict) -> dict:
         plt.close(fig)
         plots["early-bird discovery"] = "discovery.png"
     return plots
+
+
+def pareto_plot(plt, out: Path, rows: list[dict]) -> bool:
+    """Best folded AUC vs base cost, one labelled point per variant; the line joins the
+    variants no other beats on both (lower cost and lower AUC are better)."""
+    pts = [(r["base_cost"] * 100, r["best_auc"], r["variant"]) for r in rows
+           if r["base_cost"] is not None and r["best_auc"] is not None]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for x, y, label in pts:
+        ax.scatter(x, y, color="C0")
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((x, y) for x, y, _ in pts
+                   if not any(x2 <= x and y2 <= y and (x2, y2) != (x, y) for x2, y2, _ in pts))
+    ax.plot(*zip(*front), color="C1", lw=1, label="not beaten on both")
+    ax.axhline(0.5, color="k", ls="--", lw=0.8, label="chance")
+    ax.set_xlabel("base cost: val loss vs dense (%)")
+    ax.set_ylabel("best attack, folded AUC")
+    ax.set_title("mask secrecy vs base cost, per PMP variant")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "secrecy_pareto.png", dpi=110)
+    plt.close(fig)
+    return True
 
 
 def dump(doc: dict) -> str:
