@@ -195,9 +195,9 @@ def shadow(cfg: StudyConfig, base_dir: Path, plan: Plan, group: str, ledger: Led
     run = plan.shadows[group]
     pretrain(cfg, base_dir, plan, run, ledger)
     out = release(plan, run, ledger, plan.shadow_release(run))
+    marker = read_json(out.with_name(f"{out.name}.done.json")) or {}
     return {"name": run.name, "sets": run.sets, "release": str(out),
-            "mask": str(run.run_dir / "private" / "mask"),
-            "release_sha256": (read_json(out.with_name(f"{out.name}.done.json")) or {}).get("sha256")}
+            "mask": str(run.run_dir / "private" / "mask"), "release_sha256": marker.get("sha256")}
 
 
 def secrecy_key(cfg: StudyConfig, plan: Plan, run: Run, shadow_info: dict | None) -> dict:
