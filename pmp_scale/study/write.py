@@ -66,8 +66,8 @@ def secrecy_table(doc: dict) -> list[str]:
     rows = doc.get("secrecy_table") or []
     if not rows or not any(r["best_auc"] is not None for r in rows):
         return []
-    attacks = sorted({a for s in (doc.get("secrecy") or {}).values()
-                      for a in (s.get("attacks") or {})})
+    attacks = list(dict.fromkeys(a for s in (doc.get("secrecy") or {}).values()
+                                 for a in (s.get("attacks") or {})))  # in the suite's order
     lines = ["## Secrecy", "",
              f"Attacks on every PMP release: {', '.join(attacks)}. Every AUC is *folded*, "
              "max(AUC, 1 − AUC) (an attack ranking the mask backwards is as useful: 0.3 counts "
@@ -119,7 +119,7 @@ def render(doc: dict) -> str:
              "## Variants", "",
              "| preset / variant | releases (seeds) | task | base val loss (cost vs dense) | "
              "tokens/s | discovery | gain cut | body-gain cut | authorized − unauthorized | "
-             "best attack AUC |",
+             "best attack folded AUC |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["variants"]:
         d = r.get("discovery") or {}
