@@ -53,7 +53,8 @@ RELIED_ON = {
     "deepspeed.utils": ["logger"],
     "streaming.base.dataset:StreamingDataset": [
         "streams", "shards", "stream_per_shard", "_shard_states", "_event", "_prepare_thread",
-        "_ready_thread", "_each_sample_id"],
+        "_ready_thread", "_each_sample_id", "_filelock_root", "_shm_prefix_int"],
+    "streaming.base.constant": ["BARRIER_FILELOCK", "CACHE_FILELOCK"],
     "streaming.base.dataset:_Iterator": ["on_exit"],
     "streaming.base.dataset:_ShardState": ["REMOTE"],
     "streaming.base.stream:Stream": [
@@ -286,6 +287,44 @@ def launcher_local_world_size():
         yield
     finally:
         distributed.get_local_world_size = original
+
+
+def unlink_shm_allreduce_segment() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (the `deepspeed_shm_comm` op, 0.19.x) creates one
+    67 MB /dev/shm segment per rank, named `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_
+    <MASTER_PORT>_<rank>`, and never unlinks it: every CPU run left W × 67 MB of RAM behind.
+    Each rank maps every other rank's segment inside `deepspeed.init_distributed`; after a
+    barrier the names are no longer needed, so each rank unlinks its own. The memory lives while
+    the ranks map it and is gone when they exit, SIGKILL included. Call after init_distributed."""
+    import torch.distributed as dist
+    if "MASTER_PORT" not in os.environ or not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not all ranks local: DeepSpeed made no segment
+        pass
+
+
+def remove_filelocks_at_exit(dataset) -> None:
+    """Streaming's two filelocks per dataset (`<prefix>_barrier_filelock`, `<prefix>_cache_
+    filelock` in the temporary directory, 2.x) outlive the run; its shared memory is reclaimed
+    by the next run's stale-memory cleaner, the filelocks never are. Removed when this process
+    exits (a rank still waiting on one recreates it: harmless)."""
+    import atexit
+    from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
+    paths = [os.path.join(dataset._filelock_root, f"{dataset._shm_prefix_int:06}_{kind}")
+             for kind in (BARRIER_FILELOCK, CACHE_FILELOCK)]
+
+    def remove():
+        for path in paths:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    atexit.register(remove)
 
 
 def clean_stale_shared_memory() -> None:

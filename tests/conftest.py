@@ -229,6 +229,9 @@ def launcher_run(tmp_path_factory, tiny_data):
                      "log_every": 2, "eval_every": 2, "eval_batches": 2},
            "optim": {"lr": 3e-3, "warmup_steps": 1}, "checkpoint": {"every": 2, "keep": 1}}
     (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    shm, tmp = Path("/dev/shm"), Path(tempfile.gettempdir())
+    before = _listing(shm) | _listing(tmp)
     proc = launch(REPO / "launchers" / "pretrain.py",
                   ["--config", str(root / "run.yaml"), "--set", "optim.lr=2e-3"], 2)
-    return {"proc": proc, "run_dir": root / "run"}
+    return {"proc": proc, "run_dir": root / "run",
+            "left": sorted((_listing(shm) | _listing(tmp)) - before)}

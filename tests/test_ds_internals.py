@@ -37,11 +37,12 @@ def _resolve(target: str):
 
 def _present(module, obj, name: str) -> bool:
     """An attribute of `obj`, or one its module's code assigns (instance attributes exist only
-    on constructed objects: `self.<name> =` / `param.<name> =` in the source)."""
+    on constructed objects: `self.<name> =` / `param.<name> =` in the source, also as the
+    first of a tuple target: `self.<name>, self.<other> =`)."""
     owner, _, attr = name.rpartition(".")
     if not owner and hasattr(obj, attr):
         return True
-    return re.search(rf"\b{owner or 'self'}\.{re.escape(attr)}\s*=(?!=)",
+    return re.search(rf"\b{owner or 'self'}\.{re.escape(attr)}\s*(,[\w.\s]+)?=(?!=)",
                      inspect.getsource(module)) is not None
 
 

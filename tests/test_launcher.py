@@ -25,6 +25,9 @@ def test_pretrain_launcher_end_to_end(launcher_run):
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
     assert json.loads((tag / "hf" / "config.json").read_text())["model_type"] == "gpt2"
     assert "step 4 | loss" in proc.stdout + proc.stderr
+    # a finished run leaves no DeepSpeed all-reduce segment (67 MB a rank) in /dev/shm and no
+    # streaming filelock in the temporary directory (both libraries leave theirs)
+    assert launcher_run["left"] == [], launcher_run["left"]
 
 
 def test_estimate_memory_prints_per_rank_table(capsys):

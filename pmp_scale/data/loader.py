@@ -188,6 +188,7 @@ def _dataset(data_uri: str, split: str, micro_batch_size: int, shuffle: bool, se
                                num_canonical_nodes=num_canonical_nodes, validate_hash="xxh64")
     _record_background_failures(dataset)
     ds_internals.check_on_first_read(dataset, _check_raw_shard)
+    ds_internals.remove_filelocks_at_exit(dataset)
     return dataset
 
 

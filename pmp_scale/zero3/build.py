@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..launch import free_port
 from ..config import ConfigError
-from ..ds_internals import full_shape
+from ..ds_internals import full_shape, unlink_shm_allreduce_segment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +43,8 @@ def init_distributed() -> None:
             from deepspeed.accelerator import get_accelerator  # seed broadcast) use this device
             get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+        if on_cpu():
+            unlink_shm_allreduce_segment()
 
 
 def ensure_process_group() -> None:
