@@ -9,6 +9,11 @@ hidden too). Those four are installed from wheels downloaded once from the packa
 into .whl/ (ignored by git); after that nothing reaches an index: the check installs the
 wheel set of tools/gpu_wheels.sh (for this python) with --no-index --no-deps --target, as on
 the GPU. Without an index on the first run the test skips, saying so.
+
+The extended tier (`tools/test.sh --all`): about 4 minutes on 2 cores (an environment built,
+the wheel set built from its sources, the whole device script at tiny size), which the
+default tier's 15-minute budget cannot hold. Run it before touching tools/gpu_check.sh,
+tools/gpu_wheels.sh or the transformers-5 paths.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+
+pytestmark = pytest.mark.extended
 
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 IMAGE_PACKAGES = ["transformers==5.17.*", "tokenizers>=0.23,<0.24", "numpy>=2,<3"]
