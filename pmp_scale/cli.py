@@ -110,12 +110,17 @@ def add_verbose_flag(parser) -> None:
                              "deprecation warnings, build notices)")
 
 
+THIRD_PARTY_QUIET = False  # what the entry point chose: processes it spawns choose the same
+
+
 def quiet_third_party(verbose: bool = False) -> None:
     """Keep third-party noise out of the console unless `verbose`: torch's deprecation warnings
     raised inside DeepSpeed's collectives, the CUDA notice of CPU runs, DeepSpeed's INFO lines
     and its op-build notice, streaming's notices. Call it first thing in an entry point (before
     deepspeed is imported: some notices come at import). Process-wide, no environment change."""
     from . import ds_internals
+    global THIRD_PARTY_QUIET
+    THIRD_PARTY_QUIET = not verbose
     if verbose:
         ds_internals.set_deepspeed_log_level(logging.INFO)
         return

@@ -283,9 +283,12 @@ def _on_gpu() -> bool:
 _WORKER: dict = {}  # per worker process: opened releases and built tasks
 
 
-def _worker_start() -> None:
+def _worker_start(quiet: bool) -> None:
     import torch
+    from ..cli import quiet_third_party
     from ..zero3 import ensure_process_group
+    if quiet:  # as the entry point that spawned this worker chose
+        quiet_third_party()
     torch.set_num_threads(1)
     ensure_process_group()
 
@@ -305,9 +308,11 @@ def _run_in_workers(todo: list[dict], workers: int, out: Path, bar, results: dic
     safe to reuse); results are gathered as they finish, each already written to its file."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from .. import cli
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                             initializer=_worker_start) as pool:
+                             initializer=_worker_start,
+                             initargs=(cli.THIRD_PARTY_QUIET,)) as pool:
         futures = {pool.submit(_worker_cell, cell, str(out)): cell for cell in todo}
         for fut in as_completed(futures):
             name, result, failure = fut.result()
