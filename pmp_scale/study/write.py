@@ -212,9 +212,7 @@ def make_plots(out: Path, doc: dict) -> dict:
                       rotation=30, ha="right")
         ax.set_ylabel("gain cut (dense gain − PMP gain)")
         ax.set_title("unauthorized gain cut, release means, 95% CI (grey: A/A noise floor)")
-        fig.tight_layout()
-        fig.savefig(out / "gain_cut.png", dpi=110)
-        plt.close(fig)
+        save(plt, fig, out / "gain_cut.png")
         plots["gain cut per variant"] = "gain_cut.png"
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for r in rows:
@@ -226,9 +224,7 @@ def make_plots(out: Path, doc: dict) -> dict:
         ax.set_ylabel("gain cut")
         ax.set_title("trade-off")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "tradeoff.png", dpi=110)
-        plt.close(fig)
+        save(plt, fig, out / "tradeoff.png")
         plots["base cost vs gain cut"] = "tradeoff.png"
     if pareto_plot(plt, out, doc.get("secrecy_table") or []):
         plots["secrecy vs base cost"] = "secrecy_pareto.png"
@@ -244,9 +240,7 @@ def make_plots(out: Path, doc: dict) -> dict:
         ax.set_ylabel("IoU with previous candidate")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / "discovery.png", dpi=110)
-        plt.close(fig)
+        save(plt, fig, out / "discovery.png")
         plots["early-bird discovery"] = "discovery.png"
     return plots
 
@@ -271,10 +265,15 @@ def pareto_plot(plt, out: Path, rows: list[dict]) -> bool:
     ax.set_title("mask secrecy vs base cost, per PMP variant")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "secrecy_pareto.png", dpi=110)
-    plt.close(fig)
+    save(plt, fig, out / "secrecy_pareto.png")
     return True
+
+
+def save(plt, fig, path: Path) -> None:
+    """Every study plot: laid out, written at one resolution, closed (a study makes many)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def dump(doc: dict) -> str:
