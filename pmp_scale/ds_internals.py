@@ -310,9 +310,9 @@ def unlink_shm_allreduce_segment() -> None:
 
 def remove_filelocks_at_exit(dataset) -> None:
     """Streaming's two filelocks per dataset (`<prefix>_barrier_filelock`, `<prefix>_cache_
-    filelock` in the temporary directory, 2.x) outlive the run; its shared memory is reclaimed
-    by the next run's stale-memory cleaner, the filelocks never are. Removed when this process
-    exits (a rank still waiting on one recreates it: harmless)."""
+    filelock` in the temporary directory; streaming 0.13) outlive the run: its shared memory is
+    reclaimed by the next run's stale-memory cleaner, the filelocks never are. Removed when this
+    process exits (a rank still waiting on one recreates it: harmless)."""
     import atexit
     from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK
     paths = [os.path.join(dataset._filelock_root, f"{dataset._shm_prefix_int:06}_{kind}")
