@@ -204,6 +204,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
     """Run (or load from the cache) every cell; returns the cell results in plan order."""
     from tqdm import tqdm
     from ..finetune.release_check import Release, check_mask
+    from ..zero3 import on_cpu
     out = Path(cfg.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     base_raw = base_finetune_config(cfg, base_dir)
@@ -239,7 +240,7 @@ def run_grid(cfg: ReportConfig, base_dir: Path, fresh: bool = False, progress: b
                disable=not progress or not todo, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)
     try:
-        if cfg.workers > 1 and len(todo) > 1 and not _on_gpu():
+        if cfg.workers > 1 and len(todo) > 1 and on_cpu():
             _run_in_workers(todo, cfg.workers, out, bar, results, failures)
         else:
             for cell in todo:
@@ -273,11 +274,6 @@ def _run_cell(cell: dict, rel, tasks: dict, out: Path, progress=None):
                   wall_s=time.perf_counter() - t0)
     _write_atomic(out / "cells" / f"{cell['name']}.json", json.dumps(result, indent=1))
     return cell["name"], result, None
-
-
-def _on_gpu() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 _WORKER: dict = {}  # per worker process: opened releases and built tasks
